@@ -1,0 +1,115 @@
+"""Spot geometry shared by the demo generator, segmentation and soScope: lattices, sub-spots, point-to-spot.
+
+All functions are vectorised (KD-trees, broadcasting); coordinates are (x, y) in full-resolution pixels unless
+a name says micrometres. No dagster import here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+VISIUM_SPOT_DIAMETER_UM = 55.0
+VISIUM_SPOT_PITCH_UM = 100.0
+
+
+def hex_lattice(xmin: float, xmax: float, ymin: float, ymax: float, pitch: float) -> tuple[np.ndarray, np.ndarray]:
+    """Centres of a Visium-style hexagonal lattice covering the box; returns (xy[n, 2], array_row_col[n, 2]).
+
+    Rows are ``pitch * sqrt(3) / 2`` apart; odd rows are shifted by ``pitch / 2``. ``array_col`` follows Visium's
+    convention of even columns on even rows and odd columns on odd rows (column step 2 = one pitch).
+    """
+    dy = pitch * np.sqrt(3) / 2
+    rows = np.arange(int(np.floor((ymax - ymin) / dy)) + 2)
+    cols = np.arange(int(np.floor((xmax - xmin) / pitch)) + 2)
+    r, c = np.meshgrid(rows, cols, indexing="ij")
+    x = xmin + c * pitch + (r % 2) * pitch / 2
+    y = ymin + r * dy
+    array_col = 2 * c + (r % 2)
+    xy = np.stack([x.ravel(), y.ravel()], 1)
+    rc = np.stack([r.ravel(), array_col.ravel()], 1)
+    return xy, rc
+
+
+def assign_to_spots(points: np.ndarray, spot_xy: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """For each point, the index of the spot whose circle (``radius``) contains it, else -1; and the distance.
+
+    Spots of a lattice never overlap when ``radius < pitch / 2``; if circles overlap, the nearest centre wins.
+    """
+    points = np.asarray(points, dtype=float).reshape(-1, 2)
+    if len(spot_xy) == 0 or len(points) == 0:
+        return np.full(len(points), -1, dtype=np.int64), np.full(len(points), np.inf)
+    tree = cKDTree(np.asarray(spot_xy, dtype=float))
+    dist, idx = tree.query(points, k=1)
+    idx = np.where(dist <= radius, idx, -1).astype(np.int64)
+    return idx, dist
+
+
+def subspot_offsets(platform: str, spot_diameter: float, grid_subdivision: int = 3,
+                    spot_pitch: float | None = None) -> np.ndarray:
+    """Offsets (K, 2) of sub-spot centres from their spot centre, in the same unit as ``spot_diameter``.
+
+    Visium (hexagonal): K = 7, the centre and 6 around it at 2/3 of the spot radius (soScope's division).
+    Square grids: ``grid_subdivision`` ** 2 sub-spots (2 x 2 or 3 x 3) tiling the spot's square of side
+    ``spot_pitch`` (defaults to the diameter).
+    """
+    if platform == "visium":
+        r = spot_diameter / 2 * 2 / 3
+        ang = np.deg2rad(np.arange(6) * 60.0)
+        ring = np.stack([r * np.cos(ang), r * np.sin(ang)], 1)
+        return np.vstack([[0.0, 0.0], ring])
+    if platform in ("square_grid", "slideseq", "merfish"):
+        n = int(grid_subdivision)
+        if n not in (2, 3):
+            raise ValueError(f"grid_subdivision must be 2 or 3 for square grids, got {n}")
+        side = spot_pitch or spot_diameter
+        step = side / n
+        c = (np.arange(n) - (n - 1) / 2) * step
+        gx, gy = np.meshgrid(c, c, indexing="xy")
+        return np.stack([gx.ravel(), gy.ravel()], 1)
+    raise ValueError(f"unknown platform '{platform}': expected visium, square_grid, slideseq or merfish")
+
+
+def subspot_positions(spot_xy: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (N*K, 2) of every sub-spot, spot-major, and the parent spot index of each."""
+    spot_xy = np.asarray(spot_xy, dtype=float)
+    n, k = len(spot_xy), len(offsets)
+    pos = (spot_xy[:, None, :] + offsets[None, :, :]).reshape(n * k, 2)
+    parent = np.repeat(np.arange(n), k)
+    return pos, parent
+
+
+def assign_to_subspots(points: np.ndarray, spot_index: np.ndarray, spot_xy: np.ndarray,
+                       offsets: np.ndarray) -> np.ndarray:
+    """For points already assigned to spots (``spot_index`` >= 0), the nearest sub-spot k in 0..K-1 (-1 if none)."""
+    points = np.asarray(points, dtype=float)
+    out = np.full(len(points), -1, dtype=np.int64)
+    ok = spot_index >= 0
+    if ok.any():
+        rel = points[ok] - spot_xy[spot_index[ok]]
+        d2 = ((rel[:, None, :] - offsets[None, :, :]) ** 2).sum(-1)
+        out[ok] = d2.argmin(1)
+    return out
+
+
+def grid_neighbors(xy: np.ndarray, n_neighbors: int, max_distance: float | None = None) -> np.ndarray:
+    """Undirected edges (E, 2) between each point and its ``n_neighbors`` nearest ones, optionally within a distance.
+
+    On a regular lattice with ``n_neighbors`` = 6 (hexagonal) or 4 (square) and ``max_distance`` slightly above
+    the pitch, this is the lattice graph. Linear memory: a KD-tree, never a dense distance matrix.
+    """
+    xy = np.asarray(xy, dtype=float)
+    n = len(xy)
+    if n < 2:
+        return np.zeros((0, 2), dtype=np.int64)
+    k = min(n_neighbors + 1, n)
+    dist, idx = cKDTree(xy).query(xy, k=k)
+    src = np.repeat(np.arange(n), k - 1)
+    dst = idx[:, 1:].ravel()
+    d = dist[:, 1:].ravel()
+    keep = np.isfinite(d)
+    if max_distance is not None:
+        keep &= d <= max_distance
+    e = np.stack([src[keep], dst[keep]], 1)
+    e = np.sort(e, axis=1)
+    return np.unique(e, axis=0)

@@ -1,0 +1,126 @@
+"""Parameters of every stage, with the published methods' defaults.
+
+Plain pydantic models (no dagster): the science modules take them, and ``config.py`` reads them from the
+``parameters:`` section of ``dagster_project.yaml``. Unknown keys are rejected so a typo never passes silently.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SegmentationParams(_Params):
+    """SpatialScope step 1 (nuclei segmentation); defaults as SpatialScope / StarDist's command line."""
+
+    method: Literal["stardist", "watershed"] = "stardist"
+    # "2D_versatile_he" (StarDist registry, needs the internet once) or a path to a local StarDist model folder.
+    model: str = "2D_versatile_he"
+    # For a 1-channel model: which channel to feed it. "hematoxylin" = rgb2hed's H channel; "gray" = luminance.
+    channel: Literal["auto", "rgb", "hematoxylin", "gray"] = "auto"
+    prob_thresh: float = Field(0.2, ge=0, le=1)
+    nms_thresh: float = Field(0.1, ge=0, le=1)
+    norm_percentiles: tuple[float, float] = (1.0, 99.8)
+    # Rescale the image by this factor before prediction (StarDist's ``scale``), e.g. when the model was trained
+    # on nuclei of another size in pixels; labels come back at the original resolution.
+    scale: float = Field(1.0, gt=0)
+    # Tiled prediction: tile side in pixels (StarDist n_tiles is derived from it).
+    tile_size: int = Field(2048, ge=256)
+    max_cells_per_spot: int = Field(20, ge=1)
+    min_umi: float = Field(500, ge=0)
+    max_umi: float = Field(50_000, gt=0)
+    # Explicit opt-in to fall back to another method when the StarDist model cannot be obtained.
+    fallback: Literal["watershed"] | None = None
+
+
+class CellTypingParams(_Params):
+    """SpatialScope step 2 (RCTD full mode + Potts labels); defaults as RCTD / SpatialScope."""
+
+    min_cells_per_type: int = Field(25, ge=1)
+    max_cells_per_type: int = Field(10_000, ge=1)
+    # DE gene selection (RCTD): regression set and bulk (platform-effect) set.
+    gene_cutoff: float = 0.0002
+    fc_cutoff: float = 0.75
+    gene_cutoff_reg: float = 0.000125
+    fc_cutoff_reg: float = 0.5
+    sigma_fit_spots: int = Field(1000, ge=10)
+    sigma_fit_min_umi: float = 300
+    # Potts prior
+    nu: float = Field(10.0, ge=0)
+    n_neighbors: int = Field(10, ge=1)
+    max_sweeps: int = Field(8, ge=1)
+    seed: int = 0
+
+
+class ScoreModelParams(_Params):
+    """Cell-type-conditioned score model of the reference (SpatialScope's generative prior)."""
+
+    n_genes: int = Field(2000, ge=2)  # used when the reference has no var['Marker'] column
+    max_cells_per_type: int = Field(3000, ge=1)
+    sigma_begin: float = Field(100.0, gt=0)
+    sigma_end: float = Field(0.01, gt=0)
+    n_sigmas: int = Field(232, ge=2)
+    sampling_step: float = Field(6.6e-6, gt=0)
+    steps_per_level: int = Field(5, ge=1)
+    # Decomposition step size; None = SpatialScope's rule (1e-5 when sigma_begin > 70, else 1e-6).
+    decomposition_step: float | None = None
+    hidden: int = Field(512, ge=8)
+    n_blocks: int = Field(3, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(256, ge=1)
+    grad_clip: float = Field(1.0, gt=0)
+    ema_decay: float = Field(0.999, gt=0, lt=1)
+    train_steps: int = Field(20_000, ge=1)
+    save_every: int = Field(1000, ge=1)
+    mixed_precision: bool = True
+    seed: int = 0
+
+
+class DecompositionParams(_Params):
+    """SpatialScope step 3 (annealed Langevin decomposition)."""
+
+    n_replicates: int = Field(3, ge=1)
+    max_retries: int = Field(5, ge=0)
+    sigma_power: float = 1.0
+    # Genes hidden from the spot likelihood (leave-genes-out validation / imputation).
+    leave_out_genes: list[str] = Field(default_factory=list)
+    # Use every k-th noise level only (1 = the whole schedule). For quick demos / tests.
+    level_stride: int = Field(1, ge=1)
+    batch_cells: int = Field(20_000, ge=1)
+    seed: int = 0
+
+
+class SoScopeParams(_Params):
+    """soScope resolution enhancement."""
+
+    likelihood: Literal["nb", "poisson", "gaussian", "joint"] = "nb"
+    # For "joint": which var column tells the modality, and the likelihood of the non-RNA modality.
+    modality_key: str = "feature_type"
+    protein_likelihood: Literal["poisson", "gaussian"] = "poisson"
+    n_subspots: int | None = None  # None = from the platform (7 Visium, 9 square grid)
+    hidden: int = Field(128, ge=8)
+    z_dim: int = Field(128, ge=2)
+    heads: int = Field(1, ge=1)
+    scale_kernel: float = Field(10.0, gt=1)
+    vgae_epochs: int = Field(400, ge=0)
+    epochs: int = Field(400, ge=1)
+    lr_vgae: float = Field(1e-3, gt=0)
+    lr: float = Field(5e-4, gt=0)
+    n_genes: int | None = Field(None, ge=1)  # None = all genes
+    image_features: Literal["squidpy", "none"] = "squidpy"
+    cnn_weights: str | None = None
+    negative_edges_per_edge: int = Field(1, ge=0)
+    seed: int = 0
+
+
+class Parameters(_Params):
+    segmentation: SegmentationParams = Field(default_factory=SegmentationParams)
+    cell_typing: CellTypingParams = Field(default_factory=CellTypingParams)
+    score_model: ScoreModelParams = Field(default_factory=ScoreModelParams)
+    decomposition: DecompositionParams = Field(default_factory=DecompositionParams)
+    soscope: SoScopeParams = Field(default_factory=SoScopeParams)
