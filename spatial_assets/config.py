@@ -76,10 +76,20 @@ class DemoConfig(_Strict):
     crop_um: tuple[float, float, float, float] | None = None
 
 
+class LandingConfig(_Strict):
+    """A folder watched by the landing sensor: each sub-folder is a new sample (see README "Landing folder")."""
+
+    path: Path
+    reference: str  # the reference its samples use unless their sample.yaml says otherwise
+    platform: Literal["visium", "slideseq", "merfish", "square_grid"] = "visium"
+    marker: str = "_READY"  # a sample folder is taken once this file exists ...
+    stable_ticks: int = Field(2, ge=1)  # ... or once its size stayed the same over this many sensor ticks
+
+
 class ProjectConfig(_Strict):
     storage_root: Path = Path("work/storage")
     demo: DemoConfig | None = None
-    landing_folder: Path | None = None
+    landing: LandingConfig | None = None
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
     partitions: PartitionConfig = Field(default_factory=PartitionConfig)
     references: list[ReferenceConfig] = Field(default_factory=list)
@@ -107,10 +117,20 @@ class ProjectConfig(_Strict):
         return self
 
     # -- helpers ---------------------------------------------------------------------------------------
+    def all_samples(self) -> list[SampleConfig]:
+        """The config's samples plus the complete ones found in the landing folder."""
+        landed = discover_landed_samples(self) if self.landing is not None else []
+        names = {s.name for s in self.samples}
+        return list(self.samples) + [s for s in landed if s.name not in names]
+
     def sample(self, name: str) -> SampleConfig:
         for s in self.samples:
             if s.name == name:
                 return s
+        if self.landing is not None:
+            for s in discover_landed_samples(self):
+                if s.name == name:
+                    return s
         raise KeyError(f"no sample named '{name}' in {self.source or DEFAULT_CONFIG_NAME}")
 
     def reference(self, name: str) -> ReferenceConfig:
@@ -195,7 +215,12 @@ def load_config(path: str | os.PathLike | None = None, *, check_files: bool = Tr
     base = path.parent
     cfg.source = path
     cfg.storage_root = _resolve(base, cfg.storage_root)
-    cfg.landing_folder = _resolve(base, cfg.landing_folder)
+    if cfg.landing is not None:
+        cfg.landing.path = _resolve(base, cfg.landing.path)
+        if cfg.landing.reference not in [r.name for r in cfg.references]:
+            raise ConfigError(f"{path}: invalid project config\n  key 'landing.reference': "
+                              f"'{cfg.landing.reference}' is not a reference name; expected one of "
+                              f"{[r.name for r in cfg.references]}")
     for r in cfg.references:
         r.path = _resolve(base, r.path)
     for s in cfg.samples:
@@ -229,3 +254,53 @@ def load_config(path: str | os.PathLike | None = None, *, check_files: bool = Tr
         if problems:
             raise ConfigError("\n".join([f"{path}: invalid project config", *problems]))
     return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# landing folder
+# ---------------------------------------------------------------------------------------------------------------
+SPATIAL_NAMES = ("slide.h5ad", "slide.zarr")
+IMAGE_NAMES = ("image.tif", "image.tiff", "image.jpg", "image.jpeg", "image.png")
+
+
+def landed_sample_files(folder: Path) -> tuple[Path | None, Path | None]:
+    """(spatial data, image) of a landing sub-folder: slide.h5ad / slide.zarr / a Space Ranger layout, image.*"""
+    spatial = next((folder / n for n in SPATIAL_NAMES if (folder / n).exists()), None)
+    if spatial is None and (folder / "spatial").is_dir() and (folder / "filtered_feature_bc_matrix.h5").exists():
+        spatial = folder
+    image = next((folder / n for n in IMAGE_NAMES if (folder / n).exists()), None)
+    return spatial, image
+
+
+def folder_size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def discover_landed_samples(cfg: ProjectConfig, *, ready_only: bool = True) -> list[SampleConfig]:
+    """Samples in the landing folder whose marker file exists (``ready_only``) and whose data is present.
+
+    A sub-folder ``<landing>/<name>/`` holds ``slide.h5ad`` (or ``slide.zarr`` or a Space Ranger output), an optional
+    ``image.tif|jpg|png``, and an optional ``sample.yaml`` with ``platform`` / ``reference`` / ``parameters``.
+    """
+    land = cfg.landing
+    if land is None or not land.path.is_dir():
+        return []
+    out = []
+    for folder in sorted(p for p in land.path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if ready_only and not (folder / land.marker).exists():
+            continue
+        spatial, image = landed_sample_files(folder)
+        if spatial is None:
+            continue
+        extra = {}
+        if (folder / "sample.yaml").exists():
+            extra = yaml.safe_load((folder / "sample.yaml").read_text()) or {}
+        try:
+            s = SampleConfig.model_validate({"name": folder.name, "spatial": str(spatial),
+                                             "image": str(image) if image else None,
+                                             "platform": extra.pop("platform", land.platform),
+                                             "reference": extra.pop("reference", land.reference), **extra})
+        except ValidationError as e:
+            raise ConfigError(_format_errors(folder / "sample.yaml", e)) from None
+        out.append(s)
+    return out

@@ -1,0 +1,371 @@
+"""The asset graph. Thin wiring: each asset reads its upstream stores, calls the pure science module, writes its
+stores atomically and reports metadata (paths, shapes, sizes, figures). No science here.
+
+    reference_data ─┬──────────────────────────────► score_checkpoint ──────────┐
+                    │                                                           ▼
+    slide_inputs ──►├► segmented_slide ──► typed_cells ──────────────────► decomposed_cells (sample x spot range)
+                    │          │                                                │
+                    │          └────────────────────► enhanced_subspots         ▼
+                    └──────────────────────────────────────────────► decomposed_cells_by_sample
+"""
+
+
+import base64
+import json
+import time
+from pathlib import Path
+
+import anndata as ad
+import dagster as dg
+import numpy as np
+import pandas as pd
+
+from .. import storage
+from ..config import ProjectConfig
+from .partitions import (decomposition_partitions, range_bounds, references_partitions, samples_partitions)
+from .resources import CPU_OP_TAGS, GPU_OP_TAGS, ComputeResource, ProjectResource
+
+CODE_VERSION = {
+    "reference_data": "1", "slide_inputs": "1", "segmented_slide": "1", "typed_cells": "1",
+    "score_checkpoint": "1", "decomposed_cells": "1", "decomposed_cells_by_sample": "1", "enhanced_subspots": "1",
+}
+GPU_RETRY = dg.RetryPolicy(max_retries=2, delay=5)
+# Keep downstream assets up to date when a reference, a checkpoint or typed cells change (declarative automation,
+# evaluated by Dagster's default automation-condition sensor once it is turned on in the UI).
+EAGER = dg.AutomationCondition.eager()
+
+
+# -------------------------------------------------------------------------------------------------------------
+# metadata helpers
+# -------------------------------------------------------------------------------------------------------------
+def png_md(png: bytes, alt: str = "figure") -> dg.MetadataValue:
+    return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})")
+
+
+def store_md(path: Path, prefix: str = "") -> dict:
+    d = storage.describe(path)
+    out = {f"{prefix}path": dg.MetadataValue.path(d["path"]), f"{prefix}size_bytes": d["size_bytes"]}
+    if "shape" in d:
+        out[f"{prefix}shape"] = dg.MetadataValue.json(d["shape"]) if isinstance(d["shape"], dict) else str(
+            tuple(d["shape"]))
+    return out
+
+
+def _plain(v):
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.floating,)):
+        return float(v)
+    if isinstance(v, (list, tuple)) and len(v) > 20:
+        return f"{len(v)} items"
+    if isinstance(v, dict):
+        return json.dumps(v, default=str)[:2000]
+    if isinstance(v, (int, float, str, bool)) or v is None:
+        return v
+    return str(v)[:2000]
+
+
+def info_md(info: dict, keys: list[str] | None = None) -> dict:
+    out = {}
+    for k, v in info.items():
+        if keys is not None and k not in keys:
+            continue
+        pv = _plain(v)
+        if pv is not None:
+            out[k] = pv
+    return out
+
+
+def _sample_key(context) -> str:
+    return context.partition_key
+
+
+def _reference_for(project: ProjectResource, sample: str):
+    s = project.config.sample(sample)
+    return project.config.reference(s.reference)
+
+
+def _device(compute: ComputeResource, context) -> tuple[str, dict]:
+    dev, warn = compute.device(context)
+    md = {"device": dev}
+    if warn:
+        md["device_warning"] = warn
+    return dev, md
+
+
+# -------------------------------------------------------------------------------------------------------------
+# assets
+# -------------------------------------------------------------------------------------------------------------
+def build_assets(cfg: ProjectConfig) -> list:
+    refs_part = references_partitions(cfg)
+
+    @dg.asset(partitions_def=refs_part, group_name="inputs", code_version=CODE_VERSION["reference_data"],
+              kinds={"anndata", "zarr"}, op_tags=CPU_OP_TAGS)
+    def reference_data(context: dg.AssetExecutionContext, project: ProjectResource) -> dg.MaterializeResult:
+        """A scRNA-seq reference: raw counts and cell types, validated and stored as AnnData zarr."""
+        from ..readers import InputError, validate_counts
+
+        ref_cfg = project.config.reference(context.partition_key)
+        try:
+            adata = ad.read_h5ad(ref_cfg.path)
+        except Exception as e:
+            raise InputError(f"{ref_cfg.path}: could not be read as an AnnData .h5ad ({e})") from None
+        if ref_cfg.cell_type_key not in adata.obs:
+            raise InputError(f"{ref_cfg.path}: obs has no cell-type column '{ref_cfg.cell_type_key}' "
+                             f"(references[{ref_cfg.name}].cell_type_key); columns: {list(adata.obs.columns)}")
+        validate_counts(adata, str(ref_cfg.path), require_integer=False)
+        adata.var_names_make_unique()
+        path = storage.write_anndata(adata, project.store("reference_data", ref_cfg.name),
+                                     info={"source": str(ref_cfg.path)})
+        types = adata.obs[ref_cfg.cell_type_key].astype(str).value_counts()
+        return dg.MaterializeResult(metadata={
+            **store_md(path), "cells": adata.n_obs, "genes": adata.n_vars, "cell_types": len(types),
+            "cells_per_type": dg.MetadataValue.md(types.to_frame("cells").to_markdown()),
+            "cell_type_key": ref_cfg.cell_type_key, "source": str(ref_cfg.path)})
+
+    @dg.asset(partitions_def=samples_partitions, group_name="inputs", code_version=CODE_VERSION["slide_inputs"],
+              kinds={"anndata", "zarr"}, op_tags=CPU_OP_TAGS)
+    def slide_inputs(context: dg.AssetExecutionContext, project: ProjectResource) -> dg.MaterializeResult:
+        """A sample's spot counts (AnnData zarr) and H&E image (chunked zarr), validated: counts, coordinates,
+        scale factors, and that the image covers the spots."""
+        from ..readers import (check_image_covers_spots, read_image, read_spatial, scalefactors,
+                               validate_counts)
+
+        sample = _sample_key(context)
+        s = project.config.sample(sample)
+        slide = read_spatial(s.spatial)
+        validate_counts(slide, str(s.spatial), require_integer=s.platform != "merfish")
+        slide.uns["sample"] = {"name": sample, "platform": s.platform, "source": str(s.spatial),
+                               "image": str(s.image) if s.image else "none", "z": s.z,
+                               "slices": s.slices or "none"}
+        md: dict = {"spots": slide.n_obs, "genes": slide.n_vars, "platform": s.platform,
+                    "median_umi": float(np.median(np.asarray(slide.X.sum(1)).ravel()))}
+        if s.image is not None:
+            scalefactors(slide, str(s.spatial))
+            img = read_image(s.image)
+            check_image_covers_spots(img.shape[:2], slide, str(s.spatial), str(s.image))
+            ipath = storage.write_arrays({"image": img}, project.store("slide_image", sample),
+                                         chunks=(1024, 1024, 3), attrs={"source": str(s.image)})
+            md.update(store_md(ipath, "image_"))
+            md["image_hw"] = str(tuple(img.shape[:2]))
+        path = storage.write_anndata(slide, project.store("slide_inputs", sample))
+        md.update(store_md(path))
+        return dg.MaterializeResult(metadata=md)
+
+    @dg.asset(partitions_def=samples_partitions, group_name="spatialscope", deps=[slide_inputs],
+              code_version=CODE_VERSION["segmented_slide"], kinds={"stardist", "zarr"}, op_tags=GPU_OP_TAGS,
+              pool="gpu", retry_policy=GPU_RETRY)
+    def segmented_slide(context: dg.AssetExecutionContext, project: ProjectResource,
+                        compute: ComputeResource) -> dg.MaterializeResult:
+        """SpatialScope step 1: nuclei segmentation of the H&E (StarDist or watershed) -> label image (zarr),
+        cells with positions and spot, cells per spot, spot QC."""
+        from .. import segmentation as seg
+        from ..plots import segmentation as seg_plots
+
+        sample = _sample_key(context)
+        s = project.config.sample(sample)
+        params = project.params(sample).segmentation
+        slide = storage.read_anndata(project.store("slide_inputs", sample))
+        folder = project.folder("segmented_slide", sample)
+        t0 = time.time()
+        md: dict = {}
+        if s.image is None:
+            if s.platform not in ("slideseq", "merfish"):
+                raise ValueError(f"sample '{sample}': platform {s.platform} needs an H&E image "
+                                 f"(samples[{sample}].image) for nuclei segmentation")
+            from ..platforms import cells_from_spots
+
+            cells, spots, summary = cells_from_spots(slide, platform=s.platform)
+            labels = None
+            info = {"method": "none", "reason": f"{s.platform}: each spot/bead is a cell (no image)"}
+        else:
+            dev, dmd = _device(compute, context)
+            md.update(dmd)
+            image = storage.read_arrays(project.store("slide_image", sample), ["image"], lazy=True)["image"]
+            res, cells, spots, summary = seg.segment_slide(image, slide, params)
+            labels, info = res.labels, res.info
+        with storage.atomic_path(folder) as tmp:
+            tmp.mkdir(parents=True)
+            if labels is not None:
+                storage.write_arrays({"labels": labels}, tmp / "labels.zarr", chunks=(1024, 1024),
+                                     attrs={"info": info})
+            storage.write_dataframe(cells, tmp / "cells.zarr")
+            storage.write_dataframe(spots, tmp / "spots.zarr", info={"summary": summary})
+        md.update({"seconds": round(time.time() - t0, 1), **info_md(info), **info_md(summary),
+                   **store_md(folder / "cells.zarr", "cells_"), "cells": len(cells)})
+        if labels is not None:
+            md.update(store_md(folder / "labels.zarr", "labels_"))
+            try:
+                md["qc_figure"] = png_md(seg_plots.qc_figure(image, labels, cells, spots, slide), "segmentation QC")
+            except Exception as e:  # a figure must never fail the step
+                context.log.warning(f"QC figure failed: {e}")
+        return dg.MaterializeResult(metadata=md)
+
+    @dg.asset(partitions_def=samples_partitions, group_name="spatialscope",
+              deps=[segmented_slide, slide_inputs, dg.AssetDep(reference_data, partition_mapping=dg.AllPartitionMapping())],
+              code_version=CODE_VERSION["typed_cells"], kinds={"anndata", "zarr"}, op_tags=CPU_OP_TAGS,
+              automation_condition=EAGER)
+    def typed_cells(context: dg.AssetExecutionContext, project: ProjectResource) -> dg.MaterializeResult:
+        """SpatialScope step 2: RCTD spot deconvolution (Poisson-lognormal), a type per segmented cell with a Potts
+        prior, and the gene-wise platform effect."""
+        from .. import celltyping
+        from ..plots import celltyping as ct_plots
+
+        sample = _sample_key(context)
+        s = project.config.sample(sample)
+        ref_cfg = _reference_for(project, sample)
+        params = project.params(sample)
+        slide = storage.read_anndata(project.store("slide_inputs", sample))
+        reference = storage.read_anndata(project.store("reference_data", ref_cfg.name))
+        folder = project.folder("segmented_slide", sample)
+        cells = storage.read_dataframe(folder / "cells.zarr")
+        spots = storage.read_dataframe(folder / "spots.zarr")
+        if "qc_pass" in spots:
+            slide = slide[spots.loc[slide.obs_names, "qc_pass"].astype(bool).to_numpy()].copy()
+            cells = cells[cells["spot"].isin(slide.obs_names)]
+        t0 = time.time()
+        res = celltyping.identify_cell_types(slide, reference, ref_cfg.cell_type_key, cells, params.cell_typing,
+                                             max_cells_per_spot=params.segmentation.max_cells_per_spot,
+                                             **({"platform": s.platform} if s.platform == "slideseq" else {}))
+        out = project.folder("typed_cells", sample)
+        pe = res.platform_effect.rename("estimated_be").to_frame()
+        with storage.atomic_path(out) as tmp:
+            tmp.mkdir(parents=True)
+            storage.write_dataframe(res.cells, tmp / "cells.zarr", info={"cell_type_key": ref_cfg.cell_type_key})
+            storage.write_dataframe(res.weights, tmp / "weights.zarr")
+            storage.write_dataframe(pe, tmp / "platform_effect.zarr")
+        counts = res.cells["cell_type"].astype(str).value_counts()
+        md = {"seconds": round(time.time() - t0, 1), "cells": len(res.cells), "spots": len(res.weights),
+              "sigma": float(res.sigma), **info_md(res.info),
+              "cell_type_counts": dg.MetadataValue.md(counts.to_frame("cells").to_markdown()),
+              **store_md(out / "cells.zarr", "cells_")}
+        for name, fn in (("cell_types_figure", "cell_type_map"), ("proportions_figure", "proportions_figure")):
+            try:
+                md[name] = png_md(getattr(ct_plots, fn)(res, slide), name)
+            except Exception as e:
+                context.log.warning(f"{name} failed: {e}")
+        return dg.MaterializeResult(metadata=md)
+
+    @dg.asset(partitions_def=refs_part, group_name="spatialscope", deps=[reference_data],
+              code_version=CODE_VERSION["score_checkpoint"], kinds={"pytorch", "safetensors"}, op_tags=GPU_OP_TAGS,
+              pool="gpu", retry_policy=GPU_RETRY, automation_condition=EAGER)
+    def score_checkpoint(context: dg.AssetExecutionContext, project: ProjectResource,
+                         compute: ComputeResource) -> dg.MaterializeResult:
+        """A cell-type-conditioned score model of the reference (denoising score matching over a geometric noise
+        schedule). Saved periodically: a restarted materialization resumes from the last saved step."""
+        from .. import score_model as sm
+        from ..plots import score_model as sm_plots
+
+        ref_cfg = project.config.reference(context.partition_key)
+        params = project.config.parameters.score_model
+        reference = storage.read_anndata(project.store("reference_data", ref_cfg.name))
+        dev, md = _device(compute, context)
+        out = project.store("score_checkpoint", ref_cfg.name, suffix="")
+        t0 = time.time()
+        model = sm.train_score_model(reference, ref_cfg.cell_type_key, params, out, device=dev, log=context.log.info)
+        (out / ".complete").write_text(json.dumps({"complete": True, "written_at": time.time()}))
+        md.update({"seconds": round(time.time() - t0, 1), "path": dg.MetadataValue.path(str(out)),
+                   "size_bytes": storage.disk_size(out), "genes": len(model.genes),
+                   "cell_types": len(model.cell_types), "noise_levels": int(len(model.sigmas)),
+                   "decomposition_step": float(model.decomposition_step)})
+        try:
+            quality = sm.quick_quality(model, reference, ref_cfg.cell_type_key, seed=0)
+            md.update(info_md({f"quality_{k}": v for k, v in quality.items() if not isinstance(v, (dict, list))}))
+            fig = sm_plots.real_vs_generated(model, reference, ref_cfg.cell_type_key, seed=0)
+            md["real_vs_generated"] = png_md(fig, "real vs generated cells")
+        except Exception as e:
+            context.log.warning(f"quality evaluation failed: {e}")
+        return dg.MaterializeResult(metadata=md)
+
+    @dg.asset(partitions_def=decomposition_partitions, group_name="spatialscope",
+              deps=[dg.AssetDep(typed_cells, partition_mapping=dg.MultiToSingleDimensionPartitionMapping("sample")),
+                    dg.AssetDep(slide_inputs, partition_mapping=dg.MultiToSingleDimensionPartitionMapping("sample")),
+                    dg.AssetDep(score_checkpoint, partition_mapping=dg.AllPartitionMapping())],
+              code_version=CODE_VERSION["decomposed_cells"], kinds={"anndata", "zarr"}, op_tags=GPU_OP_TAGS,
+              pool="gpu", retry_policy=GPU_RETRY, automation_condition=EAGER)
+    def decomposed_cells(context: dg.AssetExecutionContext, project: ProjectResource,
+                         compute: ComputeResource) -> dg.MaterializeResult:
+        """SpatialScope step 3 for one spot range of one sample: annealed Langevin decomposition of each spot's
+        counts into its cells' expression (AnnData zarr per partition)."""
+        from .. import decomposition as dec
+        from ..score_model import ScoreModel
+
+        keys = context.partition_key.keys_by_dimension
+        sample, rkey = keys["sample"], keys["spot_range"]
+        ref_cfg = _reference_for(project, sample)
+        params = project.params(sample).decomposition
+        start, stop = range_bounds(rkey, project.config.partitions.spot_range_size)
+        slide = storage.read_anndata(project.store("slide_inputs", sample))
+        tfolder = project.folder("typed_cells", sample)
+        cells = storage.read_dataframe(tfolder / "cells.zarr")
+        pe = storage.read_dataframe(tfolder / "platform_effect.zarr")["estimated_be"]
+        ckpt = project.store("score_checkpoint", ref_cfg.name, suffix="")
+        if not storage.is_complete(ckpt):
+            raise FileNotFoundError(f"{ckpt}: score checkpoint of reference '{ref_cfg.name}' is not materialized")
+        dev, md = _device(compute, context)
+        model = ScoreModel.load(ckpt, device=dev)
+        model.check_compatible(cell_type_key=ref_cfg.cell_type_key)
+        inputs = dec.prepare_spots(slide, cells, model, pe, spot_range=(start, stop),
+                                   leave_out_genes=params.leave_out_genes)
+        res = dec.decompose(inputs, model, params, device=dev, log=context.log.info)
+        path = storage.write_anndata(res.adata, project.store("decomposed_cells", sample, rkey),
+                                     info={"spot_range": [start, stop]})
+        md.update({**store_md(path), "spot_range": f"{start}..{stop - 1}", **info_md(res.info)})
+        return dg.MaterializeResult(metadata=md)
+
+    @dg.asset(partitions_def=samples_partitions, group_name="spatialscope",
+              deps=[dg.AssetDep(decomposed_cells,
+                                partition_mapping=dg.MultiToSingleDimensionPartitionMapping("sample"))],
+              code_version=CODE_VERSION["decomposed_cells_by_sample"], kinds={"anndata", "zarr"}, op_tags=CPU_OP_TAGS,
+              automation_condition=EAGER)
+    def decomposed_cells_by_sample(context: dg.AssetExecutionContext, project: ProjectResource
+                                   ) -> dg.MaterializeResult:
+        """All decomposed spot ranges of a sample combined into one AnnData of every cell."""
+        sample = _sample_key(context)
+        folder = project.folder("decomposed_cells", sample)
+        parts = sorted(folder.glob("*.zarr")) if folder.exists() else []
+        done = [p for p in parts if storage.is_complete(p)]
+        if not done:
+            raise FileNotFoundError(f"{folder}: no decomposed spot range of sample '{sample}' is materialized yet")
+        adatas = [storage.read_anndata(p) for p in done]
+        adatas = [a for a in adatas if a.n_obs]
+        combined = ad.concat(adatas, merge="same", uns_merge=None) if adatas else ad.AnnData()
+        combined.uns["spot_ranges"] = [p.stem for p in done]
+        path = storage.write_anndata(combined, project.store("decomposed_cells_by_sample", sample))
+        return dg.MaterializeResult(metadata={**store_md(path), "cells": combined.n_obs,
+                                              "spot_ranges": ", ".join(p.stem for p in done)})
+
+    @dg.asset(partitions_def=samples_partitions, group_name="soscope", deps=[slide_inputs, segmented_slide],
+              code_version=CODE_VERSION["enhanced_subspots"], kinds={"pytorch", "anndata"}, op_tags=GPU_OP_TAGS,
+              pool="gpu", retry_policy=GPU_RETRY)
+    def enhanced_subspots(context: dg.AssetExecutionContext, project: ProjectResource,
+                          compute: ComputeResource) -> dg.MaterializeResult:
+        """soScope: each spot as the sum of its sub-spots, enhanced by a graph-transformer VAE with image features."""
+        from .. import soscope
+        from ..plots import soscope as so_plots
+
+        sample = _sample_key(context)
+        s = project.config.sample(sample)
+        params = project.params(sample).soscope
+        slide = storage.read_anndata(project.store("slide_inputs", sample))
+        image = None
+        if s.image is not None:
+            image = np.asarray(storage.read_arrays(project.store("slide_image", sample), ["image"], lazy=True)["image"])
+        nuclei = None
+        cpath = project.folder("segmented_slide", sample) / "cells.zarr"
+        if storage.is_complete(cpath):
+            nuclei = storage.read_dataframe(cpath)
+        dev, md = _device(compute, context)
+        t0 = time.time()
+        res = soscope.enhance(slide, params, platform=s.platform, image=image, nuclei=nuclei, device=dev,
+                              log=context.log.info, grid_subdivision=s.grid_subdivision)
+        path = storage.write_anndata(res.adata, project.store("enhanced_subspots", sample))
+        md.update({"seconds": round(time.time() - t0, 1), **store_md(path), **info_md(res.info)})
+        try:
+            md["marker_maps"] = png_md(so_plots.marker_maps(slide, res.adata), "spot vs enhanced")
+        except Exception as e:
+            context.log.warning(f"figure failed: {e}")
+        return dg.MaterializeResult(metadata=md)
+
+    return [reference_data, slide_inputs, segmented_slide, typed_cells, score_checkpoint, decomposed_cells,
+            decomposed_cells_by_sample, enhanced_subspots]

@@ -1,0 +1,77 @@
+"""Asset checks: blocking where a failure would make downstream work garbage."""
+
+
+import dagster as dg
+import numpy as np
+
+from .. import storage
+from .resources import ProjectResource
+
+
+def build_checks(assets_by_name: dict) -> list:
+    segmented_slide = assets_by_name["segmented_slide"]
+    typed_cells = assets_by_name["typed_cells"]
+    decomposed_cells = assets_by_name["decomposed_cells"]
+    enhanced_subspots = assets_by_name["enhanced_subspots"]
+
+    @dg.asset_check(asset=segmented_slide, blocking=True, description="cells per spot within 0..max_cells_per_spot "
+                    "and at least one spot with cells")
+    def cells_per_spot_in_range(context: dg.AssetCheckExecutionContext, project: ProjectResource):
+        sample = context.partition_key if context.has_partition_key else None
+        results = []
+        samples = [sample] if sample else [p.name for p in (project.config.storage_root / "segmented_slide").glob("*")]
+        for s in samples:
+            spots = storage.read_dataframe(project.folder("segmented_slide", s) / "spots.zarr")
+            cap = project.params(s).segmentation.max_cells_per_spot
+            n = spots["n_cells"].to_numpy()
+            ok = bool((n >= 0).all() and (n <= cap).all() and (n > 0).any())
+            results.append((s, ok, int(n.max()) if len(n) else 0, float((n > 0).mean()) if len(n) else 0.0))
+        passed = all(r[1] for r in results)
+        return dg.AssetCheckResult(passed=passed, metadata={
+            "max_cells_per_spot": max((r[2] for r in results), default=0),
+            "fraction_spots_with_cells": min((r[3] for r in results), default=0.0)})
+
+    @dg.asset_check(asset=typed_cells, blocking=True,
+                    description="spot type proportions sum to 1 and every cell has a known type")
+    def proportions_sum_to_one(context: dg.AssetCheckExecutionContext, project: ProjectResource):
+        s = context.partition_key
+        folder = project.folder("typed_cells", s)
+        w = storage.read_dataframe(folder / "weights.zarr")
+        cells = storage.read_dataframe(folder / "cells.zarr")
+        sums = w.to_numpy(dtype=float).sum(1)
+        max_dev = float(np.abs(sums - 1).max()) if len(sums) else 0.0
+        known = set(w.columns.astype(str))
+        typed = cells["cell_type"].astype(str)
+        unknown = sorted(set(typed) - known - {"unassigned"})
+        return dg.AssetCheckResult(passed=max_dev < 1e-4 and not unknown,
+                                   metadata={"max_abs_deviation": max_dev, "unknown_types": str(unknown)})
+
+    @dg.asset_check(asset=decomposed_cells, blocking=True,
+                    description="decomposed cells reconstruct their spots (relative error of spot sums)")
+    def spot_reconstruction(context: dg.AssetCheckExecutionContext, project: ProjectResource):
+        keys = context.partition_key.keys_by_dimension
+        a = storage.read_anndata(project.store("decomposed_cells", keys["sample"], keys["spot_range"]))
+        info = dict(a.uns.get("info", {})) if "info" in a.uns else {}
+        err = float(info.get("spot_reconstruction_error", np.nan)) if info else np.nan
+        finite = bool(a.n_obs == 0 or np.isfinite(np.asarray(a.X.sum())).all())
+        passed = finite and (a.n_obs == 0 or (np.isfinite(err) and err < 0.5))
+        return dg.AssetCheckResult(passed=passed, metadata={"spot_reconstruction_error": err, "cells": a.n_obs})
+
+    @dg.asset_check(asset=enhanced_subspots, blocking=True,
+                    description="every spot has its sub-spots and they sum to (approximately) the spot")
+    def subspots_sum_to_spot(context: dg.AssetCheckExecutionContext, project: ProjectResource):
+        s = context.partition_key
+        sub = storage.read_anndata(project.store("enhanced_subspots", s))
+        slide = storage.read_anndata(project.store("slide_inputs", s))
+        spot = sub.obs["spot"].astype(str).to_numpy()
+        X = sub.X.toarray() if hasattr(sub.X, "toarray") else np.asarray(sub.X)
+        import pandas as pd
+
+        sums = pd.DataFrame(X, columns=sub.var_names).groupby(spot).sum()
+        obs = slide[sums.index].to_df()[sums.columns]
+        rel = float(np.abs(sums.to_numpy() - obs.to_numpy()).sum() / max(obs.to_numpy().sum(), 1e-9))
+        covered = float(np.isin(slide.obs_names, sums.index).mean())
+        return dg.AssetCheckResult(passed=covered == 1.0 and rel < 0.5,
+                                   metadata={"relative_sum_error": rel, "spots_covered": covered})
+
+    return [cells_per_spot_in_range, proportions_sum_to_one, spot_reconstruction, subspots_sum_to_spot]
