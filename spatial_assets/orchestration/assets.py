@@ -196,7 +196,8 @@ def build_assets(cfg: ProjectConfig) -> list:
         if labels is not None:
             md.update(store_md(folder / "labels.zarr", "labels_"))
             try:
-                md["qc_figure"] = png_md(seg_plots.qc_figure(image, labels, cells, spots, slide), "segmentation QC")
+                md["qc_figure"] = png_md(seg_plots.segmentation_qc_png(image, labels, spots, seg.spot_diameter_px(slide),
+                                                                       cells=cells), "segmentation QC")
             except Exception as e:  # a figure must never fail the step
                 context.log.warning(f"QC figure failed: {e}")
         return dg.MaterializeResult(metadata=md)

@@ -1,0 +1,147 @@
+"""Benchmark of nuclei segmentation (SpatialScope step 1).
+
+* F1 at IoU 0.5 on the held-out quarter of StarDist's annotated img2d (never seen in training) for the bundled
+  StarDist model and squidpy's watershed;
+* on the demo slide (real osmFISH cells; a crop in quick mode): nuclei F1 against the demo's nuclei_labels.tif,
+  and nuclei per spot vs true cells per spot (mean absolute error, Pearson r), for each method and StarDist
+  ``scale``;
+* a big image tiled from the demo H&E (6,000^2 px quick, 10,000^2 px full), read lazily from a tiled TIFF and
+  labels written block-wise into an on-disk zarr array, in a subprocess: seconds and peak resident memory.
+
+Run: ``python -m benchmarks.bench_segmentation [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _heldout(out: dict) -> None:
+    from spatial_assets import segmentation as seg
+    from spatial_assets.params import SegmentationParams
+    from spatial_assets.stardist_training import heldout_test_region
+
+    img, truth = heldout_test_region()
+    x = img.astype(np.float32)
+    x = (x - x.min()) / (x.max() - x.min())
+    fluo_rgb = np.repeat((x * 255).astype(np.uint8)[..., None], 3, 2)  # bright nuclei: model's native contrast
+    bright_rgb = 255 - fluo_rgb  # dark nuclei on a bright background, as in brightfield
+    sd = SegmentationParams(model=str(seg.BUNDLED_MODEL))
+    runs = {
+        "stardist_gray": (fluo_rgb, sd.model_copy(update={"channel": "gray"})),
+        "stardist_hematoxylin_brightfield": (bright_rgb, sd),
+        "watershed_hematoxylin_brightfield": (bright_rgb, SegmentationParams(method="watershed")),
+    }
+    for k, (im, p) in runs.items():
+        r = seg.segment_nuclei(im, p)
+        m = seg.match_f1(r.labels, truth)
+        out[f"img2d_heldout_f1_{k}"] = round(m["f1"], 3)
+        out[f"img2d_heldout_n_pred_{k}"] = m["n_pred"]
+    out["img2d_heldout_n_true"] = int(truth.max())
+
+
+def _demo(out: dict, quick: bool, tmp: Path) -> Path:
+    import anndata as ad
+    import tifffile
+
+    from spatial_assets import segmentation as seg
+    from spatial_assets.demo import build_demo
+    from spatial_assets.params import SegmentationParams
+
+    paths = build_demo(tmp / "demo", seed=0, crop_um=(600, 1850, 1200, 2450) if quick else None)
+    img = tifffile.imread(paths.image)
+    truth = tifffile.imread(paths.nuclei_labels)
+    slide = ad.read_h5ad(paths.slide)
+    true_n = slide.obs["n_cells_true"].to_numpy()
+    out["demo_image_shape"] = "x".join(map(str, img.shape[:2]))
+    out["demo_n_true_nuclei"] = int(truth.max())
+    out["demo_n_spots"] = int(slide.n_obs)
+    scales = (1.0,) if quick else (0.75, 1.0, 1.25, 1.5)
+    runs = {f"stardist_scale{s:g}": SegmentationParams(model=str(seg.BUNDLED_MODEL), scale=s, min_umi=0)
+            for s in scales}
+    runs["watershed"] = SegmentationParams(method="watershed", min_umi=0)
+    for k, p in runs.items():
+        t = time.time()
+        r = seg.segment_nuclei(img, p)
+        sec = time.time() - t
+        m = seg.match_f1(r.labels, truth)
+        _, spots, _ = seg.assign_cells_to_spots(r.nuclei, slide, p)
+        n = spots["n_cells_raw"].to_numpy()
+        out[f"demo_f1_{k}"] = round(m["f1"], 3)
+        out[f"demo_n_pred_{k}"] = m["n_pred"]
+        out[f"demo_cells_per_spot_mae_{k}"] = round(float(np.abs(n - true_n).mean()), 3)
+        out[f"demo_cells_per_spot_r_{k}"] = round(float(np.corrcoef(n, true_n)[0, 1]), 3)
+        out[f"demo_seconds_{k}"] = round(sec, 1)
+    return paths.image
+
+
+_BIG_CHILD = r"""
+import json, resource, sys, time
+import numpy as np, zarr
+from spatial_assets import segmentation as seg
+from spatial_assets.params import SegmentationParams
+from spatial_assets.readers import read_image
+img_path, out_path, method = sys.argv[1], sys.argv[2], sys.argv[3]
+img = read_image(img_path, lazy=True)
+labels = zarr.create_array(store=out_path, shape=img.shape[:2], chunks=(1024, 1024), dtype="int32", fill_value=0)
+t = time.time()
+p = SegmentationParams(method=method, model=str(seg.BUNDLED_MODEL))
+r = seg.segment_nuclei(img, p, labels_out=labels)
+sec = time.time() - t
+print(json.dumps({"seconds": round(sec, 1), "n_nuclei": int(len(r.nuclei)),
+                  "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+                  "prediction": r.info["prediction"]}))
+"""
+
+
+def _big(out: dict, side: int, demo_image: Path, tmp: Path, methods=("stardist",)) -> None:
+    import tifffile
+
+    src = tifffile.imread(demo_image)
+    reps = (int(np.ceil(side / src.shape[0])), int(np.ceil(side / src.shape[1])), 1)
+    big = np.tile(src, reps)[:side, :side]
+    path = tmp / f"big_{side}.tif"
+    tifffile.imwrite(path, big, tile=(512, 512), compression="zlib", photometric="rgb")
+    del big, src
+    for method in methods:
+        res = subprocess.run([sys.executable, "-c", _BIG_CHILD, str(path), str(tmp / f"labels_{method}.zarr"),
+                              method], capture_output=True, text=True, cwd=REPO)
+        if res.returncode != 0:
+            out[f"big{side}_{method}_error"] = res.stderr.strip().splitlines()[-1][:300]
+            continue
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+        for k, v in r.items():
+            out[f"big{side}_{method}_{k}"] = v
+
+
+def run(quick: bool = False) -> dict:
+    """Accuracy and scale figures of segmentation (see module docstring)."""
+    import torch
+
+    torch.set_num_threads(2)
+    out: dict = {"quick": quick}
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        _heldout(out)
+        demo_image = _demo(out, quick, tmp)
+        _big(out, 6000 if quick else 10_000, demo_image, tmp,
+             methods=("stardist",) if quick else ("stardist", "watershed"))
+    return out
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args()
+    for k, v in run(quick=a.quick).items():
+        print(f"{k}: {v}")
