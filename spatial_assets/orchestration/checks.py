@@ -51,8 +51,8 @@ def build_checks(assets_by_name: dict) -> list:
     def spot_reconstruction(context: dg.AssetCheckExecutionContext, project: ProjectResource):
         keys = context.partition_key.keys_by_dimension
         a = storage.read_anndata(project.store("decomposed_cells", keys["sample"], keys["spot_range"]))
-        info = dict(a.uns.get("info", {})) if "info" in a.uns else {}
-        err = float(info.get("spot_reconstruction_error", np.nan)) if info else np.nan
+        info = dict(a.uns.get("decomposition", {}))
+        err = float(info.get("reconstruction_rel_error", np.nan)) if info else np.nan
         finite = bool(a.n_obs == 0 or np.isfinite(np.asarray(a.X.sum())).all())
         passed = finite and (a.n_obs == 0 or (np.isfinite(err) and err < 0.5))
         return dg.AssetCheckResult(passed=passed, metadata={"spot_reconstruction_error": err, "cells": a.n_obs})
