@@ -43,11 +43,12 @@ class CellTypingParams(_Params):
 
     min_cells_per_type: int = Field(25, ge=1)
     max_cells_per_type: int = Field(10_000, ge=1)
-    # DE gene selection (RCTD): regression set and bulk (platform-effect) set.
-    gene_cutoff: float = 0.0002
-    fc_cutoff: float = 0.75
-    gene_cutoff_reg: float = 0.000125
-    fc_cutoff_reg: float = 0.5
+    # DE gene selection, RCTD's names: *_reg = the regression (weights) gene set; the others = the bulk
+    # (platform-effect) gene set.
+    gene_cutoff: float = 0.000125
+    fc_cutoff: float = 0.5
+    gene_cutoff_reg: float = 0.0002
+    fc_cutoff_reg: float = 0.75
     sigma_fit_spots: int = Field(1000, ge=10)
     sigma_fit_min_umi: float = 300
     # Potts prior
@@ -69,7 +70,9 @@ class ScoreModelParams(_Params):
     steps_per_level: int = Field(5, ge=1)
     # Decomposition step size; None = SpatialScope's rule (1e-5 when sigma_begin > 70, else 1e-6).
     decomposition_step: float | None = None
-    hidden: int = Field(512, ge=8)
+    # Residual MLP width: 256 keeps a Langevin step of 2,500 cells x 2,000 genes at ~0.1 s on one CPU core
+    # (benchmarks/bench_score_model.py), which the decomposition's 15-minute-per-500-spots CPU target needs.
+    hidden: int = Field(256, ge=8)
     n_blocks: int = Field(3, ge=1)
     lr: float = Field(1e-4, gt=0)
     batch_size: int = Field(256, ge=1)

@@ -211,3 +211,26 @@ def check_image_covers_spots(image_hw: tuple[int, int], adata: ad.AnnData, sourc
             f"{image_source} (width {W} x height {H} px) does not cover the spots of {source}: spot extent "
             f"x {lo[0]:.0f}..{hi[0]:.0f}, y {lo[1]:.0f}..{hi[1]:.0f} px (incl. spot radius {r:.0f}); "
             f"{n_out} spot centres lie outside. Are obsm['spatial'] coordinates in full-resolution pixels of this image?")
+
+
+def count_spots(path: str | os.PathLike) -> int:
+    """Number of spots of a slide without reading its count matrix (obs index only)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: spatial data not found")
+    if path.is_dir() and (path / "spatial").is_dir() and not (path / "zarr.json").exists():
+        import h5py
+
+        h5 = path / "filtered_feature_bc_matrix.h5"
+        with h5py.File(h5, "r") as f:
+            n_h5 = len(f["matrix"]["barcodes"])
+        return n_h5
+    if path.suffix == ".zarr" or (path / "zarr.json").exists() or (path / ".zgroup").exists():
+        import zarr
+
+        g = zarr.open_group(str(path), mode="r")
+        return ad.io.read_elem(g["obs"]).shape[0]
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return ad.io.read_elem(f["obs"]).shape[0]

@@ -240,11 +240,13 @@ def build_assets(cfg: ProjectConfig) -> list:
               "sigma": float(res.sigma), **info_md(res.info),
               "cell_type_counts": dg.MetadataValue.md(counts.to_frame("cells").to_markdown()),
               **store_md(out / "cells.zarr", "cells_")}
-        for name, fn in (("cell_types_figure", "cell_type_map"), ("proportions_figure", "proportions_figure")):
-            try:
-                md[name] = png_md(getattr(ct_plots, fn)(res, slide), name)
-            except Exception as e:
-                context.log.warning(f"{name} failed: {e}")
+        try:
+            md["cell_types_figure"] = png_md(ct_plots.cell_types_png(res.cells), "cell types")
+            xy = pd.DataFrame(np.asarray(slide.obsm["spatial"])[:, :2], index=slide.obs_names,
+                              columns=["x", "y"]).loc[res.weights.index]
+            md["proportions_figure"] = png_md(ct_plots.spot_proportions_png(res.weights, xy), "spot proportions")
+        except Exception as e:
+            context.log.warning(f"figure failed: {e}")
         return dg.MaterializeResult(metadata=md)
 
     @dg.asset(partitions_def=refs_part, group_name="spatialscope", deps=[reference_data],
@@ -270,10 +272,13 @@ def build_assets(cfg: ProjectConfig) -> list:
                    "cell_types": len(model.cell_types), "noise_levels": int(len(model.sigmas)),
                    "decomposition_step": float(model.decomposition_step)})
         try:
-            quality = sm.quick_quality(model, reference, ref_cfg.cell_type_key, seed=0)
-            md.update(info_md({f"quality_{k}": v for k, v in quality.items() if not isinstance(v, (dict, list))}))
-            fig = sm_plots.real_vs_generated(model, reference, ref_cfg.cell_type_key, seed=0)
-            md["real_vs_generated"] = png_md(fig, "real vs generated cells")
+            q = sm.evaluate_samples(model, reference, n_per_type=100, level_stride=4, seed=0, return_samples=True)
+            metrics = {k: float(v) for k, v in q["model"].items() if isinstance(v, (int, float))}
+            (out / "quality.json").write_text(json.dumps({**metrics, "n_cells": q["n_cells"],
+                                                          "level_stride": 4, "against": "reference cells"}))
+            md.update({f"quality_{k}": v for k, v in metrics.items()})
+            md["real_vs_generated"] = png_md(sm_plots.plot_real_vs_generated(
+                q["real"], q["type_idx"], q["samples"], q["type_idx"], model.cell_types), "real vs generated")
         except Exception as e:
             context.log.warning(f"quality evaluation failed: {e}")
         return dg.MaterializeResult(metadata=md)
@@ -363,7 +368,7 @@ def build_assets(cfg: ProjectConfig) -> list:
         path = storage.write_anndata(res.adata, project.store("enhanced_subspots", sample))
         md.update({"seconds": round(time.time() - t0, 1), **store_md(path), **info_md(res.info)})
         try:
-            md["marker_maps"] = png_md(so_plots.marker_maps(slide, res.adata), "spot vs enhanced")
+            md["marker_maps"] = png_md(so_plots.enhanced_maps(slide, res.adata), "spot vs enhanced")
         except Exception as e:
             context.log.warning(f"figure failed: {e}")
         return dg.MaterializeResult(metadata=md)
