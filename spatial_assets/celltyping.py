@@ -65,6 +65,7 @@ class CellTypingResult:
     genes_used: list
     sigma: float
     info: dict = field(default_factory=dict)
+    beads: pd.DataFrame | None = None  # doublet mode: RCTD's per-bead calls (spatial_assets.doublets)
 
 
 @dataclass
@@ -147,7 +148,7 @@ def potts_labels(counts: np.ndarray, numi: np.ndarray, weights: np.ndarray, prof
 
     ``counts`` spots x genes (informative genes), ``numi`` spot library sizes, ``weights`` spots x types (raw RCTD
     weights), ``profiles`` genes x types (platform-corrected), ``cell_spot`` the spot row of each cell,
-    ``cell_xy`` cell positions. Candidates of a spot: w_k > min(sum w / (2 m), sum w / 5) (and its top type), m
+    ``cell_xy`` cell positions (n, 2), or (n, 3) with z in the same unit for Potts neighbours in 3D. Candidates of a spot: w_k > min(sum w / (2 m), sum w / 5) (and its top type), m
     the largest number of cells in a spot, capped at ``max_cells_per_spot``. ``sigma_spots``: spots used to refit sigma after each sweep (default: all spots with cells).
     """
     t0 = time.perf_counter()
@@ -339,12 +340,16 @@ def _check_cells(cells: pd.DataFrame) -> None:
     xy = cells[["x", "y"]].to_numpy(dtype=float)
     if not np.isfinite(xy).all():
         raise CellTypingInputError("cells: x and y must be finite numbers")
+    if "z" in cells.columns and not np.isfinite(pd.to_numeric(cells["z"], errors="coerce").to_numpy(float)).all():
+        raise CellTypingInputError("cells['z']: expected finite heights (same unit as x and y)")
 
 
 def identify_cell_types(slide: ad.AnnData, reference: ad.AnnData, cell_type_key: str, cells: pd.DataFrame,
                         params: CellTypingParams | None = None, max_cells_per_spot: int = 20, *,
                         min_shared_genes: int = 10, min_obs: float = 3, min_sigma_fit_spots: int = 20,
-                        refit_sigma: bool = True) -> CellTypingResult:
+                        refit_sigma: bool = True, mode: str = "full", class_key: str | None = None,
+                        confidence_threshold: float = 10.0, doublet_threshold: float = 25.0,
+                        doublet_offset: float | None = None) -> CellTypingResult:
     """Cell types of the segmented cells of ``slide`` from ``reference`` (SpatialScope step 2; RCTD full + Potts).
 
     ``slide``: spots x genes, raw counts in X; ``reference``: cells x genes, counts (log1p accepted) in X, types
@@ -353,13 +358,26 @@ def identify_cell_types(slide: ad.AnnData, reference: ad.AnnData, cell_type_key:
     accepted), ``min_obs`` (RCTD's MIN_OBS: slide counts a gene needs), ``min_sigma_fit_spots`` (below this many
     spots with UMI > ``sigma_fit_min_umi``, sigma is fitted on the highest-UMI spots instead, and info says so),
     ``refit_sigma`` (refit sigma between Potts sweeps, as SpatialScope).
+
+    3D: when ``cells`` has a ``z`` column (same unit as x and y, e.g. stacked slices in micrometres), the Potts
+    neighbours are the nearest cells in (x, y, z).
+
+    ``mode="doublet"`` (Slide-seq beads): RCTD's doublet mode instead of the Potts labels -- each spot (bead) is a
+    singlet, a certain or uncertain doublet, or rejected (:func:`spatial_assets.doublets.classify_beads`, with
+    ``confidence_threshold`` / ``doublet_threshold``, and type classes from ``reference.obs[class_key]`` if given);
+    ``cells`` then only supplies bead heights (``z``); the output cells are one per singlet bead and two per
+    doublet bead, ``doublet_offset`` apart (:func:`spatial_assets.platforms.cells_from_beads`), rejected beads have
+    none; ``result.beads`` holds the calls.
     """
+    if mode not in ("full", "doublet"):
+        raise CellTypingInputError(f"mode: expected 'full' or 'doublet', found '{mode}'")
     params = params or CellTypingParams()
     timings = {}
     t = time.perf_counter()
     seed = int(params.seed)
     rng = np.random.default_rng(seed)
-    info: dict = {"seed": seed, "params": params.model_dump(), "max_cells_per_spot": int(max_cells_per_spot)}
+    info: dict = {"seed": seed, "params": params.model_dump(), "max_cells_per_spot": int(max_cells_per_spot),
+                  "mode": mode}
 
     # ---- reference ------------------------------------------------------------------------------
     if not isinstance(reference, ad.AnnData) or not isinstance(slide, ad.AnnData):
@@ -367,6 +385,9 @@ def identify_cell_types(slide: ad.AnnData, reference: ad.AnnData, cell_type_key:
     if cell_type_key not in reference.obs.columns:
         raise CellTypingInputError(f"reference.obs: no cell-type column '{cell_type_key}' "
                                    f"(found columns {list(reference.obs.columns)})")
+    if class_key is not None and class_key not in reference.obs.columns:
+        raise CellTypingInputError(f"reference.obs: no cell-class column '{class_key}' (class_key; found columns "
+                                   f"{list(reference.obs.columns)})")
     _check_cells(cells)
     spot_names = pd.Index(slide.obs_names.astype(str))
     spot_col = cells["spot"]
@@ -491,6 +512,12 @@ def identify_cell_types(slide: ad.AnnData, reference: ad.AnnData, cell_type_key:
     tot = weights_raw.sum(1).to_numpy()
     weights = weights_raw.div(np.where(tot > 0, tot, 1.0), axis=0)
 
+    if mode == "doublet":
+        return _doublet_mode(slide, reference, cell_type_key, class_key, cells, ref_rows, codes, type_names, Y,
+                             numi, P_used, sf.sigma, wf, fit_rows, fitted_names, weights, weights_raw, pe, profiles,
+                             genes_used, skipped, info, timings, seed, confidence_threshold, doublet_threshold,
+                             doublet_offset)
+
     # ---- cells ----------------------------------------------------------------------------------
     t = time.perf_counter()
     row_of_slide = np.full(len(spot_names), -1, dtype=np.int64)
@@ -508,7 +535,7 @@ def identify_cell_types(slide: ad.AnnData, reference: ad.AnnData, cell_type_key:
     sigma_final = sf.sigma
     potts_info = {}
     if lab.any():
-        xy = cells[["x", "y"]].to_numpy(dtype=float)[lab]
+        xy = cells[["x", "y", "z"] if "z" in cells.columns else ["x", "y"]].to_numpy(dtype=float)[lab]
         sig_spots = np.intersect1d(sig_rows, np.flatnonzero(ncell_spot > 0))
         pr = potts_labels(Y, numi, wf.weights, P_used, cspot[lab], xy, sf.sigma, nu=params.nu,
                           n_neighbors=params.n_neighbors, max_sweeps=params.max_sweeps,
@@ -534,6 +561,54 @@ def identify_cell_types(slide: ad.AnnData, reference: ad.AnnData, cell_type_key:
     return CellTypingResult(cells=out, weights=weights, weights_raw=weights_raw,
                             platform_effect=pe.estimated_be, profiles=profiles, genes_used=list(genes_used),
                             sigma=float(sigma_final), info=info)
+
+
+def _doublet_mode(slide, reference, cell_type_key, class_key, cells, ref_rows, codes, type_names, Y, numi, P_used,
+                  sigma, wf, fit_rows, fitted_names, weights, weights_raw, pe, profiles, genes_used, skipped, info,
+                  timings, seed, confidence_threshold, doublet_threshold, doublet_offset) -> CellTypingResult:
+    """The end of :func:`identify_cell_types` in doublet mode: RCTD's bead calls, then 1 or 2 cells per bead."""
+    from .doublets import classify_beads
+    from .platforms import cells_from_beads
+
+    t = time.perf_counter()
+    tn = np.asarray(type_names, dtype=object)
+    type_class = None
+    if class_key is not None:  # RCTD's class_df: each type's most frequent class in the reference
+        tab = pd.crosstab(tn[codes], reference.obs[class_key].astype(str).to_numpy()[ref_rows])
+        type_class = {str(k): str(v) for k, v in tab.idxmax(axis=1).items()}
+    dr = classify_beads(Y, numi, P_used, sigma, type_names, weights=wf.weights, converged=wf.converged,
+                        type_class=type_class, confidence_threshold=confidence_threshold,
+                        doublet_threshold=doublet_threshold, bead_names=fitted_names)
+    # bead positions (and heights) in the cells' unit: the mean of the bead's input cells, else the slide's
+    cols = ["x", "y", "z"] if "z" in cells.columns else ["x", "y"]
+    has_spot = cells["spot"].notna() & (cells["spot"].astype(str).str.len() > 0)
+    pos = cells.loc[has_spot, cols].astype(float).groupby(cells.loc[has_spot, "spot"].astype(str)).mean()
+    pos = pos.reindex(pd.Index(fitted_names, dtype=str))
+    if pos[["x", "y"]].isna().any().any():
+        if "spatial" not in slide.obsm:
+            raise CellTypingInputError("cells / slide.obsm['spatial']: no position for some beads")
+        sxy = np.asarray(slide.obsm["spatial"], dtype=float)[fit_rows, :2]
+        miss = pos["x"].isna().to_numpy()
+        pos.loc[miss, ["x", "y"]] = sxy[miss]
+    bead_z = None
+    if "z" in cols:
+        if pos["z"].isna().any():
+            raise CellTypingInputError(f"cells['z']: {int(pos['z'].isna().sum())} beads have no cell with a height")
+        bead_z = pos["z"].to_numpy()
+    out, cinfo = cells_from_beads(dr.beads, pos[["x", "y"]].to_numpy(), offset=doublet_offset, seed=seed,
+                                  bead_z=bead_z)
+    init = pd.Series(tn[wf.weights.argmax(1)], index=pd.Index(fitted_names, dtype=str))
+    out.insert(out.columns.get_loc("confidence") + 1, "initial_type", init.reindex(out["spot"]).to_numpy())
+    timings["cell_labels"] = time.perf_counter() - t
+    info.update({
+        "n_spots": int(slide.n_obs), "n_spots_fitted": int(len(fit_rows)), "skipped_spots": skipped,
+        "n_cells": int(len(out)), "n_cells_labelled": int(len(out)), "n_input_cells": int(len(cells)),
+        "doublet_mode": dr.info, "bead_cells": cinfo, "type_classes": type_class,
+        "sigma_rctd": float(sigma), "sigma": float(sigma), "timings_s": timings,
+    })
+    return CellTypingResult(cells=out, weights=weights, weights_raw=weights_raw, platform_effect=pe.estimated_be,
+                            profiles=profiles, genes_used=list(genes_used), sigma=float(sigma), info=info,
+                            beads=dr.beads)
 
 
 # ------------------------------------------------------------------------------------------------ simulation

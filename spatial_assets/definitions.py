@@ -19,6 +19,7 @@ from .config import ENV_CONFIG, ProjectConfig, load_config
 from .orchestration.assets import build_assets
 from .orchestration.automation import build_landing_sensor, build_registration_sensor
 from .orchestration.checks import build_checks
+from .orchestration.dask import dask_asset_job
 from .orchestration.partitions import decomposition_partitions, references_partitions, samples_partitions
 from .orchestration.resources import GPU_TAG, ComputeResource, ProjectResource
 
@@ -46,6 +47,9 @@ def build_definitions(cfg: ProjectConfig) -> dg.Definitions:
     combine_job = dg.define_asset_job(
         "combine_job", selection=dg.AssetSelection.assets(by_name["decomposed_cells_by_sample"]),
         partitions_def=samples_partitions, description="Combine a sample's decomposed spot ranges")
+    # The same jobs on a Dask cluster (validated_dask_executor): GPU steps only on workers with --resources GPU=1.
+    dask_jobs = [dask_asset_job(f"{j.name}_dask", j.selection, j.partitions_def, j.description)
+                 for j in (reference_job, sample_job, decomposition_job)]
     executor = dg.multiprocess_executor.configured({
         "max_concurrent": cfg.compute.max_cpu_steps + cfg.compute.max_gpu_steps,
         "tag_concurrency_limits": [{"key": GPU_TAG, "value": "gpu", "limit": cfg.compute.max_gpu_steps}],
@@ -53,7 +57,7 @@ def build_definitions(cfg: ProjectConfig) -> dg.Definitions:
     return dg.Definitions(
         assets=assets,
         asset_checks=checks,
-        jobs=[reference_job, sample_job, decomposition_job, combine_job],
+        jobs=[reference_job, sample_job, decomposition_job, combine_job, *dask_jobs],
         sensors=[build_registration_sensor(cfg, sample_job, reference_job), build_landing_sensor(cfg, sample_job)],
         resources={"project": ProjectResource(config_path=str(cfg.source)),
                    "compute": ComputeResource(devices=cfg.compute.devices)},

@@ -15,6 +15,49 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def materialize_graph(cfg_path: Path, log=print) -> dict:
+    """Materialize every asset of every reference and sample of a config, in dependency order, into the Dagster
+    instance of ``$DAGSTER_HOME``. Returns the seconds per step. Raises SystemExit on the first failed step."""
+    import dagster as dg
+
+    from .config import load_config
+    from .definitions import build_definitions
+    from .orchestration.partitions import register_samples, sample_range_keys
+
+    cfg = load_config(cfg_path)  # builds the demo slide on first use
+    defs = build_definitions(cfg)
+    instance = dg.DagsterInstance.get()
+    reg = register_samples(instance, cfg)
+    log(f"[spatial_assets] registered partitions: {reg}")
+    assets = list(defs.assets)
+    checks = list(defs.asset_checks or [])
+    resources = dict(defs.resources)
+    timings: dict[str, float] = {}
+
+    def run(selection: list[str], partition_key, label: str) -> None:
+        t0 = time.time()
+        res = dg.materialize([*assets, *checks], selection=selection, partition_key=partition_key,
+                             resources=resources, instance=instance, raise_on_error=False,
+                             tags={"spatial_assets/launched_by": "make demo"})
+        timings[label] = round(time.time() - t0, 1)
+        log(f"[spatial_assets] {label:<45s} {'ok' if res.success else 'FAILED'} ({timings[label]:.1f} s)")
+        if not res.success:
+            for ev in res.all_events:
+                if ev.is_step_failure and ev.event_specific_data.error:
+                    log(ev.event_specific_data.error.to_string())
+            raise SystemExit(1)
+
+    for r in cfg.references:
+        run(["reference_data", "score_checkpoint"], r.name, f"reference {r.name}: data + score checkpoint")
+    for s in cfg.samples:
+        run(["slide_inputs", "segmented_slide", "typed_cells"], s.name, f"sample {s.name}: inputs, nuclei, types")
+        for key in sample_range_keys(cfg, s.name):
+            run(["decomposed_cells"], key, f"sample {s.name}: decompose spot range {key.keys_by_dimension['spot_range']}")
+        run(["decomposed_cells_by_sample"], s.name, f"sample {s.name}: combine spot ranges")
+        run(["enhanced_subspots"], s.name, f"sample {s.name}: soScope sub-spots")
+    return timings
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(REPO_ROOT / "dagster_project.yaml"))
@@ -29,45 +72,12 @@ def main(argv=None) -> int:
     os.environ["DAGSTER_HOME"] = str(home)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-    import dagster as dg
-
-    from .config import load_config
-    from .definitions import build_definitions
-    from .orchestration.partitions import register_samples, sample_range_keys
-
     t_all = time.time()
     print(f"[spatial_assets] config: {cfg_path}")
-    cfg = load_config(cfg_path)  # builds the demo slide on first use
-    defs = build_definitions(cfg)
-    instance = dg.DagsterInstance.get()
-    reg = register_samples(instance, cfg)
-    print(f"[spatial_assets] registered partitions: {reg}")
-    assets = list(defs.assets)
-    checks = list(defs.asset_checks or [])
-    resources = dict(defs.resources)
+    materialize_graph(cfg_path)
+    from .config import load_config
 
-    def run(selection: list[str], partition_key, label: str) -> None:
-        t0 = time.time()
-        res = dg.materialize([*assets, *checks], selection=selection, partition_key=partition_key,
-                             resources=resources, instance=instance, raise_on_error=False,
-                             tags={"spatial_assets/launched_by": "make demo"})
-        status = "ok" if res.success else "FAILED"
-        print(f"[spatial_assets] {label:<45s} {status} ({time.time() - t0:.1f} s)")
-        if not res.success:
-            for ev in res.all_events:
-                if ev.is_step_failure:
-                    print(ev.event_specific_data.error.to_string() if ev.event_specific_data.error else ev.message)
-            raise SystemExit(1)
-
-    for r in cfg.references:
-        run(["reference_data", "score_checkpoint"], r.name, f"reference {r.name}: data + score checkpoint")
-    for s in cfg.samples:
-        run(["slide_inputs", "segmented_slide", "typed_cells"], s.name, f"sample {s.name}: inputs, nuclei, types")
-        for key in sample_range_keys(cfg, s.name):
-            run(["decomposed_cells"], key, f"sample {s.name}: decompose spot range {key.keys_by_dimension['spot_range']}")
-        run(["decomposed_cells_by_sample"], s.name, f"sample {s.name}: combine spot ranges")
-        run(["enhanced_subspots"], s.name, f"sample {s.name}: soScope sub-spots")
-
+    cfg = load_config(cfg_path)
     root = cfg.storage_root
     print(f"\n[spatial_assets] whole graph materialized in {time.time() - t_all:.0f} s. Outputs (zarr stores):")
     for p in sorted(root.glob("*")):
@@ -76,7 +86,8 @@ def main(argv=None) -> int:
           f"  python -c \"import anndata; print(anndata.read_zarr('{root}/decomposed_cells_by_sample/"
           f"{cfg.samples[0].name}.zarr'))\"\n"
           "Open the Dagster UI on these runs (lineage, partitions, checks, figures):\n"
-          f"  DAGSTER_HOME={home} .venv/bin/dagster dev -w workspace.yaml   # then http://127.0.0.1:3000\n")
+          f"  SPATIAL_ASSETS_CONFIG={cfg_path} DAGSTER_HOME={home} \\\n"
+          f"    {REPO_ROOT}/.venv/bin/dagster dev -w {REPO_ROOT}/workspace.yaml   # then http://127.0.0.1:3000\n")
     return 0
 
 

@@ -149,6 +149,22 @@ def _uns_safe(d):
 # main entry point
 # --------------------------------------------------------------------------------------------------------------
 
+def conserve_spot_sums(m: np.ndarray, x: np.ndarray, k: int, counts) -> np.ndarray:
+    """Make every spot's K sub-spots sum exactly to the observed spot, keeping the model's split.
+
+    Count features: each sub-spot gets the observed spot value times its share of the model's spot sum (an even
+    split where the model predicts zero for the whole spot). Continuous (Gaussian) features: the spot's residual is
+    spread evenly. ``m``: (N*K, G) model means, spot-major; ``x``: (N, G) observed spots; ``counts``: (G,) bool.
+    """
+    n, g = x.shape
+    mm = m.reshape(n, k, g).astype(np.float64)
+    tot = mm.sum(1, keepdims=True)
+    share = np.where(tot > 0, mm / np.where(tot > 0, tot, 1.0), 1.0 / k)
+    counts = np.broadcast_to(np.asarray(counts, bool).reshape(1, 1, -1), mm.shape)
+    out = np.where(counts, share * x[:, None, :], mm + (x[:, None, :] - tot) / k)
+    return out.reshape(n * k, g).astype(np.float32)
+
+
 def enhance(slide: ad.AnnData, params: SoScopeParams | None = None, platform: str = "visium", image=None,
             nuclei: pd.DataFrame | None = None, device: str = "cpu", log: Callable[[str], None] | None = None, *,
             grid_subdivision: int = 3, spot_diameter_px: float | None = None, features: np.ndarray | None = None,
@@ -157,7 +173,7 @@ def enhance(slide: ad.AnnData, params: SoScopeParams | None = None, platform: st
             gaussian_scale_vgae: float = 10.0, gaussian_scale: float = 1.0, grad_clip: float = 10.0,
             subspot_radius: float | None = None, squidpy_feature_set=ss.SQUIDPY_FEATURES, n_jobs: int = 1,
             init_decoder_from_vgae: bool = False, n_threads: int | None = None,
-            log_every: int = 50) -> EnhancementResult:
+            log_every: int = 50, conserve: bool = False) -> EnhancementResult:
     """Enhance ``slide`` (spots x features) to sub-spot resolution with soScope.
 
     ``image``: H&E (H, W, 3) in the slide's full-resolution pixel frame; ``nuclei``: table with x, y, area per
@@ -178,7 +194,7 @@ def enhance(slide: ad.AnnData, params: SoScopeParams | None = None, platform: st
 def _enhance(slide, params, platform, image, nuclei, device, log, *, grid_subdivision, spot_diameter_px, features,
              beta_start, beta_end, gamma_start, gamma_end, schedule_start_frac, image_weight, reg_temperature,
              gaussian_scale_vgae, gaussian_scale, grad_clip, subspot_radius, squidpy_feature_set, n_jobs,
-             init_decoder_from_vgae, n_threads, log_every, **_) -> EnhancementResult:
+             init_decoder_from_vgae, n_threads, log_every, conserve, **_) -> EnhancementResult:
     params = SoScopeParams() if params is None else params
     if not isinstance(params, SoScopeParams):
         raise ValueError(f"params: expected SoScopeParams, found {type(params).__name__}")
@@ -328,12 +344,17 @@ def _enhance(slide, params, platform, image, nuclei, device, log, *, grid_subdiv
     spot_sum = m_np.reshape(n, k, g).sum(1).astype(np.float64)
     rel_err = float(np.abs(spot_sum - x_np).sum() / max(np.abs(x_np).sum(), 1e-12))
     r_spot = pearson_per_gene(spot_sum, x_np)
+    conserved = conserve_spot_sums(m_np, x_np, k, counts.cpu().numpy())
 
     obs = pd.DataFrame({"spot": geom.spot_names[geom.parent], "subspot": geom.k.astype(np.int64),
                         "spot_index": geom.parent.astype(np.int64),
                         "x": geom.positions[:, 0], "y": geom.positions[:, 1]},
                        index=pd.Index([f"{s}_{j}" for s, j in zip(geom.spot_names[geom.parent], geom.k)]))
-    out = ad.AnnData(X=m_np, obs=obs, var=var)
+    # X: the likelihood mean (soScope's output, denoised); layers['conserved']: the same split rescaled so each
+    # spot's sub-spots sum exactly to the observed spot (X of the conserved layer when ``conserve``).
+    out = ad.AnnData(X=conserved if conserve else m_np, obs=obs, var=var)
+    out.layers["model_mean"] = m_np
+    out.layers["conserved"] = conserved
     out.obsm["spatial"] = geom.positions.copy()
     every = max(1, max(params.epochs, params.vgae_epochs) // 200)
     info = {
@@ -353,6 +374,7 @@ def _enhance(slide, params, platform, image, nuclei, device, log, *, grid_subdiv
         "final_loss": {kk_: (v[-1] if v else None) for kk_, v in history.items()},
         "loss_history_every": every, "loss_history": {kk_: v[::every] for kk_, v in history.items()},
         "spot_reconstruction_rel_l1": rel_err,
+        "conserved_spot_sums": bool(conserve),
         "spot_reconstruction_median_gene_r": float(np.nanmedian(r_spot)) if np.isfinite(r_spot).any() else None,
         "schedules": {"beta": [beta_start, beta_end], "gamma_image": [gamma_start, gamma_end],
                       "start_frac": schedule_start_frac},

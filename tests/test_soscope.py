@@ -185,6 +185,8 @@ def test_model_beats_spot_split_on_smooth_synthetic_truth_and_sums_to_spots():
     r_idw = np.nanmedian(pearson_per_gene(baseline_idw(s.X, g), truth))
     assert r_model > r_split + 0.1 and r_model > r_idw, (r_model, r_split, r_idw)
     # spot reconstruction: sub-spots sum to the observed spot
+    np.testing.assert_allclose(res.adata.layers["conserved"].reshape(s.n_obs, 7, -1).sum(1), s.X, rtol=1e-4,
+                               atol=1e-3)
     sums = res.adata.X.reshape(s.n_obs, 7, -1).sum(1)
     assert np.median(pearson_per_gene(sums, s.X)) > 0.9
     assert np.abs(sums - s.X).sum() / s.X.sum() == pytest.approx(res.info["spot_reconstruction_rel_l1"], rel=1e-4)
@@ -340,3 +342,23 @@ def test_joint_model_on_real_spatial_cite_seq_subset():
     assert (res.adata.X >= 0).all()
     # sub-spots of a spot tile its square: mean position = spot centre
     np.testing.assert_allclose(res.adata.obsm["spatial"].reshape(sub.n_obs, 9, 2).mean(1), sub.obsm["spatial"])
+
+
+def test_conserve_spot_sums_exact_and_keeps_the_split():
+    from spatial_assets.soscope import conserve_spot_sums
+
+    rng = np.random.default_rng(0)
+    n, k, g = 5, 7, 4
+    m = rng.gamma(2.0, 1.0, (n * k, g)).astype(np.float32)
+    m[:k, 0] = 0.0  # the model predicts nothing for gene 0 of spot 0
+    x = rng.poisson(20, (n, g)).astype(np.float64)
+    counts = np.array([True, True, True, False])
+    out = conserve_spot_sums(m, x, k, counts).reshape(n, k, g)
+    np.testing.assert_allclose(out.sum(1), x, rtol=1e-5)
+    mm = m.reshape(n, k, g)
+    # count features keep the model's within-spot shares; an all-zero spot is split evenly
+    np.testing.assert_allclose(out[1:, :, 1] / out[1:, :, 1].sum(1, keepdims=True),
+                               mm[1:, :, 1] / mm[1:, :, 1].sum(1, keepdims=True), rtol=1e-5)
+    np.testing.assert_allclose(out[0, :, 0], x[0, 0] / k, rtol=1e-6)
+    # continuous features: the residual is spread evenly (differences between sub-spots unchanged)
+    np.testing.assert_allclose(np.diff(out[:, :, 3], axis=1), np.diff(mm[:, :, 3], axis=1), atol=1e-4)

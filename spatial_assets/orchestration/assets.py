@@ -192,6 +192,7 @@ def build_assets(cfg: ProjectConfig) -> list:
             storage.write_dataframe(cells, tmp / "cells.zarr")
             storage.write_dataframe(spots, tmp / "spots.zarr", info={"summary": summary})
         md.update({"seconds": round(time.time() - t0, 1), **info_md(info), **info_md(summary),
+                   "path": dg.MetadataValue.path(str(folder)), "size_bytes": storage.disk_size(folder),
                    **store_md(folder / "cells.zarr", "cells_"), "cells": len(cells)})
         if labels is not None:
             md.update(store_md(folder / "labels.zarr", "labels_"))
@@ -238,6 +239,7 @@ def build_assets(cfg: ProjectConfig) -> list:
         counts = res.cells["cell_type"].astype(str).value_counts()
         md = {"seconds": round(time.time() - t0, 1), "cells": len(res.cells), "spots": len(res.weights),
               "sigma": float(res.sigma), **info_md(res.info),
+              "path": dg.MetadataValue.path(str(out)), "size_bytes": storage.disk_size(out),
               "cell_type_counts": dg.MetadataValue.md(counts.to_frame("cells").to_markdown()),
               **store_md(out / "cells.zarr", "cells_")}
         try:

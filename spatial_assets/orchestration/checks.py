@@ -58,20 +58,28 @@ def build_checks(assets_by_name: dict) -> list:
         return dg.AssetCheckResult(passed=passed, metadata={"spot_reconstruction_error": err, "cells": a.n_obs})
 
     @dg.asset_check(asset=enhanced_subspots, blocking=True,
-                    description="every spot has its sub-spots and they sum to (approximately) the spot")
+                    description="every spot has its sub-spots; the conserved profiles sum exactly to the spot and "
+                                "the model's own sub-spot means reconstruct it (relative L1 < 0.75)")
     def subspots_sum_to_spot(context: dg.AssetCheckExecutionContext, project: ProjectResource):
+        import pandas as pd
+
         s = context.partition_key
         sub = storage.read_anndata(project.store("enhanced_subspots", s))
         slide = storage.read_anndata(project.store("slide_inputs", s))
         spot = sub.obs["spot"].astype(str).to_numpy()
-        X = sub.X.toarray() if hasattr(sub.X, "toarray") else np.asarray(sub.X)
-        import pandas as pd
 
-        sums = pd.DataFrame(X, columns=sub.var_names).groupby(spot).sum()
-        obs = slide[sums.index].to_df()[sums.columns]
-        rel = float(np.abs(sums.to_numpy() - obs.to_numpy()).sum() / max(obs.to_numpy().sum(), 1e-9))
-        covered = float(np.isin(slide.obs_names, sums.index).mean())
-        return dg.AssetCheckResult(passed=covered == 1.0 and rel < 0.5,
-                                   metadata={"relative_sum_error": rel, "spots_covered": covered})
+        def rel_error(M) -> float:
+            M = M.toarray() if hasattr(M, "toarray") else np.asarray(M)
+            sums = pd.DataFrame(M, columns=sub.var_names).groupby(spot).sum()
+            obs = slide[sums.index].to_df()[sums.columns].to_numpy()
+            return float(np.abs(sums.to_numpy() - obs).sum() / max(np.abs(obs).sum(), 1e-9))
+
+        model_err = rel_error(sub.X)
+        conserved_err = rel_error(sub.layers["conserved"]) if "conserved" in sub.layers else model_err
+        covered = float(np.isin(slide.obs_names, np.unique(spot)).mean())
+        return dg.AssetCheckResult(passed=covered == 1.0 and conserved_err < 1e-3 and model_err < 0.75,
+                                   metadata={"model_relative_sum_error": model_err,
+                                             "conserved_relative_sum_error": conserved_err,
+                                             "spots_covered": covered})
 
     return [cells_per_spot_in_range, proportions_sum_to_one, spot_reconstruction, subspots_sum_to_spot]
