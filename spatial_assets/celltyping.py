@@ -329,12 +329,9 @@ def potts_labels(counts: np.ndarray, numi: np.ndarray, weights: np.ndarray, prof
 
 # ------------------------------------------------------------------------------------------------ entry point
 def _check_cells(cells: pd.DataFrame) -> None:
-    if not isinstance(cells, pd.DataFrame):
-        raise CellTypingInputError(f"cells: expected a pandas DataFrame, found {type(cells).__name__}")
-    missing = [c for c in ("x", "y", "spot") if c not in cells.columns]
-    if missing:
-        raise CellTypingInputError(f"cells: missing column(s) {missing}; expected x, y, spot "
-                                   f"(found {list(cells.columns)})")
+    from .readers import require_columns
+
+    require_columns(cells, "cells", ("x", "y", "spot"), "x, y, spot", CellTypingInputError)
     if not cells.index.is_unique:
         raise CellTypingInputError("cells: the index (cell ids) must be unique")
     xy = cells[["x", "y"]].to_numpy(dtype=float)

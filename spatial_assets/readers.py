@@ -234,3 +234,14 @@ def count_spots(path: str | os.PathLike) -> int:
 
     with h5py.File(path, "r") as f:
         return ad.io.read_elem(f["obs"]).shape[0]
+
+
+def require_columns(df, what: str, columns: tuple[str, ...], hint: str, error: type[Exception] = InputError) -> None:
+    """``df`` must be a DataFrame with ``columns``; the error names ``what``, the missing columns and ``hint``."""
+    import pandas as pd
+
+    if not isinstance(df, pd.DataFrame):
+        raise error(f"{what}: expected a pandas DataFrame with columns {', '.join(columns)}, found {type(df).__name__}")
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise error(f"{what}: missing column(s) {missing}; expected {hint} (found {list(df.columns)})")

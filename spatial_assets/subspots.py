@@ -233,12 +233,9 @@ def nuclei_features(nuclei: pd.DataFrame, geom: SubspotGeometry) -> np.ndarray:
     A nucleus belongs to the spot whose circle contains its centroid (square grids: whose square), then to the
     nearest sub-spot of that spot (as ``geometry.assign_to_subspots``).
     """
-    if not isinstance(nuclei, pd.DataFrame):
-        raise ValueError(f"nuclei: expected a pandas DataFrame with columns x, y, area, found {type(nuclei).__name__}")
-    missing = [c for c in ("x", "y", "area") if c not in nuclei.columns]
-    if missing:
-        raise ValueError(f"nuclei: missing column(s) {missing}; expected x, y (full-res px) and area (px^2), "
-                         f"found {list(nuclei.columns)}")
+    from .readers import require_columns
+
+    require_columns(nuclei, "nuclei", ("x", "y", "area"), "x, y (full-res px) and area (px^2)", ValueError)
     vals = nuclei[["x", "y", "area"]].to_numpy(dtype=float)
     if not np.isfinite(vals).all():
         raise ValueError(f"nuclei: {int((~np.isfinite(vals)).any(1).sum())} rows with NaN/inf in x, y or area")
