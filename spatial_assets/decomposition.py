@@ -208,6 +208,9 @@ def _platform_effect(platform_effect, genes: list[str]) -> np.ndarray:
     return np.where(np.isfinite(v) & (v > 0), v, 1.0)
 
 
+UNASSIGNED = "unassigned"  # the label cell typing gives cells it could not type
+
+
 def prepare_spots(slide: ad.AnnData, cells: pd.DataFrame, model, platform_effect: pd.Series | None = None,
                   spot_range: tuple[int, int] | None = None, leave_out_genes: Sequence[str] = (), *,
                   cell_type_key: str | None = None, type_column: str = "cell_type") -> DecompositionInput:
@@ -292,6 +295,14 @@ def prepare_spots(slide: ad.AnnData, cells: pd.DataFrame, model, platform_effect
 
     # cells of the range
     in_range = (pos_in_slide >= start) & (pos_in_slide < stop)
+    # Spots with a cell that cell typing left 'unassigned' (e.g. a skipped spot) are skipped whole and reported:
+    # decomposing only the typed cells of such a spot would give them the unassigned cells' counts.
+    unassigned = cells[type_column].astype(str).to_numpy() == UNASSIGNED
+    bad_spots = np.unique(cell_spot[in_range & unassigned])
+    info["spots_skipped_unassigned_cells"] = bad_spots[:200].tolist()
+    info["n_spots_skipped_unassigned_cells"] = int(len(bad_spots))
+    if len(bad_spots):
+        in_range &= ~np.isin(cell_spot, bad_spots)
     sel = cells.loc[in_range]
     types = sel[type_column]
     if types.isna().any():

@@ -43,7 +43,9 @@ class DoubletResult:
     ``beads``: one row per bead (index = bead names): spot_class (categorical, RCTD's levels), first_type,
     second_type, first_class / second_class (True where only the type's class is certain, as RCTD),
     weight_first / weight_second (the best pair's weights, normalised), min_score (best pair's negative
-    log-likelihood), singlet_score, n_candidates, confidence_first / confidence_second (see
+    log-likelihood), singlet_score (RCTD's, of the confident type), best_singlet_score (best candidate alone),
+    doublet_evidence (best_singlet_score - min_score: the log-likelihood gain of a second type), n_candidates,
+    confidence_first / confidence_second (see
     :func:`classify_beads`), converged_full / converged_pair. ``pair_scores``: long table (bead, type1, type2,
     score) of every pair fitted. ``info``: counts per class, thresholds, rows fitted, timings.
     """
@@ -338,7 +340,8 @@ def classify_beads(counts, numi, profiles, sigma: float | PoissonLognormal, type
         "first_type": tn[f_type], "second_type": tn[s_type],
         "first_class": first_class.astype(bool), "second_class": second_class.astype(bool),
         "weight_first": w_first, "weight_second": 1.0 - w_first,
-        "min_score": min_score, "singlet_score": singlet_score, "n_candidates": ncand.astype(np.int64),
+        "min_score": min_score, "singlet_score": singlet_score, "best_singlet_score": single_score.min(1),
+        "doublet_evidence": single_score.min(1) - min_score, "n_candidates": ncand.astype(np.int64),
         "confidence_first": conf1, "confidence_second": conf2,
         "converged_full": converged, "converged_pair": pconv[best],
     }, index=bead_names)

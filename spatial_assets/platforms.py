@@ -114,7 +114,7 @@ def cells_from_beads(beads: pd.DataFrame, bead_xy, *, offset: float | None = Non
         "cell_type": np.where(k == 0, first[bi], second[bi]),
         "confidence": np.where(k == 0, conf1[bi], conf2[bi]),
         "spot_class": cls[bi], "bead_cell": k.astype(np.int64),
-    }, index=pd.Index([f"{b}_{j}" for b, j in zip(names[bi], k)], name="cell_id"))
+    }, index=pd.Index(np.char.add(np.char.add(names[bi].astype(str), "_"), k.astype(str)), name="cell_id"))
     if "n_candidates" in beads:
         cells["n_candidates"] = beads["n_candidates"].to_numpy()[bi]
     if bead_z is not None:
@@ -176,7 +176,8 @@ def simulate_beads(cells: ad.AnnData, *, type_key: str = "cell_type", doublet_fr
                    max_pair_distance_um: float = 30.0, n_beads: int | None = None,
                    second_fraction: tuple[float, float] = (1.0, 1.0), bead_diameter_um: float = 10.0,
                    um_per_px: float | None = None, class_key: str | None = "cell_class",
-                   random_positions: bool = False, seed: int = 0) -> tuple[ad.AnnData, pd.DataFrame]:
+                   random_positions: bool = False, pair_by: str = "type",
+                   seed: int = 0) -> tuple[ad.AnnData, pd.DataFrame]:
     """A Slide-seq-like bead set whose beads are real cells: a singlet bead holds one cell, a doublet bead two
     neighbouring cells of different types (the second one's counts binomially thinned by a factor drawn from
     ``second_fraction``; (1, 1) = the plain sum).
@@ -186,6 +187,7 @@ def simulate_beads(cells: ad.AnnData, *, type_key: str = "cell_type", doublet_fr
     their nearest cell of another type within ``max_pair_distance_um`` (each cell used once; conflicts resolved in
     random order, so the realised fraction is a bit lower and reported). ``n_beads``: keep a random subset. Beads
     sit at the cell (singlet) or the pair's midpoint, coordinates in micrometres (microns_per_pixel 1).
+    ``pair_by="class"``: doublet partners must differ in class (``class_key``), not only in type.
     ``random_positions``: for cells without positions (dissociated scRNA-seq), scatter them uniformly at random at
     the density of a tissue section (one cell per 15 x 15 um), so doublet partners are random cells of another type.
 
@@ -216,7 +218,11 @@ def simulate_beads(cells: ad.AnnData, *, type_key: str = "cell_type", doublet_fr
     is_anchor[anchors] = True
     kq = min(24, n)
     dist, nb = cKDTree(xy).query(xy[anchors], k=kq)
-    ok = (types[nb] != types[anchors, None]) & (dist <= max_pair_distance_um) & ~is_anchor[nb] & (nb < n)
+    if pair_by not in ("type", "class"):
+        raise PlatformInputError(f"pair_by: expected 'type' or 'class', found '{pair_by}'")
+    key = classes if pair_by == "class" else types
+    nbc = np.minimum(nb, n - 1)
+    ok = (key[nbc] != key[anchors, None]) & (dist <= max_pair_distance_um) & ~is_anchor[nbc] & (nb < n)
     has = ok.any(1)
     partner = np.where(has, nb[np.arange(len(anchors)), ok.argmax(1)], -1)
     a_ok, p_ok = anchors[has], partner[has]
@@ -262,7 +268,7 @@ def simulate_beads(cells: ad.AnnData, *, type_key: str = "cell_type", doublet_fr
                                "doublet_fraction": float((truth["n_cells"] == 2).mean()) if len(truth) else 0.0,
                                "max_pair_distance_um": float(max_pair_distance_um),
                                "second_fraction": [float(lo), float(hi)], "source_cells": int(n),
-                               "random_positions": bool(random_positions)}
+                               "random_positions": bool(random_positions), "pair_by": pair_by}
     return slide, truth
 
 
@@ -272,7 +278,8 @@ def evaluate_beads(beads: pd.DataFrame, truth: pd.DataFrame, type_class: Mapping
     Singlet/doublet accuracy over non-rejected beads (certain and uncertain doublets count as doublets), reject
     rate, and type recovery: per bead the multiset intersection of true types and called types (singlet -> the
     first type; doublet -> both); ``type_recall`` = matched / true cells, ``type_precision`` = matched / called
-    cells; ``singlet_type_accuracy`` = true singlets called singlet with the right type / true singlets. With
+    cells; ``singlet_type_accuracy`` = true singlets called singlet with the right type / true singlets;
+    ``doublet_evidence_auc``: how well the beads' doublet evidence ranks true doublets above singlets. With
     ``type_class`` (type -> class), recall / precision also at the class level (truth columns class1, class2).
     """
     common = beads.index.intersection(truth.index)
@@ -317,6 +324,13 @@ def evaluate_beads(beads: pd.DataFrame, truth: pd.DataFrame, type_class: Mapping
         if (true_dbl & kept).any() else float("nan"),
         "called": {c: int((cls == c).sum()) for c in ("singlet", "doublet_certain", "doublet_uncertain", "reject")},
     }
+    if "doublet_evidence" in b.columns and 0 < true_dbl.sum() < len(true_dbl):
+        # AUC of the doublet evidence (log-likelihood gain of a second type) for true doublets vs singlets
+        from scipy.stats import rankdata
+
+        r = rankdata(b["doublet_evidence"].to_numpy(float))
+        n1, n0 = int(true_dbl.sum()), int((~true_dbl).sum())
+        out["doublet_evidence_auc"] = float((r[true_dbl].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
     if type_class is not None and {"class1", "class2"} <= set(t.columns):
         tc = {str(k): str(v) for k, v in dict(type_class).items()}
         m, nt, nc = recovery(np.array([tc.get(x, x) for x in f1]), np.array([tc.get(x, x) for x in f2]),
@@ -378,7 +392,8 @@ def imputation_scores(decomposed: ad.AnnData, truth: ad.AnnData, genes: Sequence
     same cells (obs names = the decomposition's cell ids or their spot names, as for one-cell spots). Baselines
     (with ``reference``): each cell = its library (its total over the measured genes) times the reference's
     pooled mean profile ('mean' baseline, library size only) or its called type's mean profile ('type_mean'),
-    each normalised over the measured genes. Returns per-gene r (linear and log1p) and their medians.
+    each normalised over the measured genes. Returns per-gene r (linear and log1p), their medians, and
+    ``r_pooled_log1p`` (over all cell x gene entries: also scores each gene's level).
     """
     genes = [str(g) for g in genes]
     miss = [g for g in genes if g not in decomposed.var_names or g not in truth.var_names]
@@ -406,8 +421,10 @@ def imputation_scores(decomposed: ad.AnnData, truth: ad.AnnData, genes: Sequence
     out = {"cells": int(len(T)), "genes": genes}
     r = _pearson_cols(pred, T)
     rl = _pearson_cols(np.log1p(np.maximum(pred, 0)), np.log1p(T))
+    pooled = _pearson_cols(np.log1p(np.maximum(pred, 0)).reshape(-1, 1), np.log1p(T).reshape(-1, 1))[0]
     out.update(r=dict(zip(genes, map(float, r))), r_log1p=dict(zip(genes, map(float, rl))),
-               r_median=float(np.nanmedian(r)), r_log1p_median=float(np.nanmedian(rl)))
+               r_median=float(np.nanmedian(r)), r_log1p_median=float(np.nanmedian(rl)),
+               r_pooled_log1p=float(pooled))
     if reference is not None:
         if reference_type_key not in reference.obs:
             raise PlatformInputError(f"reference.obs: no column '{reference_type_key}'")
@@ -469,8 +486,8 @@ def stack_slices(slices: Mapping[str, tuple[ad.AnnData, pd.DataFrame]], z_um: Ma
     slides, tables = [], []
     for name, (slide, cells) in slices.items():
         f = float(um_per_px[name])
-        s = ad.AnnData(X=sp.csr_matrix(slide[:, list(genes)].X), var=pd.DataFrame(index=genes),
-                       obs=pd.DataFrame({"slice": name}, index=pd.Index(name + SLICE_SEP + slide.obs_names.astype(str))))
+        obs = pd.DataFrame({"slice": name}, index=pd.Index(name + SLICE_SEP + slide.obs_names.astype(str)))
+        s = ad.AnnData(X=sp.csr_matrix(slide[:, list(genes)].X), var=pd.DataFrame(index=genes), obs=obs)
         s.obsm["spatial"] = np.asarray(slide.obsm["spatial"], dtype=float)[:, :2] * f
         slides.append(s)
         c = cells.copy()
@@ -534,13 +551,12 @@ def combined_view(slices: Mapping[str, pd.DataFrame], z_um: Mapping[str, float],
     tables = []
     for name, cells in slices.items():
         f = float(um_per_px[name])
-        c = cells.copy()
+        c = cells.drop(columns=[k for k in ("slice", "cell_id", "x_um", "y_um", "z_um", "z") if k in cells.columns])
         c.insert(0, "z_um", float(z_um[name]))
         c.insert(0, "y_um", c["y"].to_numpy(float) * f)
         c.insert(0, "x_um", c["x"].to_numpy(float) * f)
         c.insert(0, "cell_id", c.index.astype(str))
         c.insert(0, "slice", name)
-        c = c.drop(columns=[k for k in ("z",) if k in c.columns])
         c.index = pd.Index(name + SLICE_SEP + cells.index.astype(str), name="cell")
         tables.append(c)
     if not tables:

@@ -31,6 +31,7 @@ import zarr
 ad.settings.zarr_write_format = 3
 
 MARKER_ATTR = "spatial_assets"
+SLASH = "\u2215"
 
 
 def store_path(root: str | os.PathLike, asset: str | list[str], sample: str | None = None,
@@ -141,8 +142,13 @@ def write_dataframe(df: pd.DataFrame, path: str | os.PathLike, *, info: dict[str
     """A table is stored as an AnnData zarr with the table as ``obs`` (readable with ``anndata.read_zarr``)."""
     df = df.copy()
     df.index = df.index.astype(str)
+    # zarr keys cannot hold '/', which cell-type names often do (e.g. 'L2/3 IT'): store such columns with U+2215
+    # (a look-alike slash) and record the mapping so read_dataframe restores the names exactly.
+    renamed = {str(c).replace("/", SLASH): str(c) for c in df.columns if "/" in str(c)}
+    if renamed:
+        df.columns = [str(c).replace("/", SLASH) for c in df.columns]
     a = ad.AnnData(obs=df)
-    return write_anndata(a, path, info={"kind": "dataframe", **(info or {})})
+    return write_anndata(a, path, info={"kind": "dataframe", "renamed_columns": renamed, **(info or {})})
 
 
 def write_arrays(arrays: dict[str, Any], path: str | os.PathLike, *, attrs: dict[str, Any] | None = None,
@@ -242,7 +248,9 @@ def read_anndata(path: str | os.PathLike) -> ad.AnnData:
 
 
 def read_dataframe(path: str | os.PathLike) -> pd.DataFrame:
-    return read_anndata(path).obs
+    obs = read_anndata(path).obs
+    renamed = read_attrs(path).get(MARKER_ATTR, {}).get("renamed_columns") or {}
+    return obs.rename(columns=renamed) if renamed else obs
 
 
 def read_arrays(path: str | os.PathLike, names: list[str] | None = None, *, lazy: bool = False) -> dict[str, Any]:

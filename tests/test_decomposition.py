@@ -386,3 +386,17 @@ def test_figures_are_png(syn, full_run):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     empty = decompose(prepare_spots(slide, cells, model, spot_range=(100, 120)), model, DecompositionParams())
     assert plot_decomposition_summary(empty)[:4] == b"\x89PNG"
+
+
+def test_spots_with_unassigned_cells_are_skipped_and_reported(syn):
+    """Cells that cell typing left 'unassigned' (a skipped spot) must not crash the range nor give their counts to
+    the spot's other cells: the whole spot is skipped and named."""
+    model, slide, cells, _ = syn
+    cells = cells.copy()
+    spot5 = cells.index[cells["spot"] == "s5"]
+    cells.loc[spot5[:1], "cell_type"] = "unassigned"
+    inp = prepare_spots(slide, cells, model, spot_range=(0, 10))
+    assert inp.info["spots_skipped_unassigned_cells"] == ["s5"]
+    assert "s5" not in set(inp.spots.index) and "s5" in inp.info["spots_skipped_no_cells"]
+    assert not set(spot5) & set(inp.cells.index)
+    assert list(inp.spots.index) == [f"s{i}" for i in range(10) if i != 5]

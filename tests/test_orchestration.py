@@ -16,7 +16,7 @@ from spatial_assets.orchestration.partitions import n_ranges, range_bounds, regi
 from spatial_assets.orchestration.resources import GPU_TAG, ComputeResource
 
 EXPECTED = {"reference_data", "slide_inputs", "segmented_slide", "typed_cells", "score_checkpoint",
-            "decomposed_cells", "decomposed_cells_by_sample", "enhanced_subspots"}
+            "decomposed_cells", "decomposed_cells_by_sample", "enhanced_subspots", "combined_slices"}
 
 
 def _graph():
@@ -58,7 +58,7 @@ def test_partitions_and_gpu_tags():
 
 def test_checks_exist_and_block():
     specs = {(s.asset_key.to_user_string(), s.name): s for c in defs.asset_checks for s in c.check_specs}
-    for asset in ("segmented_slide", "typed_cells", "decomposed_cells", "enhanced_subspots"):
+    for asset in ("segmented_slide", "typed_cells", "score_checkpoint", "decomposed_cells", "enhanced_subspots"):
         assert any(a == asset for a, _ in specs), asset
     assert all(s.blocking for s in specs.values())
 

@@ -84,7 +84,8 @@ def test_lineage_partitions_and_checks_recorded(pipeline):
     ranges = sorted(decomposition_partitions.get_partition_key_from_str(k).keys_by_dimension["spot_range"]
                     for k in mat)
     assert ranges == ["0000", "0001", "0002"]  # 36 spots / 15 per range
-    for check, asset in [("cells_per_spot_in_range", "segmented_slide"), ("proportions_sum_to_one", "typed_cells"),
+    for check, asset in [("checkpoint_sample_quality", "score_checkpoint"),
+                         ("cells_per_spot_in_range", "segmented_slide"), ("proportions_sum_to_one", "typed_cells"),
                          ("spot_reconstruction", "decomposed_cells"), ("subspots_sum_to_spot", "enhanced_subspots")]:
         hist = inst.event_log_storage.get_asset_check_execution_history(
             dg.AssetCheckKey(dg.AssetKey(asset), check), limit=10)

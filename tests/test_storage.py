@@ -44,6 +44,14 @@ def test_partition_layout_and_dataframe_round_trip(tmp_path):
     assert list(back["n"]) == [1, 2] and list(back.index) == ["c0", "c1"]
 
 
+def test_dataframe_columns_with_slashes_round_trip(tmp_path):
+    df = pd.DataFrame({"L2/3 IT": [0.25, 0.5], "Astro": [0.75, 0.5]}, index=["s0", "s1"])
+    p = storage.write_dataframe(df, tmp_path / "w.zarr")
+    back = storage.read_dataframe(p)
+    assert list(back.columns) == ["L2/3 IT", "Astro"]
+    np.testing.assert_array_equal(back.to_numpy(), df.to_numpy())
+
+
 def test_arrays_round_trip_chunked_and_lazy(tmp_path):
     labels = np.arange(600 * 500, dtype=np.int32).reshape(600, 500)
     p = tmp_path / "seg.zarr"

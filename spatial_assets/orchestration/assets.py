@@ -7,6 +7,11 @@ stores atomically and reports metadata (paths, shapes, sizes, figures). No scien
                     │          │                                                │
                     │          └────────────────────► enhanced_subspots         ▼
                     └──────────────────────────────────────────────► decomposed_cells_by_sample
+    typed_cells (all samples of a slices group) ──► combined_slices (one partition per group: the 3D view)
+
+Platforms (samples[].platform): visium (segmentation of the H&E), slideseq (each bead a cell; RCTD doublet mode
+makes 1 or 2 cells per bead), merfish (each imaged cell its own spot; model genes missing from the panel are
+imputed by the decomposition). Samples sharing ``slices`` are typed jointly, with Potts neighbours in 3D.
 """
 
 
@@ -28,7 +33,9 @@ from .resources import CPU_OP_TAGS, GPU_OP_TAGS, ComputeResource, ProjectResourc
 CODE_VERSION = {
     "reference_data": "1", "slide_inputs": "1", "segmented_slide": "1", "typed_cells": "1",
     "score_checkpoint": "1", "decomposed_cells": "1", "decomposed_cells_by_sample": "1", "enhanced_subspots": "1",
+    "combined_slices": "1",
 }
+IMAGE_FREE = ("slideseq", "merfish")  # every spot / bead / imaged cell is a cell: no nuclei segmentation
 GPU_RETRY = dg.RetryPolicy(max_retries=2, delay=5)
 # Keep downstream assets up to date when a reference, a checkpoint or typed cells change (declarative automation,
 # evaluated by Dagster's default automation-condition sensor once it is turned on in the UI).
@@ -83,6 +90,27 @@ def _sample_key(context) -> str:
 def _reference_for(project: ProjectResource, sample: str):
     s = project.config.sample(sample)
     return project.config.reference(s.reference)
+
+
+def _typing_inputs(project: ProjectResource, sample: str) -> tuple[ad.AnnData, pd.DataFrame]:
+    """A sample's slide (QC-passing spots; imaging counts rounded) and segmented cells, from their stores."""
+    from ..platforms import integer_counts
+
+    spath = project.store("slide_inputs", sample)
+    folder = project.folder("segmented_slide", sample)
+    for p, asset in ((spath, "slide_inputs"), (folder / "cells.zarr", "segmented_slide")):
+        if not storage.is_complete(p):
+            raise FileNotFoundError(f"{p}: {asset} of sample '{sample}' is not materialized (needed by typed_cells "
+                                    f"of its slices group: materialize {asset} for every slice first)")
+    slide = storage.read_anndata(spath)
+    cells = storage.read_dataframe(folder / "cells.zarr")
+    spots = storage.read_dataframe(folder / "spots.zarr")
+    if "qc_pass" in spots:
+        slide = slide[spots.loc[slide.obs_names, "qc_pass"].astype(bool).to_numpy()].copy()
+        cells = cells[cells["spot"].isin(slide.obs_names)]
+    if project.config.sample(sample).platform == "merfish":
+        slide, _ = integer_counts(slide)
+    return slide, cells
 
 
 def _device(compute: ComputeResource, context) -> tuple[str, dict]:
@@ -169,8 +197,8 @@ def build_assets(cfg: ProjectConfig) -> list:
         folder = project.folder("segmented_slide", sample)
         t0 = time.time()
         md: dict = {}
-        if s.image is None:
-            if s.platform not in ("slideseq", "merfish"):
+        if s.image is None or s.platform in IMAGE_FREE:
+            if s.platform not in IMAGE_FREE:
                 raise ValueError(f"sample '{sample}': platform {s.platform} needs an H&E image "
                                  f"(samples[{sample}].image) for nuclei segmentation")
             from ..platforms import cells_from_spots
@@ -210,25 +238,39 @@ def build_assets(cfg: ProjectConfig) -> list:
     def typed_cells(context: dg.AssetExecutionContext, project: ProjectResource) -> dg.MaterializeResult:
         """SpatialScope step 2: RCTD spot deconvolution (Poisson-lognormal), a type per segmented cell with a Potts
         prior, and the gene-wise platform effect."""
-        from .. import celltyping
+        from .. import celltyping, platforms
         from ..plots import celltyping as ct_plots
 
         sample = _sample_key(context)
         s = project.config.sample(sample)
         ref_cfg = _reference_for(project, sample)
         params = project.params(sample)
-        slide = storage.read_anndata(project.store("slide_inputs", sample))
         reference = storage.read_anndata(project.store("reference_data", ref_cfg.name))
-        folder = project.folder("segmented_slide", sample)
-        cells = storage.read_dataframe(folder / "cells.zarr")
-        spots = storage.read_dataframe(folder / "spots.zarr")
-        if "qc_pass" in spots:
-            slide = slide[spots.loc[slide.obs_names, "qc_pass"].astype(bool).to_numpy()].copy()
-            cells = cells[cells["spot"].isin(slide.obs_names)]
+        slide, cells = _typing_inputs(project, sample)
+        # Slide-seq beads: RCTD doublet mode (1 or 2 cells per bead); other platforms: full mode + Potts labels
+        kw = {"max_cells_per_spot": params.segmentation.max_cells_per_spot,
+              "mode": "doublet" if s.platform == "slideseq" else "full"}
+        group = [t for t in project.config.all_samples() if s.slices and t.slices == s.slices]
         t0 = time.time()
-        res = celltyping.identify_cell_types(slide, reference, ref_cfg.cell_type_key, cells, params.cell_typing,
-                                             max_cells_per_spot=params.segmentation.max_cells_per_spot,
-                                             **({"platform": s.platform} if s.platform == "slideseq" else {}))
+        md: dict = {"platform": s.platform, "typing_mode": kw["mode"]}
+        if len(group) > 1:
+            # aligned slices: typed jointly on the stacked slides (micrometres, z from the config), so the Potts
+            # neighbours are found in 3D; only this slice's cells and spots are kept
+            other = sorted({t.platform for t in group} - {s.platform})
+            if other:
+                raise ValueError(f"slices group '{s.slices}': sample '{sample}' is {s.platform} but other slices are "
+                                 f"{other}; slices of a group must share a platform")
+            inputs = {t.name: (slide, cells) if t.name == sample else _typing_inputs(project, t.name) for t in group}
+            um = {t.name: platforms.microns_per_pixel(inputs[t.name][0], t.platform)[0] for t in group}
+            joint_slide, joint_cells = platforms.stack_slices(inputs, {t.name: t.z for t in group}, um)
+            joint = celltyping.identify_cell_types(joint_slide, reference, ref_cfg.cell_type_key, joint_cells,
+                                                   params.cell_typing, **kw)
+            res = platforms.unstack_result(joint, sample, um[sample])
+            md.update({"slices_group": s.slices, "slices": ", ".join(t.name for t in group), "z_um": s.z,
+                       "um_per_px": um[sample], "cells_all_slices": len(joint.cells)})
+        else:
+            res = celltyping.identify_cell_types(slide, reference, ref_cfg.cell_type_key, cells, params.cell_typing,
+                                                 **kw)
         out = project.folder("typed_cells", sample)
         pe = res.platform_effect.rename("estimated_be").to_frame()
         with storage.atomic_path(out) as tmp:
@@ -236,12 +278,17 @@ def build_assets(cfg: ProjectConfig) -> list:
             storage.write_dataframe(res.cells, tmp / "cells.zarr", info={"cell_type_key": ref_cfg.cell_type_key})
             storage.write_dataframe(res.weights, tmp / "weights.zarr")
             storage.write_dataframe(pe, tmp / "platform_effect.zarr")
+            if res.beads is not None:
+                storage.write_dataframe(res.beads, tmp / "beads.zarr")
         counts = res.cells["cell_type"].astype(str).value_counts()
-        md = {"seconds": round(time.time() - t0, 1), "cells": len(res.cells), "spots": len(res.weights),
-              "sigma": float(res.sigma), **info_md(res.info),
-              "path": dg.MetadataValue.path(str(out)), "size_bytes": storage.disk_size(out),
-              "cell_type_counts": dg.MetadataValue.md(counts.to_frame("cells").to_markdown()),
-              **store_md(out / "cells.zarr", "cells_")}
+        if res.beads is not None:
+            md["bead_classes"] = dg.MetadataValue.md(
+                res.beads["spot_class"].astype(str).value_counts().to_frame("beads").to_markdown())
+        md.update({"seconds": round(time.time() - t0, 1), "cells": len(res.cells), "spots": len(res.weights),
+                   "sigma": float(res.sigma), **info_md(res.info),
+                   "path": dg.MetadataValue.path(str(out)), "size_bytes": storage.disk_size(out),
+                   "cell_type_counts": dg.MetadataValue.md(counts.to_frame("cells").to_markdown()),
+                   **store_md(out / "cells.zarr", "cells_")})
         try:
             md["cell_types_figure"] = png_md(ct_plots.cell_types_png(res.cells), "cell types")
             xy = pd.DataFrame(np.asarray(slide.obsm["spatial"])[:, :2], index=slide.obs_names,
@@ -274,10 +321,14 @@ def build_assets(cfg: ProjectConfig) -> list:
                    "cell_types": len(model.cell_types), "noise_levels": int(len(model.sigmas)),
                    "decomposition_step": float(model.decomposition_step)})
         try:
-            q = sm.evaluate_samples(model, reference, n_per_type=100, level_stride=4, seed=0, return_samples=True)
+            train = sm.prepare_training_data(reference, ref_cfg.cell_type_key, params, genes=model.genes,
+                                             target_sum=model.target_sum)
+            q = sm.evaluate_samples(model, reference, n_per_type=100, level_stride=1, seed=0, return_samples=True,
+                                    train_data=train, min_cells=3)
             metrics = {k: float(v) for k, v in q["model"].items() if isinstance(v, (int, float))}
-            (out / "quality.json").write_text(json.dumps({**metrics, "n_cells": q["n_cells"],
-                                                          "level_stride": 4, "against": "reference cells"}))
+            base = {f"gaussian_{k}": float(v) for k, v in q["diag_gaussian"].items() if isinstance(v, (int, float))}
+            (out / "quality.json").write_text(json.dumps({**metrics, **base, "n_cells": q["n_cells"],
+                                                          "level_stride": 1, "against": "reference cells"}))
             md.update({f"quality_{k}": v for k, v in metrics.items()})
             md["real_vs_generated"] = png_md(sm_plots.plot_real_vs_generated(
                 q["real"], q["type_idx"], q["samples"], q["type_idx"], model.cell_types), "real vs generated")
@@ -311,10 +362,21 @@ def build_assets(cfg: ProjectConfig) -> list:
         if not storage.is_complete(ckpt):
             raise FileNotFoundError(f"{ckpt}: score checkpoint of reference '{ref_cfg.name}' is not materialized")
         dev, md = _device(compute, context)
+        platform = project.config.sample(sample).platform
+        if platform in IMAGE_FREE:
+            # an imaged cell / bead that cell typing skipped (no counts on its informative genes) has no type
+            from ..celltyping import UNASSIGNED
+
+            untyped = cells["cell_type"].astype(str).to_numpy() == UNASSIGNED
+            cells = cells.loc[~untyped]
+            md["cells_untyped_not_decomposed"] = int(untyped.sum())
         model = ScoreModel.load(ckpt, device=dev)
         model.check_compatible(cell_type_key=ref_cfg.cell_type_key)
         inputs = dec.prepare_spots(slide, cells, model, pe, spot_range=(start, stop),
                                    leave_out_genes=params.leave_out_genes)
+        if platform == "merfish":
+            # imaging panel: model genes absent from the slide get no spot term, i.e. they are imputed
+            md.update({"genes_measured": int(inputs.in_slide.sum()), "genes_imputed": int((~inputs.in_slide).sum())})
         res = dec.decompose(inputs, model, params, device=dev, log=context.log.info)
         path = storage.write_anndata(res.adata, project.store("decomposed_cells", sample, rkey),
                                      info={"spot_range": [start, stop]})
@@ -375,5 +437,49 @@ def build_assets(cfg: ProjectConfig) -> list:
             context.log.warning(f"figure failed: {e}")
         return dg.MaterializeResult(metadata=md)
 
+    groups = sorted({s.slices for s in cfg.all_samples() if s.slices})
+
+    @dg.asset(partitions_def=dg.StaticPartitionsDefinition(groups or ["none"]), group_name="spatialscope",
+              deps=[dg.AssetDep(typed_cells, partition_mapping=dg.AllPartitionMapping())],
+              code_version=CODE_VERSION["combined_slices"], kinds={"pandas", "zarr"}, op_tags=CPU_OP_TAGS)
+    def combined_slices(context: dg.AssetExecutionContext, project: ProjectResource) -> dg.MaterializeResult:
+        """Aligned slices (samples sharing ``slices``): the typed cells of all of them in one 3D table (x_um, y_um,
+        z_um, slice, cell_type, ...), one partition per slices group. Per-slice results stay in typed_cells."""
+        from .. import platforms
+        from ..plots import celltyping as ct_plots
+
+        group = context.partition_key
+        members = [s for s in project.config.all_samples() if s.slices == group]
+        if not members:
+            raise ValueError(f"slices group '{group}': no sample of {project.config.source} has slices: {group}")
+        per, z, um = {}, {}, {}
+        for s in members:
+            cpath = project.folder("typed_cells", s.name) / "cells.zarr"
+            if not storage.is_complete(cpath):
+                raise FileNotFoundError(f"{cpath}: typed_cells of slice '{s.name}' (group '{group}') is not "
+                                        "materialized")
+            per[s.name] = storage.read_dataframe(cpath)
+            um[s.name] = platforms.microns_per_pixel(storage.read_anndata(project.store("slide_inputs", s.name)),
+                                                     s.platform)[0]
+            z[s.name] = s.z
+        view = platforms.combined_view(per, z, um)
+        k = project.params(members[0].name).cell_typing.n_neighbors
+        frac = platforms.cross_slice_fraction(view[["x_um", "y_um", "z_um"]].to_numpy(), view["slice"], k)
+        path = storage.write_dataframe(view, project.store("combined_slices", group),
+                                       info={"slices": {n: {"z_um": z[n], "um_per_px": um[n]} for n in per}})
+        tab = pd.crosstab(view["cell_type"].astype(str), view["slice"])
+        md = {**store_md(path), "cells": len(view), "slices": ", ".join(f"{n} (z={z[n]:g} um)" for n in per),
+              "cross_slice_neighbour_fraction": frac,
+              "cell_types_per_slice": dg.MetadataValue.md(tab.to_markdown())}
+        try:  # slices side by side, in micrometres
+            width = float(view["x_um"].max() - view["x_um"].min()) * 1.1 + 1.0
+            order = {n: i for i, n in enumerate(sorted(per, key=lambda n: z[n]))}
+            fig_df = pd.DataFrame({"x": view["x_um"].to_numpy() + view["slice"].map(order).to_numpy() * width,
+                                   "y": view["y_um"].to_numpy(), "cell_type": view["cell_type"].astype(str).to_numpy()})
+            md["slices_figure"] = png_md(ct_plots.cell_types_png(fig_df, title="Slices by height (um)"), "slices")
+        except Exception as e:
+            context.log.warning(f"figure failed: {e}")
+        return dg.MaterializeResult(metadata=md)
+
     return [reference_data, slide_inputs, segmented_slide, typed_cells, score_checkpoint, decomposed_cells,
-            decomposed_cells_by_sample, enhanced_subspots]
+            decomposed_cells_by_sample, enhanced_subspots, combined_slices]

@@ -13,6 +13,21 @@ def build_checks(assets_by_name: dict) -> list:
     typed_cells = assets_by_name["typed_cells"]
     decomposed_cells = assets_by_name["decomposed_cells"]
     enhanced_subspots = assets_by_name["enhanced_subspots"]
+    score_checkpoint = assets_by_name["score_checkpoint"]
+
+    @dg.asset_check(asset=score_checkpoint, blocking=True,
+                    description="generated pseudo-cells are at least as close to the reference cells as a per-type "
+                                "diagonal Gaussian (two-sample AUC and per-type mean correlation, margin 0.05)")
+    def checkpoint_sample_quality(context: dg.AssetCheckExecutionContext, project: ProjectResource):
+        import json
+
+        q_path = project.store("score_checkpoint", context.partition_key, suffix="") / "quality.json"
+        if not q_path.exists():
+            return dg.AssetCheckResult(passed=False, metadata={"reason": f"{q_path} missing (evaluation failed)"})
+        q = json.loads(q_path.read_text())
+        passed = (q.get("auc", 1.0) <= q.get("gaussian_auc", 0.0) + 0.05
+                  and q.get("mean_corr", 0.0) >= q.get("gaussian_mean_corr", 1.0) - 0.05)
+        return dg.AssetCheckResult(passed=passed, metadata={k: v for k, v in q.items() if not isinstance(v, dict)})
 
     @dg.asset_check(asset=segmented_slide, blocking=True, description="cells per spot within 0..max_cells_per_spot "
                     "and at least one spot with cells")
@@ -82,4 +97,4 @@ def build_checks(assets_by_name: dict) -> list:
                                              "conserved_relative_sum_error": conserved_err,
                                              "spots_covered": covered})
 
-    return [cells_per_spot_in_range, proportions_sum_to_one, spot_reconstruction, subspots_sum_to_spot]
+    return [checkpoint_sample_quality, cells_per_spot_in_range, proportions_sum_to_one, spot_reconstruction, subspots_sum_to_spot]
