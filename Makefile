@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed-stamp
 
-.PHONY: demo test install benchmarks ui clean
+.PHONY: demo test install benchmarks ui screenshots browser clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m spatial_assets.demo_run
 
-test: $(STAMP)
+# The UI tests drive a real headless Chromium (Debian's package); installed here when running as root.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	  echo "chromium not installed: tests/test_ui.py will be skipped"; }
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q tests
 
 benchmarks: $(STAMP)
@@ -29,6 +35,9 @@ benchmarks: $(STAMP)
 
 ui: $(STAMP)
 	DAGSTER_HOME=$(CURDIR)/dagster_home $(VENV)/bin/dagster dev -w workspace.yaml
+
+screenshots: $(STAMP) browser
+	$(PY) scripts/ui_screenshots.py --dagster-home work/dagster_home --config dagster_project.yaml --out work/screenshots
 
 clean:
 	rm -rf work dagster_home benchmarks/results

@@ -16,7 +16,8 @@ from dagster._core.definitions.reconstruct import build_reconstructable_job
 from spatial_assets.definitions import defs
 from spatial_assets.orchestration.dask import (DaskClusterError, K8S_CONFIG_TAG, K8S_GPU_RESOURCE, check_workers,
                                                dask_run_config, k8s_executor_config, k8s_step_tags,
-                                               local_cluster_worker_resources, step_resource_requirements)
+                                               local_cluster_worker_resources, scheduler_worker_resources,
+                                               step_resource_requirements)
 from spatial_assets.orchestration.partitions import register_samples
 from spatial_assets.orchestration.resources import GPU_OP_TAGS, GPU_TAG
 
@@ -90,6 +91,19 @@ def test_local_cluster_config_resources():
         assert local_cluster_worker_resources({}) == {"local-worker-0": {"GPU": 1.0}}
     with pytest.raises(DaskClusterError, match="cluster.local.resources must be a mapping"):
         local_cluster_worker_resources({"resources": "GPU=1"})
+
+
+def test_unreachable_scheduler_is_named():
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    t0 = time.time()
+    with pytest.raises(DaskClusterError, match=rf"cluster.existing.address: cannot reach a Dask scheduler at "
+                                               rf"'tcp://127.0.0.1:{port}' within 2 s"):
+        scheduler_worker_resources(f"tcp://127.0.0.1:{port}", timeout_s=2)
+    assert time.time() - t0 < 15
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -223,7 +237,7 @@ def test_dask_run_gpu_step_on_gpu_worker(tmp_path, demo_small, mixed_cluster):
         assert "sample_job_dask.segmented_slide" in _executed_keys(w["gpu"])
         assert "sample_job_dask.segmented_slide" not in _executed_keys(w["cpu"])
         assert "sample_job_dask.slide_inputs" in _executed_keys(w["gpu"]) | _executed_keys(w["cpu"])
-        logs = [e.message or "" for e in res.all_events]
+        logs = [r.user_message or "" for r in instance.all_logs(res.run_id)]
         assert any("Dask cluster check passed (scheduler tcp://127.0.0.1:" in m for m in logs)
         assert time.time() - t0 < 120
 
@@ -236,7 +250,7 @@ def test_dask_no_gpu_worker_fails_fast(tmp_path, demo_small):
     from spatial_assets.config import load_config
 
     with dg.instance_for_test(temp_dir=str(_home(tmp_path))) as instance, \
-            LocalCluster(n_workers=1, threads_per_worker=1, processes=False, host="127.0.0.1",
+            LocalCluster(n_workers=1, threads_per_worker=1, processes=False, host="127.0.0.1", protocol="tcp",
                          dashboard_address=None) as cpu_only:
         register_samples(instance, load_config(cfg_path))
         for cluster in ({"existing": {"address": cpu_only.scheduler_address}},

@@ -207,7 +207,7 @@ class ValidatedDaskExecutor(DaskExecutor):
                     futures[step.key] = client.submit(run_step, upstream, step_keys=[step.key],
                                                       key=f"{job_name}.{step.key}", pure=False,
                                                       resources=reqs.get(step.key) or None)
-                done = distributed.as_completed(list(futures.values()), with_results=True)
+                done = distributed.as_completed(list(futures.values()), loop=client.loop, with_results=True)
                 for _future, events in iterate_with_context(raise_execution_interrupts, done):
                     yield from events
         finally:
