@@ -508,7 +508,7 @@ def _segment_matrix(spot_idx: np.ndarray, n_spots: int) -> sp.csr_matrix:
     return sp.csr_matrix((np.ones(n), (spot_idx, np.arange(n))), shape=(n_spots, n))
 
 
-def _pearson_cols(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def pearson_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Pearson r between matching columns of a and b (NaN where either is constant)."""
     a = a - a.mean(0)
     b = b - b.mean(0)
@@ -643,7 +643,7 @@ def decompose(inputs: DecompositionInput, model, params: DecompositionParams | N
     rel = np.sqrt((diff ** 2).sum(1)) / np.where(tnorm > 0, tnorm, 1)
     rel_all = float(np.sqrt((diff ** 2).sum()) / max(np.sqrt((target_np[:, observed] ** 2).sum()), 1e-30))
     held = inputs.in_slide & hidden
-    held_r = _pearson_cols(sums[:, held], target_np[:, held]) if held.any() else np.zeros(0)
+    held_r = pearson_columns(sums[:, held], target_np[:, held]) if held.any() else np.zeros(0)
 
     seconds, cpu_seconds = time.perf_counter() - t_start, time.process_time() - cpu_start
     steps = max(timings.get("steps", 1), 1)
@@ -743,9 +743,9 @@ def evaluate_against_truth(result: DecompositionResult | ad.AnnData, truth: ad.A
         pred, t, spot = pred[keep], t[keep], spot[keep]
     ok = np.isfinite(pred).all(1)
     pred, t, spot = pred[ok], t[ok], spot[ok]
-    gene_r = _pearson_cols(pred, t)
-    gene_r_log = _pearson_cols(np.log1p(pred), np.log1p(t))
-    cell_r = _pearson_cols(pred.T, t.T)
+    gene_r = pearson_columns(pred, t)
+    gene_r_log = pearson_columns(np.log1p(pred), np.log1p(t))
+    cell_r = pearson_columns(pred.T, t.T)
     _, sinv = np.unique(spot, return_inverse=True)
     Mseg = _segment_matrix(sinv, int(sinv.max()) + 1 if len(sinv) else 0)
     ds, ts = Mseg @ pred, Mseg @ t

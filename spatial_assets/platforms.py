@@ -26,6 +26,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.spatial import cKDTree
 
+from .decomposition import pearson_columns
 from .geometry import VISIUM_SPOT_DIAMETER_UM
 
 __all__ = [
@@ -375,14 +376,6 @@ def simulate_imaging_sample(cells: ad.AnnData, *, n_measured: int | None = None,
     return slide, held
 
 
-def _pearson_cols(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a - a.mean(0)
-    b = b - b.mean(0)
-    den = np.sqrt((a ** 2).sum(0) * (b ** 2).sum(0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, (a * b).sum(0) / np.where(den > 0, den, 1), np.nan)
-
-
 def imputation_scores(decomposed: ad.AnnData, truth: ad.AnnData, genes: Sequence[str], *,
                       reference: ad.AnnData | None = None, reference_type_key: str = "cell_type") -> dict:
     """Imputed genes against real counts, per gene (Pearson r across cells), on the raw count scale.
@@ -419,9 +412,9 @@ def imputation_scores(decomposed: ad.AnnData, truth: ad.AnnData, genes: Sequence
     fin = np.isfinite(pred).all(1)
     pred, T = pred[fin], T[fin]
     out = {"cells": int(len(T)), "genes": genes}
-    r = _pearson_cols(pred, T)
-    rl = _pearson_cols(np.log1p(np.maximum(pred, 0)), np.log1p(T))
-    pooled = _pearson_cols(np.log1p(np.maximum(pred, 0)).reshape(-1, 1), np.log1p(T).reshape(-1, 1))[0]
+    r = pearson_columns(pred, T)
+    rl = pearson_columns(np.log1p(np.maximum(pred, 0)), np.log1p(T))
+    pooled = pearson_columns(np.log1p(np.maximum(pred, 0)).reshape(-1, 1), np.log1p(T).reshape(-1, 1))[0]
     out.update(r=dict(zip(genes, map(float, r))), r_log1p=dict(zip(genes, map(float, rl))),
                r_median=float(np.nanmedian(r)), r_log1p_median=float(np.nanmedian(rl)),
                r_pooled_log1p=float(pooled))
@@ -451,8 +444,8 @@ def imputation_scores(decomposed: ad.AnnData, truth: ad.AnnData, genes: Sequence
         P = np.where(ti[:, None] >= 0, prof[np.maximum(ti, 0)], pooled[None, :])
         base_type = obs_lib[:, None] * P[:, rg] / np.maximum(P[:, rm].sum(1, keepdims=True), 1e-30)
         for name, b in (("mean", base_mean), ("type_mean", base_type)):
-            rb = _pearson_cols(b, T)
-            rbl = _pearson_cols(np.log1p(b), np.log1p(T))
+            rb = pearson_columns(b, T)
+            rbl = pearson_columns(np.log1p(b), np.log1p(T))
             out[f"baseline_{name}_r"] = dict(zip(genes, map(float, rb)))
             out[f"baseline_{name}_r_median"] = float(np.nanmedian(rb))
             out[f"baseline_{name}_r_log1p_median"] = float(np.nanmedian(rbl))
