@@ -33,6 +33,8 @@ class ReferenceConfig(_Strict):
     name: str
     path: Path
     cell_type_key: str = "cell_type"
+    # optional coarser class column (RCTD doublet mode treats types of one class as compatible)
+    class_key: str | None = None
 
 
 class SampleConfig(_Strict):

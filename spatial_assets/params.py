@@ -55,6 +55,11 @@ class CellTypingParams(_Params):
     nu: float = Field(10.0, ge=0)
     n_neighbors: int = Field(10, ge=1)
     max_sweeps: int = Field(8, ge=1)
+    # Slide-seq (RCTD doublet mode): log-likelihood margins of RCTD for a confident type and for calling a doublet,
+    # and the distance (full-resolution pixels) between a doublet bead's two cells (None = a default).
+    doublet_confidence_threshold: float = Field(10.0, ge=0)
+    doublet_threshold: float = Field(25.0, ge=0)
+    doublet_offset: float | None = Field(None, gt=0)
     seed: int = 0
 
 

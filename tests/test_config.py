@@ -89,3 +89,16 @@ def test_repo_config_is_valid():
     root = Path(__file__).resolve().parent.parent
     cfg = load_config(root / "dagster_project.yaml", check_files=False)
     assert [s.name for s in cfg.samples] and cfg.references
+
+
+def test_doublet_settings_reach_the_params(tmp_path):
+    doc = _good()
+    doc["references"][0]["class_key"] = "cell_class"
+    doc["parameters"]["cell_typing"].update(doublet_threshold=3, doublet_confidence_threshold=1)
+    cfg = load_config(_write(tmp_path, doc))
+    assert cfg.reference("ctx").class_key == "cell_class"
+    ct = cfg.parameters.cell_typing
+    assert (ct.doublet_threshold, ct.doublet_confidence_threshold, ct.doublet_offset) == (3, 1, None)
+    doc["parameters"]["cell_typing"]["doublet_threshold"] = -1
+    with pytest.raises(ConfigError, match="key 'parameters.cell_typing.doublet_threshold'"):
+        load_config(_write(tmp_path, doc))

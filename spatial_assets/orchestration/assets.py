@@ -250,6 +250,11 @@ def build_assets(cfg: ProjectConfig) -> list:
         # Slide-seq beads: RCTD doublet mode (1 or 2 cells per bead); other platforms: full mode + Potts labels
         kw = {"max_cells_per_spot": params.segmentation.max_cells_per_spot,
               "mode": "doublet" if s.platform == "slideseq" else "full"}
+        if s.platform == "slideseq":
+            kw.update(class_key=ref_cfg.class_key,
+                      confidence_threshold=params.cell_typing.doublet_confidence_threshold,
+                      doublet_threshold=params.cell_typing.doublet_threshold,
+                      doublet_offset=params.cell_typing.doublet_offset)
         group = [t for t in project.config.all_samples() if s.slices and t.slices == s.slices]
         t0 = time.time()
         md: dict = {"platform": s.platform, "typing_mode": kw["mode"]}
