@@ -28,7 +28,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .rctd import (
-    MIN_LAMBDA, CellTypingInputError, PoissonLognormal, WeightFit, _make_pd, fit_spot_weights, get_likelihood, nnqp,
+    MIN_LAMBDA, CellTypingInputError, PoissonLognormal, WeightFit, fit_spot_weights, get_likelihood,
+    projected_newton_step,
 )
 
 __all__ = ["SPOT_CLASSES", "DoubletResult", "fit_subset_weights", "classify_beads"]
@@ -100,7 +101,6 @@ def fit_subset_weights(counts, numi, profiles, types: np.ndarray, sigma: float |
     nll = np.zeros(R)
     iters = np.zeros(R, dtype=np.int64)
     conv = np.zeros(R, dtype=bool)
-    eye = np.eye(m)
 
     for start in range(0, R, chunk):
         sl = slice(start, min(start + chunk, R))
@@ -131,31 +131,9 @@ def fit_subset_weights(counts, numi, profiles, types: np.ndarray, sigma: float |
             d2[clamped] = 0.0
             grad = -nub[:, None] * np.einsum("rg,rmg->rm", d1, Pb)
             H = -(nub ** 2)[:, None, None] * np.einsum("rg,rmg,rlg->rml", d2, Pb, Pb)
-            am = alb[:, :, None] & alb[:, None, :]
-            H = _make_pd(np.where(am, H, eye))
-            grad[~alb] = 0.0
-            cvec = np.einsum("bkl,bl->bk", H, wb) - grad
-            delta = nnqp(H, cvec, alb) - wb
-            slope = (grad * delta).sum(1)
-            f0 = fc[ia]
-            step = np.ones(len(ia))
-            accepted = np.zeros(len(ia), dtype=bool)
-            fnew = f0.copy()
-            for _ls in range(12):
-                todo = np.flatnonzero(~accepted)
-                if len(todo) == 0:
-                    break
-                wt = np.maximum(wb[todo] + step[todo, None] * delta[todo], 0.0)
-                ft = objective(ia[todo], wt)
-                ok = ft <= f0[todo] + 1e-4 * step[todo] * slope[todo] + 1e-10 * np.abs(f0[todo])
-                accepted[todo[ok]] = True
-                fnew[todo[ok]] = ft[ok]
-                step[todo[~ok]] *= 0.5
-            step = np.where(accepted, step, 0.0)
-            wnew = np.maximum(wb + step[:, None] * delta, 0.0)
-            change = np.linalg.norm(wnew - wb, axis=1)
+            wnew, fc[ia], accepted, change = projected_newton_step(
+                H, grad, wb, alb, fc[ia], lambda todo, wt: objective(ia[todo], wt))
             Wc[ia] = wnew
-            fc[ia] = np.where(accepted, fnew, f0)
             itc[ia] += 1
             act[ia[(change < min_change) | ~accepted]] = False
         W[sl] = Wc

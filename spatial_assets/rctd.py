@@ -638,7 +638,6 @@ def fit_spot_weights(counts, numi, profiles, sigma: float | PoissonLognormal,
     nll = np.zeros(n_spots)
     iters = np.zeros(n_spots, dtype=np.int64)
     conv = np.zeros(n_spots, dtype=bool)
-    eyeK = np.eye(K)
 
     def objective(Yb, wb, nub, thrb):
         lam = np.maximum(nub[:, None] * (wb @ PT), thrb[:, None])
@@ -663,31 +662,9 @@ def fit_spot_weights(counts, numi, profiles, sigma: float | PoissonLognormal,
             d2[clamped] = 0.0
             grad = -nub[:, None] * (d1 @ P)
             H = -(nub**2)[:, None, None] * (d2 @ PP).reshape(-1, K, K)
-            am = alb[:, :, None] & alb[:, None, :]
-            H = _make_pd(np.where(am, H, eyeK))
-            grad[~alb] = 0.0
-            cvec = np.einsum("bkl,bl->bk", H, wb) - grad
-            delta = nnqp(H, cvec, alb) - wb
-            slope = (grad * delta).sum(1)
-            f0 = fc[ia]
-            step = np.ones(len(ia))
-            accepted = np.zeros(len(ia), dtype=bool)
-            fnew = f0.copy()
-            for _ls in range(12):
-                todo = np.flatnonzero(~accepted)
-                if len(todo) == 0:
-                    break
-                wt = np.maximum(wb[todo] + step[todo, None] * delta[todo], 0.0)
-                ft = objective(Yb[todo], wt, nub[todo], thrb[todo])
-                ok = ft <= f0[todo] + 1e-4 * step[todo] * slope[todo] + 1e-10 * np.abs(f0[todo])
-                accepted[todo[ok]] = True
-                fnew[todo[ok]] = ft[ok]
-                step[todo[~ok]] *= 0.5
-            step = np.where(accepted, step, 0.0)
-            wnew = np.maximum(wb + step[:, None] * delta, 0.0)
-            change = np.linalg.norm(wnew - wb, axis=1)
+            wnew, fc[ia], accepted, change = projected_newton_step(
+                H, grad, wb, alb, fc[ia], lambda todo, wt: objective(Yb[todo], wt, nub[todo], thrb[todo]))
             Wc[ia] = wnew
-            fc[ia] = np.where(accepted, fnew, f0)
             itc[ia] += 1
             act[ia[(change < min_change) | ~accepted]] = False
         W[sl] = Wc
@@ -695,6 +672,38 @@ def fit_spot_weights(counts, numi, profiles, sigma: float | PoissonLognormal,
         iters[sl] = itc
         conv[sl] = ~act
     return WeightFit(W, nll, iters, conv)
+
+
+def projected_newton_step(H: np.ndarray, grad: np.ndarray, w: np.ndarray, allowed: np.ndarray, f0: np.ndarray,
+                          objective_at, max_halvings: int = 12):
+    """One batched projected Newton step for non-negative weights, with Armijo backtracking per row.
+
+    ``H`` (B, K, K) Hessians and ``grad`` (B, K) gradients of the objective at ``w`` (B, K); ``allowed`` (B, K) masks
+    the types a row may use; ``f0`` (B,) the objective at ``w``; ``objective_at(rows, w_rows)`` evaluates the
+    objective of the given rows at new weights. Returns (new weights, objective, accepted, step length).
+    """
+    am = allowed[:, :, None] & allowed[:, None, :]
+    H = _make_pd(np.where(am, H, np.eye(w.shape[1])))
+    grad = np.where(allowed, grad, 0.0)
+    cvec = np.einsum("bkl,bl->bk", H, w) - grad
+    delta = nnqp(H, cvec, allowed) - w
+    slope = (grad * delta).sum(1)
+    step = np.ones(len(w))
+    accepted = np.zeros(len(w), dtype=bool)
+    fnew = f0.copy()
+    for _ in range(max_halvings):
+        todo = np.flatnonzero(~accepted)
+        if len(todo) == 0:
+            break
+        wt = np.maximum(w[todo] + step[todo, None] * delta[todo], 0.0)
+        ft = objective_at(todo, wt)
+        ok = ft <= f0[todo] + 1e-4 * step[todo] * slope[todo] + 1e-10 * np.abs(f0[todo])
+        accepted[todo[ok]] = True
+        fnew[todo[ok]] = ft[ok]
+        step[todo[~ok]] *= 0.5
+    step = np.where(accepted, step, 0.0)
+    wnew = np.maximum(w + step[:, None] * delta, 0.0)
+    return wnew, np.where(accepted, fnew, f0), accepted, np.linalg.norm(wnew - w, axis=1)
 
 
 # ------------------------------------------------------------------------------------------------ sigma
