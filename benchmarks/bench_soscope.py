@@ -49,7 +49,7 @@ def bench_demo(quick: bool = False, seed: int = 0) -> dict:
 
     torch.set_num_threads(1)
     out = Path(tempfile.mkdtemp(prefix="soscope_demo_")) / "demo"
-    paths = build_demo(out, seed=0, crop_um=(0, 0, 700, 700) if quick else None)
+    paths = build_demo(out, seed=0, crop_um=(0, 1200, 900, 2100) if quick else None)
     slide = ad.read_h5ad(paths.slide)
     truth = ad.read_h5ad(paths.truth_subspots).X.toarray()
     image = tifffile.imread(paths.image)
