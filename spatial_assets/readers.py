@@ -80,12 +80,21 @@ def library_id(adata: ad.AnnData, source: str = "slide") -> str:
     return next(iter(sp_uns))
 
 
-def scalefactors(adata: ad.AnnData, source: str = "slide") -> dict[str, Any]:
-    lib = library_id(adata, source)
-    sf = adata.uns["spatial"][lib].get("scalefactors")
+def scalefactors(adata: ad.AnnData, source: str = "slide", library: str | None = None) -> dict[str, Any]:
+    """The Visium scale factors of ``library`` (default: the first); ``spot_diameter_fullres`` must be positive."""
+    lib = library or library_id(adata, source)
+    entry = adata.uns.get("spatial", {}).get(lib)
+    if not isinstance(entry, dict):
+        raise InputError(f"{source}: uns['spatial']['{lib}'] is missing; libraries present: "
+                         f"{list(adata.uns.get('spatial', {}))}")
+    sf = entry.get("scalefactors")
     if not isinstance(sf, dict) or "spot_diameter_fullres" not in sf:
         raise InputError(f"{source}: uns['spatial']['{lib}']['scalefactors']['spot_diameter_fullres'] is missing; "
                          "expected Visium scale factors (spot diameter in full-resolution pixels)")
+    d = float(sf["spot_diameter_fullres"])
+    if not np.isfinite(d) or d <= 0:
+        raise InputError(f"{source}: uns['spatial']['{lib}']['scalefactors']['spot_diameter_fullres'] = {d}; "
+                         "expected a positive number of pixels")
     return {k: (float(v) if np.isscalar(v) else v) for k, v in sf.items()}
 
 

@@ -39,7 +39,7 @@ import scipy.sparse as sp
 
 from . import geometry
 from .params import SegmentationParams
-from .readers import InputError, library_id as _library_id, read_image, validate_spatial
+from .readers import InputError, read_image, scalefactors, validate_spatial
 from .readers import check_image_covers_spots as _check_cover
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -494,20 +494,7 @@ def _run_watershed(img, params, info, labels_out, sigma, min_area):
 # ---------------------------------------------------------------------------------------------------------------
 def spot_diameter_px(slide: ad.AnnData, library_id: str | None = None, source: str = "slide") -> float:
     """``uns['spatial'][library_id]['scalefactors']['spot_diameter_fullres']`` with errors naming the field."""
-    lib = library_id or _library_id(slide, source)
-    entry = slide.uns.get("spatial", {}).get(lib)
-    if not isinstance(entry, dict):
-        raise InputError(f"{source}: uns['spatial']['{lib}'] is missing; libraries present: "
-                         f"{list(slide.uns.get('spatial', {}))}")
-    sf = entry.get("scalefactors")
-    if not isinstance(sf, dict) or "spot_diameter_fullres" not in sf:
-        raise InputError(f"{source}: uns['spatial']['{lib}']['scalefactors']['spot_diameter_fullres'] is missing; "
-                         "expected Visium scale factors (spot diameter in full-resolution pixels)")
-    d = float(sf["spot_diameter_fullres"])
-    if not np.isfinite(d) or d <= 0:
-        raise InputError(f"{source}: uns['spatial']['{lib}']['scalefactors']['spot_diameter_fullres'] = {d}; "
-                         "expected a positive number of pixels")
-    return d
+    return scalefactors(slide, source, library_id)["spot_diameter_fullres"]
 
 
 def check_image_covers_spots(image_shape, slide: ad.AnnData, source: str = "slide",
