@@ -25,6 +25,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from .metrics import pearson_columns
 from .params import DecompositionParams
 
 CLIP_SPOT = 1.0  # spot residual r_s clipped to [-1, 1] (SpatialScope)
@@ -506,15 +507,6 @@ def _segment_matrix(spot_idx: np.ndarray, n_spots: int) -> sp.csr_matrix:
     """Sparse (n_spots x n_cells) indicator: ``M @ cell_values`` = per-spot sums."""
     n = len(spot_idx)
     return sp.csr_matrix((np.ones(n), (spot_idx, np.arange(n))), shape=(n_spots, n))
-
-
-def pearson_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pearson r between matching columns of a and b (NaN where either is constant)."""
-    a = a - a.mean(0)
-    b = b - b.mean(0)
-    den = np.sqrt((a ** 2).sum(0) * (b ** 2).sum(0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, (a * b).sum(0) / np.where(den > 0, den, 1), np.nan)
 
 
 def _empty_result(inputs: DecompositionInput, info: dict) -> DecompositionResult:

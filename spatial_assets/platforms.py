@@ -26,7 +26,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.spatial import cKDTree
 
-from .decomposition import pearson_columns
+from .metrics import pearson_columns
 from .geometry import VISIUM_SPOT_DIAMETER_UM
 
 __all__ = [

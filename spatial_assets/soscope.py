@@ -22,6 +22,7 @@ import scipy.sparse as sp
 import torch
 
 from spatial_assets import subspots as ss
+from spatial_assets.metrics import pearson_columns as pearson_per_gene  # this module's public name for it
 from spatial_assets.params import SoScopeParams
 from spatial_assets.soscope_model import (Decoder, SoScopeNet, exp_schedule, image_regulariser, spot_nll,
                                           subspot_mean)
@@ -123,15 +124,6 @@ def baseline_idw(x: np.ndarray, geom: ss.SubspotGeometry, n_neighbors: int = 7, 
     out = est.reshape(n, kk, -1) * scale[:, None, :]
     flat = np.where((tot > 0)[:, None, :], out, x[:, None, :] / kk)         # spots with 0 estimate: split evenly
     return flat.reshape(n * kk, -1)
-
-
-def pearson_per_gene(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pearson r per column of two (n, G) arrays; NaN where a column is constant."""
-    a = np.asarray(a, dtype=np.float64) - np.mean(a, 0)
-    b = np.asarray(b, dtype=np.float64) - np.mean(b, 0)
-    den = np.sqrt((a ** 2).sum(0) * (b ** 2).sum(0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, (a * b).sum(0) / np.where(den > 0, den, 1), np.nan)
 
 
 def _uns_safe(d):
