@@ -58,7 +58,7 @@ def build_definitions(cfg: ProjectConfig) -> dg.Definitions:
         assets=assets,
         asset_checks=checks,
         jobs=[reference_job, sample_job, decomposition_job, combine_job, *dask_jobs],
-        sensors=[build_registration_sensor(cfg, sample_job, reference_job), build_landing_sensor(cfg, sample_job)],
+        sensors=[build_registration_sensor(cfg, sample_job), build_landing_sensor(cfg, sample_job)],
         resources={"project": ProjectResource(config_path=str(cfg.source)),
                    "compute": ComputeResource(devices=cfg.compute.devices)},
         executor=executor,

@@ -5,31 +5,20 @@ from __future__ import annotations
 import dagster as dg
 
 from ..config import ProjectConfig
-from ..readers import count_spots
-from .partitions import n_ranges, range_key
+from .partitions import new_partitions, partition_requests
 
 
-def build_registration_sensor(cfg: ProjectConfig, sample_job, reference_job) -> dg.SensorDefinition:
+def build_registration_sensor(cfg: ProjectConfig, sample_job) -> dg.SensorDefinition:
     @dg.sensor(name="register_config_samples", minimum_interval_seconds=60,
                default_status=dg.DefaultSensorStatus.STOPPED,
                description="Adds every sample of dagster_project.yaml as a sample partition (and its spot ranges), "
                            "and requests runs of the new samples' assets.")
     def register_config_samples(context: dg.SensorEvaluationContext):
-        have = set(context.instance.get_dynamic_partitions("samples"))
-        have_r = set(context.instance.get_dynamic_partitions("spot_ranges"))
-        new = [s.name for s in cfg.samples if s.name not in have]
-        size = cfg.partitions.spot_range_size
-        need = max((n_ranges(count_spots(s.spatial), size) for s in cfg.samples), default=0)
-        new_r = [range_key(i) for i in range(need) if range_key(i) not in have_r]
-        requests = [dg.RunRequest(run_key=f"sample-{n}", job_name=sample_job.name, partition_key=n) for n in new]
-        dpr = []
-        if new:
-            dpr.append(dg.AddDynamicPartitionsRequest("samples", new))
-        if new_r:
-            dpr.append(dg.AddDynamicPartitionsRequest("spot_ranges", new_r))
+        new, new_r = new_partitions(context.instance, list(cfg.samples), cfg.partitions.spot_range_size)
         if not new and not new_r:
             return dg.SkipReason("all samples of the config are registered")
-        return dg.SensorResult(run_requests=requests, dynamic_partitions_requests=dpr)
+        requests = [dg.RunRequest(run_key=f"sample-{n}", job_name=sample_job.name, partition_key=n) for n in new]
+        return dg.SensorResult(run_requests=requests, dynamic_partitions_requests=partition_requests(new, new_r))
 
     return register_config_samples
 
@@ -68,15 +57,9 @@ def build_landing_sensor(cfg: ProjectConfig, sample_job) -> dg.SensorDefinition:
         context.update_cursor(json.dumps(state))
         if not new:
             return dg.SkipReason("no new complete sample in the landing folder")
-        size = cfg.partitions.spot_range_size
-        need = max(n_ranges(count_spots(s.spatial), size) for s in new)
-        have_r = set(context.instance.get_dynamic_partitions("spot_ranges"))
-        new_r = [range_key(i) for i in range(need) if range_key(i) not in have_r]
-        dpr = [dg.AddDynamicPartitionsRequest("samples", [s.name for s in new])]
-        if new_r:
-            dpr.append(dg.AddDynamicPartitionsRequest("spot_ranges", new_r))
+        names, new_r = new_partitions(context.instance, new, cfg.partitions.spot_range_size)
         return dg.SensorResult(
-            run_requests=[dg.RunRequest(run_key=f"landed-{s.name}", partition_key=s.name) for s in new],
-            dynamic_partitions_requests=dpr)
+            run_requests=[dg.RunRequest(run_key=f"landed-{n}", partition_key=n) for n in names],
+            dynamic_partitions_requests=partition_requests(names, new_r))
 
     return landing_folder_sensor

@@ -7,7 +7,7 @@ import math
 
 import dagster as dg
 
-from ..config import ProjectConfig
+from ..config import ProjectConfig, SampleConfig
 from ..readers import count_spots
 
 samples_partitions = dg.DynamicPartitionsDefinition(name="samples")
@@ -33,17 +33,32 @@ def n_ranges(n_spots: int, size: int) -> int:
     return max(1, math.ceil(n_spots / size))
 
 
+def new_partitions(instance: dg.DagsterInstance, samples: list[SampleConfig], size: int
+                   ) -> tuple[list[str], list[str]]:
+    """The sample names and spot-range keys that ``samples`` need and ``instance`` does not have yet."""
+    have = set(instance.get_dynamic_partitions("samples"))
+    have_r = set(instance.get_dynamic_partitions("spot_ranges"))
+    need = max((n_ranges(count_spots(s.spatial), size) for s in samples), default=0)
+    return ([s.name for s in samples if s.name not in have],
+            [range_key(i) for i in range(need) if range_key(i) not in have_r])
+
+
+def partition_requests(new_samples: list[str], new_ranges: list[str]) -> list[dg.AddDynamicPartitionsRequest]:
+    """Sensor requests adding the given sample and spot-range partitions."""
+    out = []
+    if new_samples:
+        out.append(dg.AddDynamicPartitionsRequest("samples", new_samples))
+    if new_ranges:
+        out.append(dg.AddDynamicPartitionsRequest("spot_ranges", new_ranges))
+    return out
+
+
 def register_samples(instance: dg.DagsterInstance, cfg: ProjectConfig, samples: list[str] | None = None) -> dict:
     """Add the config's samples (or the named ones) and the spot-range keys they need. Idempotent."""
-    names = samples or [s.name for s in cfg.samples]
-    have = set(instance.get_dynamic_partitions("samples"))
-    new = [n for n in names if n not in have]
+    chosen = [cfg.sample(n) for n in samples] if samples else list(cfg.samples)
+    new, new_r = new_partitions(instance, chosen, cfg.partitions.spot_range_size)
     if new:
         instance.add_dynamic_partitions("samples", new)
-    size = cfg.partitions.spot_range_size
-    need = max((n_ranges(count_spots(cfg.sample(n).spatial), size) for n in names), default=0)
-    have_r = set(instance.get_dynamic_partitions("spot_ranges"))
-    new_r = [range_key(i) for i in range(need) if range_key(i) not in have_r]
     if new_r:
         instance.add_dynamic_partitions("spot_ranges", new_r)
     return {"new_samples": new, "new_spot_ranges": new_r}
