@@ -424,7 +424,7 @@ def build_assets(cfg: ProjectConfig) -> list:
         params = project.params(sample).soscope
         slide = storage.read_anndata(project.store("slide_inputs", sample))
         image = None
-        if s.image is not None:
+        if s.image is not None and params.image_features != "none":  # with 'none' soScope never reads the image
             image = np.asarray(storage.read_arrays(project.store("slide_image", sample), ["image"], lazy=True)["image"])
         nuclei = None
         cpath = project.folder("segmented_slide", sample) / "cells.zarr"
