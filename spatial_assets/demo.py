@@ -139,9 +139,50 @@ def build_demo(out_dir: str | os.PathLike, seed: int = 0, crop_um: tuple[float, 
     ref.uns["demo"] = {"seed": seed, "source": str(Path(source).name), "role": "reference"}
 
     t_idx = np.flatnonzero(~is_ref)
-    t_xy_um = xy_um[t_idx]
-    t_counts = counts[t_idx]
-    t_type, t_class = cell_type[t_idx], cell_class[t_idx]
+    size_um2 = obs["size_um2"].to_numpy(float)[t_idx]
+    radius_um = np.clip(0.55 * np.sqrt(np.maximum(size_um2, 1.0) / np.pi), 2.8, 6.5)
+    truth_extra = pd.DataFrame({"cell_type": pd.Categorical(cell_type[t_idx]),
+                                "cell_class": pd.Categorical(cell_class[t_idx])},
+                               index=pd.Index(obs.index[t_idx].astype(str), name="cell_id"))
+    slide, truth_cells, truth_sub, image, labels, info = layout_slide(
+        xy_um[t_idx], counts[t_idx], genes, truth_extra, radius_um, rng, um_per_px=um_per_px, margin=margin,
+        seed=seed, source_note="spatial_assets demo (osmFISH cells)")
+    info = {
+        "generator_version": GENERATOR_VERSION, "seed": seed, "crop_um": list(crop_um) if crop_um else None,
+        "um_per_px": um_per_px, "source_um_per_px": OSMFISH_UM_PER_PX, "source": str(Path(source).name),
+        "n_reference_cells": int(is_ref.sum()), **info,
+    }
+    paths = DemoPaths.at(out_dir)
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir(parents=True)
+        p = DemoPaths.at(tmp)
+        slide.write_h5ad(p.slide)
+        ref.write_h5ad(p.reference)
+        truth_cells.write_h5ad(p.truth_cells)
+        truth_sub.write_h5ad(p.truth_subspots)
+        write_images(p, image, labels, um_per_px)
+        p.info.write_text(json.dumps(info, indent=2))
+    return paths
+
+
+def write_images(p: DemoPaths, image: np.ndarray, labels: np.ndarray, um_per_px: float) -> None:
+    """The H&E-like image and the true nuclei labels, as tiled TIFFs."""
+    tifffile.imwrite(p.image, image, tile=(512, 512), compression="zlib", photometric="rgb",
+                     metadata={"microns_per_pixel": um_per_px})
+    tifffile.imwrite(p.nuclei_labels, labels, tile=(512, 512), compression="zlib")
+
+
+def layout_slide(t_xy_um: np.ndarray, t_counts: sp.csr_matrix, genes: pd.Index, truth_extra: pd.DataFrame,
+                 radius_um: np.ndarray, rng: np.random.Generator, *, um_per_px: float, margin: float, seed: int,
+                 source_note: str, ratio: np.ndarray | None = None, strength: np.ndarray | None = None):
+    """Bin tissue cells (micrometres, counts) into Visium spots and sub-spots and render their H&E-like image.
+
+    Returns ``(slide, truth_cells, truth_subspots, image, labels, info)``; ``truth_extra`` (indexed by cell id)
+    adds per-cell truth columns (cell_type, cell_class, ...). ``ratio`` / ``strength``: per-nucleus shape and
+    darkness for :func:`render_he` (None = drawn at random, independent of the cell).
+    """
+    t_xy_um = np.asarray(t_xy_um, dtype=float)
+    n_t = len(t_xy_um)
 
     # --- Visium lattice ---------------------------------------------------------------------------
     pitch, diam = geometry.VISIUM_SPOT_PITCH_UM, geometry.VISIUM_SPOT_DIAMETER_UM
@@ -160,7 +201,7 @@ def build_demo(out_dir: str | os.PathLike, seed: int = 0, crop_um: tuple[float, 
 
     inside = cell_spot >= 0
     assign = sp.csr_matrix((np.ones(inside.sum(), np.float32), (cell_spot[inside], np.flatnonzero(inside))),
-                           shape=(n_spots, len(t_idx)))
+                           shape=(n_spots, n_t))
     spot_counts = (assign @ t_counts).tocsr()
     n_cells_true = np.asarray(assign.sum(1)).ravel().astype(int)
 
@@ -169,7 +210,7 @@ def build_demo(out_dir: str | os.PathLike, seed: int = 0, crop_um: tuple[float, 
     k = len(offsets_um)
     sub_row = cell_spot * k + cell_sub
     sub_assign = sp.csr_matrix((np.ones(inside.sum(), np.float32), (sub_row[inside], np.flatnonzero(inside))),
-                               shape=(n_spots * k, len(t_idx)))
+                               shape=(n_spots * k, n_t))
     sub_counts = (sub_assign @ t_counts).tocsr()
 
     # --- image geometry (full-resolution pixels) ----------------------------------------------------
@@ -178,9 +219,7 @@ def build_demo(out_dir: str | os.PathLike, seed: int = 0, crop_um: tuple[float, 
     spot_xy_px = spot_xy_um * to_px
     W = int(np.ceil((t_xy_um[:, 0].max() + margin + pitch) * to_px))
     H = int(np.ceil((t_xy_um[:, 1].max() + margin + pitch) * to_px))
-    size_um2 = obs["size_um2"].to_numpy(float)[t_idx]
-    radius_um = np.clip(0.55 * np.sqrt(np.maximum(size_um2, 1.0) / np.pi), 2.8, 6.5)
-    image, labels = render_he(t_xy_px, radius_um * to_px, (H, W), rng)
+    image, labels = render_he(t_xy_px, radius_um * to_px, (H, W), rng, ratio=ratio, strength=strength)
 
     scalefactors = {
         "spot_diameter_fullres": diam * to_px,
@@ -206,16 +245,19 @@ def build_demo(out_dir: str | os.PathLike, seed: int = 0, crop_um: tuple[float, 
         "scalefactors": scalefactors,
         "images": {"hires": _thumb(scalefactors["tissue_hires_scalef"]),
                    "lowres": _thumb(scalefactors["tissue_lowres_scalef"])},
-        "metadata": {"source": "spatial_assets demo (osmFISH cells)", "seed": seed},
+        "metadata": {"source": source_note, "seed": seed},
     }}
 
     truth_obs = pd.DataFrame({
         "x": t_xy_px[:, 0], "y": t_xy_px[:, 1], "x_um": t_xy_um[:, 0], "y_um": t_xy_um[:, 1],
-        "spot": np.where(inside, spot_names[np.maximum(cell_spot, 0)], ""),
-        "subspot": cell_sub, "cell_type": pd.Categorical(t_type), "cell_class": pd.Categorical(t_class),
-        "nucleus_radius_px": radius_um * to_px, "label": np.arange(1, len(t_idx) + 1),
-        "spot_distance_px": np.where(inside, dist * to_px, np.nan),
-    }, index=pd.Index(obs.index[t_idx].astype(str), name="cell_id"))
+        "spot": np.where(inside, spot_names[np.maximum(cell_spot, 0)], ""), "subspot": cell_sub,
+    }, index=truth_extra.index)
+    for c in truth_extra.columns:
+        truth_obs[c] = truth_extra[c].to_numpy() if not isinstance(truth_extra[c].dtype, pd.CategoricalDtype) \
+            else truth_extra[c].values
+    truth_obs["nucleus_radius_px"] = radius_um * to_px
+    truth_obs["label"] = np.arange(1, n_t + 1)
+    truth_obs["spot_distance_px"] = np.where(inside, dist * to_px, np.nan)
     truth_cells = ad.AnnData(X=t_counts, obs=truth_obs, var=pd.DataFrame(index=genes))
 
     sub_pos_px, sub_parent = geometry.subspot_positions(spot_xy_px, offsets_um * to_px)
@@ -228,29 +270,14 @@ def build_demo(out_dir: str | os.PathLike, seed: int = 0, crop_um: tuple[float, 
         var=pd.DataFrame(index=genes),
     )
     truth_sub.obsm["spatial"] = sub_pos_px
-
     info = {
-        "generator_version": GENERATOR_VERSION, "seed": seed, "crop_um": list(crop_um) if crop_um else None,
-        "um_per_px": um_per_px, "source_um_per_px": OSMFISH_UM_PER_PX, "source": str(Path(source).name),
-        "n_reference_cells": int(is_ref.sum()), "n_tissue_cells": int(len(t_idx)),
-        "n_tissue_cells_in_spots": int(inside.sum()), "n_spots": int(n_spots), "n_genes": int(len(genes)),
-        "image_shape": [H, W, 3], "spot_diameter_um": diam, "spot_pitch_um": pitch, "subspots_per_spot": k,
-        "mean_cells_per_spot": float(n_cells_true.mean()), "median_umi_per_spot":
-            float(np.median(np.asarray(spot_counts.sum(1)).ravel())),
+        "n_tissue_cells": int(n_t), "n_tissue_cells_in_spots": int(inside.sum()), "n_spots": int(n_spots),
+        "n_genes": int(len(genes)), "image_shape": [H, W, 3], "spot_diameter_um": diam, "spot_pitch_um": pitch,
+        "subspots_per_spot": k, "mean_cells_per_spot": float(n_cells_true.mean()),
+        "max_cells_per_spot": int(n_cells_true.max()),
+        "median_umi_per_spot": float(np.median(np.asarray(spot_counts.sum(1)).ravel())),
     }
-    paths = DemoPaths.at(out_dir)
-    with atomic_path(out_dir) as tmp:
-        tmp.mkdir(parents=True)
-        p = DemoPaths.at(tmp)
-        slide.write_h5ad(p.slide)
-        ref.write_h5ad(p.reference)
-        truth_cells.write_h5ad(p.truth_cells)
-        truth_sub.write_h5ad(p.truth_subspots)
-        tifffile.imwrite(p.image, image, tile=(512, 512), compression="zlib", photometric="rgb",
-                         metadata={"microns_per_pixel": um_per_px})
-        tifffile.imwrite(p.nuclei_labels, labels, tile=(512, 512), compression="zlib")
-        p.info.write_text(json.dumps(info, indent=2))
-    return paths
+    return slide, truth_cells, truth_sub, image, labels, info
 
 
 def ensure_demo(out_dir: str | os.PathLike, seed: int = 0, crop_um=None, um_per_px: float = 0.8) -> DemoPaths:
@@ -266,11 +293,13 @@ def ensure_demo(out_dir: str | os.PathLike, seed: int = 0, crop_um=None, um_per_
 
 
 def render_he(centres_px: np.ndarray, radii_px: np.ndarray, shape: tuple[int, int],
-              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+              rng: np.random.Generator, *, ratio: np.ndarray | None = None,
+              strength: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Render an H&E-like RGB image with an elliptical, hematoxylin-dark nucleus per centre; and its label image.
 
     Vectorised: every nucleus is a stamp evaluated on one (n, S, S) grid and scattered in a single assignment.
-    Label of nucleus i is i + 1 (0 = background).
+    Label of nucleus i is i + 1 (0 = background). ``ratio`` (minor / major axis, (n,)) and ``strength``
+    (hematoxylin density, (n,)) are drawn at random (0.65-1.0 and 0.75-1.25) unless given, e.g. per cell type.
     """
     H, W = shape
     n = len(centres_px)
@@ -279,7 +308,7 @@ def render_he(centres_px: np.ndarray, radii_px: np.ndarray, shape: tuple[int, in
     dy, dx = np.meshgrid(off, off, indexing="ij")
     c0 = np.floor(centres_px).astype(int)
     frac = centres_px - c0
-    ratio = rng.uniform(0.65, 1.0, n)
+    ratio = rng.uniform(0.65, 1.0, n) if ratio is None else np.asarray(ratio, dtype=float)
     theta = rng.uniform(0, np.pi, n)
     # nuclei of neighbouring cells must not overlap: the major semi-axis stays below 0.48 x nearest-neighbour distance
     from scipy.spatial import cKDTree
@@ -302,7 +331,8 @@ def render_he(centres_px: np.ndarray, radii_px: np.ndarray, shape: tuple[int, in
     labels[yy[ok], xx[ok]] = ids[ok]
 
     # Stain densities: hematoxylin (nuclei, with chromatin texture and a darker rim) and eosin (tissue background)
-    strength = rng.uniform(0.75, 1.25, n + 1)
+    strength = (rng.uniform(0.75, 1.25, n + 1) if strength is None
+                else np.concatenate([[0.0], np.asarray(strength, dtype=float)]))
     strength[0] = 0.0
     h = strength[labels].astype(np.float32)
     nucleus_tex = ndimage.gaussian_filter(rng.standard_normal((H, W)).astype(np.float32), 1.0)
