@@ -1,14 +1,14 @@
 """Benchmark of cell typing (RCTD full mode + Potts labels): accuracy on the demo slide, speed at scale.
 
-* Accuracy: the demo slide built from real osmFISH cells (``spatial_assets.demo.build_demo``), typed from the TRUE
+* Accuracy: the demo slide built from real osmFISH cells (``spatial_assets.datasets.build_demo``), typed from the TRUE
   cell positions per spot (so segmentation errors do not enter), against the true types, at the fine level
   (``cell_type``, 31 osmFISH clusters for 33 genes) and the coarse one (``cell_class``). Reported: per-cell
   accuracy and macro-F1 of the Potts labels and of the baseline "every cell gets its spot's top type", and the
   RMSE of the spot proportions against the true ones (cell fractions per spot).
 * Speed: 5,000 spots, ~25,000 cells, 2,000 genes, 20 types simulated from the bundled MOp scRNA reference
-  (data/dot-mop-scrna; 500 real genes, 1,500 more simulated by :func:`spatial_assets.celltyping.extend_genes`:
+  (spatial_assets/datasets/data/dot-mop-scrna; 500 real genes, 1,500 more simulated by :func:`spatial_assets.datasets.extend_genes`:
   copies of random real genes with per-type factors exp(N(0, 0.7^2)), Poisson-resampled per cell), half the cells
-  as reference, spots summing real held-out cells (:func:`spatial_assets.celltyping.simulate_slide`). Run in a
+  as reference, spots summing real held-out cells (:func:`spatial_assets.datasets.simulate_slide`). Run in a
   subprocess so the peak memory (ru_maxrss) is clean.
 
 ``python -m benchmarks.bench_celltyping [--quick]``. Timings depend on the machine's load.
@@ -28,8 +28,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from spatial_assets.datasets import data_path
+
 REPO = Path(__file__).resolve().parent.parent
-MOP = REPO / "data" / "dot-mop-scrna" / "mop_scrna_ref_500genes.h5ad"
+MOP = data_path("dot-mop-scrna", "mop_scrna_ref_500genes.h5ad")
 
 
 def _macro_f1(truth: np.ndarray, pred: np.ndarray) -> float:
@@ -44,7 +46,7 @@ def demo_accuracy(level: str, crop_um=None, seed: int = 0, min_cells_per_type: i
     import anndata as ad
 
     from spatial_assets.celltyping import identify_cell_types
-    from spatial_assets.demo import build_demo
+    from spatial_assets.datasets import build_demo
     from spatial_assets.params import CellTypingParams
 
     with tempfile.TemporaryDirectory() as d:
@@ -78,18 +80,23 @@ def demo_accuracy(level: str, crop_um=None, seed: int = 0, min_cells_per_type: i
     in_multi = truth["spot"].astype(str).map(multi).to_numpy() > 1
     pfx = f"demo_{level}"
     return {
-        f"{pfx}_n_cells": int(len(cells)), f"{pfx}_n_spots": int(slide.n_obs),
+        f"{pfx}_n_cells": int(len(cells)),
+        f"{pfx}_n_spots": int(slide.n_obs),
         f"{pfx}_n_types_reference": int(res.weights.shape[1]),
         f"{pfx}_types_dropped_below_min_cells": {k: int(v) for k, v in small.items()},
         f"{pfx}_accuracy_potts": float((pred == tt).mean()),
         f"{pfx}_accuracy_baseline_top_type": float((base == tt).mean()),
         f"{pfx}_accuracy_potts_multi_cell_spots": float((pred == tt)[in_multi].mean()),
         f"{pfx}_accuracy_baseline_multi_cell_spots": float((base == tt)[in_multi].mean()),
-        f"{pfx}_macro_f1_potts": _macro_f1(tt, pred), f"{pfx}_macro_f1_baseline": _macro_f1(tt, base),
-        f"{pfx}_proportion_rmse": rmse, f"{pfx}_spot_top_type_accuracy": float((top_true == top_pred).mean()),
+        f"{pfx}_macro_f1_potts": _macro_f1(tt, pred),
+        f"{pfx}_macro_f1_baseline": _macro_f1(tt, base),
+        f"{pfx}_proportion_rmse": rmse,
+        f"{pfx}_spot_top_type_accuracy": float((top_true == top_pred).mean()),
         f"{pfx}_majority_class_rate": float(pd.Series(tt).value_counts(normalize=True).iloc[0]),
-        f"{pfx}_sigma": res.sigma, f"{pfx}_sigma_fit_note": res.info["sigma_fit"]["note"],
-        f"{pfx}_genes_used": len(res.genes_used), f"{pfx}_sweeps": res.info["potts"].get("sweeps", 0),
+        f"{pfx}_sigma": res.sigma,
+        f"{pfx}_sigma_fit_note": res.info["sigma_fit"]["note"],
+        f"{pfx}_genes_used": len(res.genes_used),
+        f"{pfx}_sweeps": res.info["potts"].get("sweeps", 0),
         f"{pfx}_seconds": sec,
     }
 
@@ -98,7 +105,7 @@ def _scale_simulate(out_dir: str, n_spots: int, n_genes: int, n_types: int, mean
     """Simulate the large slide and write slide / reference / cells / truth to ``out_dir``."""
     import anndata as ad
 
-    from spatial_assets.celltyping import extend_genes, simulate_slide
+    from spatial_assets.datasets import extend_genes, simulate_slide
 
     key = "cell_type"
     ref = ad.read_h5ad(MOP)
@@ -135,10 +142,14 @@ def _scale_type(out_dir: str, seed: int) -> dict:
     truth = cells["true_type"]
     umi = np.asarray(slide.X.sum(1)).ravel()
     return {
-        "scale_n_spots": int(slide.n_obs), "scale_n_cells": int(len(cells)), "scale_n_genes": int(slide.n_vars),
-        "scale_n_types": int(res.weights.shape[1]), "scale_genes_used": len(res.genes_used),
+        "scale_n_spots": int(slide.n_obs),
+        "scale_n_cells": int(len(cells)),
+        "scale_n_genes": int(slide.n_vars),
+        "scale_n_types": int(res.weights.shape[1]),
+        "scale_genes_used": len(res.genes_used),
         "scale_median_spot_umi": float(np.median(umi)),
-        "scale_seconds_total": sec, "scale_seconds_by_phase": {k: round(v, 2) for k, v in res.info["timings_s"].items()},
+        "scale_seconds_total": sec,
+        "scale_seconds_by_phase": {k: round(v, 2) for k, v in res.info["timings_s"].items()},
         "scale_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
         "scale_sweeps": res.info["potts"]["sweeps"],
         "scale_labels_changed_per_sweep": res.info["potts"]["labels_changed_per_sweep"],
@@ -156,20 +167,30 @@ def _child(code: str, env: dict) -> str:
     return out.stdout
 
 
-def scale_run(n_spots: int = 5000, n_genes: int = 2000, n_types: int = 20, mean_cells: float = 5.0,
-              seed: int = 0, threads: int = 2) -> dict:
+def scale_run(
+    n_spots: int = 5000,
+    n_genes: int = 2000,
+    n_types: int = 20,
+    mean_cells: float = 5.0,
+    seed: int = 0,
+    threads: int = 2,
+) -> dict:
     """The speed test: simulate in one subprocess, type in another (clean peak memory), ``threads`` threads."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), NUMBA_NUM_THREADS=str(threads),
-               OPENBLAS_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    pre = "import json, sys; sys.path.insert(0, %r); from benchmarks import bench_celltyping as b; " % str(REPO)
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(threads),
+        NUMBA_NUM_THREADS=str(threads),
+        OPENBLAS_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+    )
+    pre = f"import json, sys; sys.path.insert(0, {str(REPO)!r}); from benchmarks import bench_celltyping as b; "
     with tempfile.TemporaryDirectory() as d:
-        _child(pre + "b._scale_simulate(%r, %d, %d, %d, %r, %d)" % (d, n_spots, n_genes, n_types, mean_cells, seed),
-               env)
+        _child(pre + f"b._scale_simulate({d!r}, {n_spots:d}, {n_genes:d}, {n_types:d}, {mean_cells!r}, {seed:d})", env)
         t = time.perf_counter()
-        stdout = _child(pre + "print('RESULT' + json.dumps(b._scale_type(%r, %d)))" % (d, seed), env)
+        stdout = _child(pre + f"print('RESULT' + json.dumps(b._scale_type({d!r}, {seed:d})))", env)
         wall = time.perf_counter() - t
     line = [ln for ln in stdout.splitlines() if ln.startswith("RESULT")][-1]
-    res = json.loads(line[len("RESULT"):])
+    res = json.loads(line[len("RESULT") :])
     res["scale_wall_seconds_process"] = wall
     res["scale_threads"] = threads
     return res

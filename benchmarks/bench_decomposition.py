@@ -46,12 +46,16 @@ def _r(v, k=4):
 def accuracy(quick: bool = False, workdir: Path | None = None) -> dict:
     import anndata as ad
 
+    from spatial_assets.datasets import build_demo
     from spatial_assets.decomposition import (
-        GaussianScoreModel, baseline_type_mean, decompose, evaluate_against_truth, prepare_spots,
+        GaussianScoreModel,
+        baseline_type_mean,
+        decompose,
+        evaluate_against_truth,
+        prepare_spots,
     )
-    from spatial_assets.demo import build_demo
+    from spatial_assets.generative import train_score_model
     from spatial_assets.params import DecompositionParams, ScoreModelParams
-    from spatial_assets.score_model import train_score_model
 
     _threads()
     workdir = Path(workdir or tempfile.mkdtemp(prefix="bench_decomp_"))
@@ -66,20 +70,37 @@ def accuracy(quick: bool = False, workdir: Path | None = None) -> dict:
     net = train_score_model(ref, "cell_type", sp_, workdir / "score_ckpt", log=lambda m: None)
     out["score_model_train_s"] = round(time.perf_counter() - t0, 1)
     out["score_model"] = f"residual MLP hidden 128 x 2 blocks, {steps} steps on the demo reference"
-    gauss = GaussianScoreModel(net.genes, net.cell_types, net.type_means.cpu().numpy(),
-                               net.net.type_var.sqrt().cpu().numpy(), sigmas=net.sigmas.cpu().numpy(),
-                               cell_type_key=net.cell_type_key, ref_library_size=net.ref_library_size,
-                               target_sum=net.target_sum, decomposition_step=net.decomposition_step)
+    gauss = GaussianScoreModel(
+        net.genes,
+        net.cell_types,
+        net.type_means.cpu().numpy(),
+        net.net.type_var.sqrt().cpu().numpy(),
+        sigmas=net.sigmas.cpu().numpy(),
+        cell_type_key=net.cell_type_key,
+        ref_library_size=net.ref_library_size,
+        target_sum=net.target_sum,
+        decomposition_step=net.decomposition_step,
+    )
 
     tc = truth.obs
     inside = tc["spot"].astype(str) != ""
-    cells = pd.DataFrame({"spot": tc.loc[inside, "spot"].astype(str), "cell_type": tc.loc[inside, "cell_type"],
-                          "x": tc.loc[inside, "x"], "y": tc.loc[inside, "y"]})
+    cells = pd.DataFrame(
+        {
+            "spot": tc.loc[inside, "spot"].astype(str),
+            "cell_type": tc.loc[inside, "cell_type"],
+            "x": tc.loc[inside, "x"],
+            "y": tc.loc[inside, "y"],
+        }
+    )
     stride = 4 if quick else 1
     params = DecompositionParams(level_stride=stride, seed=0)
     inp = prepare_spots(slide, cells, net, cell_type_key="cell_type")
-    out.update(cells=inp.n_cells, spots=inp.n_spots, level_stride=stride,
-               multi_cell_spots=int((inp.spots["n_cells"] > 1).sum()))
+    out.update(
+        cells=inp.n_cells,
+        spots=inp.n_spots,
+        level_stride=stride,
+        multi_cell_spots=int((inp.spots["n_cells"] > 1).sum()),
+    )
 
     def scores(prefix, res, pred=None, genes=None):
         for tag, multi in (("", False), ("_multi", True)):
@@ -146,7 +167,8 @@ def _speed_child(n_spots: int, cells_per_spot: int, n_genes: int, stride: int, w
     import anndata as ad
     import torch
 
-    from spatial_assets.decomposition import GaussianScoreModel, decompose, prepare_spots
+    from spatial_assets.decomposition import decompose, prepare_spots
+    from spatial_assets.generative import GaussianScoreModel
     from spatial_assets.params import DecompositionParams, ScoreModelParams
 
     _threads()
@@ -156,18 +178,28 @@ def _speed_child(n_spots: int, cells_per_spot: int, n_genes: int, stride: int, w
     types = [f"t{i}" for i in range(T)]
     mu = np.log1p(rng.gamma(0.5, 4.0, (T, n_genes)))
     if which == "network":
-        from spatial_assets.score_model import train_score_model
+        from spatial_assets.generative import train_score_model
 
         t = rng.integers(0, T, 40 * T)
         counts = rng.poisson(np.expm1(mu[t] + 0.3 * rng.standard_normal((len(t), n_genes))).clip(0))
-        ref = ad.AnnData(counts.astype(np.float32), obs=pd.DataFrame({"cell_type": np.array(types)[t]},
-                                                                   index=[f"c{i}" for i in range(len(t))]),
-                         var=pd.DataFrame(index=genes))
+        ref = ad.AnnData(
+            counts.astype(np.float32),
+            obs=pd.DataFrame({"cell_type": np.array(types)[t]}, index=[f"c{i}" for i in range(len(t))]),
+            var=pd.DataFrame(index=genes),
+        )
         with tempfile.TemporaryDirectory() as d:
-            model = train_score_model(ref, "cell_type", ScoreModelParams(train_steps=1, mixed_precision=False),
-                                      d, log=lambda m: None, genes=genes)
-        arch = f"residual MLP hidden {model.config['architecture']['hidden']} x " \
-               f"{model.config['architecture']['n_blocks']} blocks"
+            model = train_score_model(
+                ref,
+                "cell_type",
+                ScoreModelParams(train_steps=1, mixed_precision=False),
+                d,
+                log=lambda m: None,
+                genes=genes,
+            )
+        arch = (
+            f"residual MLP hidden {model.config['architecture']['hidden']} x "
+            f"{model.config['architecture']['n_blocks']} blocks"
+        )
     else:
         model = GaussianScoreModel(genes, types, mu, 0.3)
         arch = "analytic Gaussian (no network)"
@@ -178,8 +210,10 @@ def _speed_child(n_spots: int, cells_per_spot: int, n_genes: int, stride: int, w
     np.add.at(spot_counts, spot_idx, rng.poisson(np.expm1(mu[cell_types])))
     spots = [f"s{i}" for i in range(n_spots)]
     slide = ad.AnnData(spot_counts.astype(np.float32), obs=pd.DataFrame(index=spots), var=pd.DataFrame(index=genes))
-    cells = pd.DataFrame({"spot": np.array(spots)[spot_idx], "cell_type": np.array(types)[cell_types]},
-                         index=[f"c{i}" for i in range(len(spot_idx))])
+    cells = pd.DataFrame(
+        {"spot": np.array(spots)[spot_idx], "cell_type": np.array(types)[cell_types]},
+        index=[f"c{i}" for i in range(len(spot_idx))],
+    )
     inp = prepare_spots(slide, cells, model)
     rss_before = _rss_mb("VmRSS")
     reset = _reset_peak()
@@ -189,8 +223,12 @@ def _speed_child(n_spots: int, cells_per_spot: int, n_genes: int, stride: int, w
     full_steps = len(model.sigmas) * model.steps_per_level + 1
     est = info["seconds_per_step"] * full_steps
     return {
-        "prior": arch, "spots": inp.n_spots, "cells": inp.n_cells, "genes": n_genes,
-        "rows_per_step": info["rows_per_step"], "steps_run": info["langevin_steps"],
+        "prior": arch,
+        "spots": inp.n_spots,
+        "cells": inp.n_cells,
+        "genes": n_genes,
+        "rows_per_step": info["rows_per_step"],
+        "steps_run": info["langevin_steps"],
         "seconds_per_step": _r(info["seconds_per_step"]),
         "network_seconds_per_step": _r(info["network_seconds_per_step"]),
         "non_network_seconds_per_step": _r(info["other_seconds_per_step"]),
@@ -201,13 +239,15 @@ def _speed_child(n_spots: int, cells_per_spot: int, n_genes: int, stride: int, w
         "cpu_seconds_per_step": _r(info["cpu_seconds_total"] / info["langevin_steps"]),
         "network_cpu_seconds_per_step": _r(info["network_thread_cpu_seconds_per_step"]),
         "non_network_cpu_seconds_per_step": _r(info["other_thread_cpu_seconds_per_step"]),
-        "EXTRAPOLATED_full_schedule_cpu_minutes": _r(info["cpu_seconds_total"] / info["langevin_steps"]
-                                                     * full_steps / 60, 2),
+        "EXTRAPOLATED_full_schedule_cpu_minutes": _r(
+            info["cpu_seconds_total"] / info["langevin_steps"] * full_steps / 60, 2
+        ),
         "rss_before_decompose_mb": round(rss_before, 1),
         "peak_rss_during_decompose_mb": round(peak, 1) if reset else None,
         "peak_rss_increase_mb": round(peak - rss_before, 1) if reset else None,
         "working_set_estimate_mb": round(8 * info["rows_per_step"] * n_genes * 4 / 2**20, 1),
-        "retry_rounds": info["retry_rounds"], "non_finite_cells": len(info["non_finite_cells"]),
+        "retry_rounds": info["retry_rounds"],
+        "non_finite_cells": len(info["non_finite_cells"]),
         "torch_threads": torch.get_num_threads(),
     }
 
@@ -216,8 +256,15 @@ def speed(quick: bool = False) -> dict:
     n_spots, stride = (60, 58) if quick else (500, 29)  # stride 29 -> 8 of 232 levels (41 steps), timed
     out = {}
     for which in ("gaussian", "network"):
-        cmd = [sys.executable, "-m", "benchmarks.bench_decomposition", "--speed-child", which, str(n_spots),
-               str(stride)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.bench_decomposition",
+            "--speed-child",
+            which,
+            str(n_spots),
+            str(stride),
+        ]
         p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=3000)
         if p.returncode != 0:
             raise RuntimeError(f"speed child ({which}) failed:\n{p.stderr[-3000:]}")

@@ -2,11 +2,11 @@
 imputation of unmeasured genes), aligned slices (3D Potts neighbours).
 
 * Beads, demo: every bead is 1 real osmFISH cell of the demo tissue, or 2 neighbouring cells of different types
-  (:func:`spatial_assets.platforms.simulate_beads`); the demo reference (the other half of the cells) types them at
+  (:func:`spatial_assets.datasets.simulate_beads`); the demo reference (the other half of the cells) types them at
   the fine level (31 types) with RCTD's classes (``cell_class``). Singlet/doublet accuracy (against "all singlets"),
   doublet recall, reject rate, type precision / recall (types and classes), AUC of the doublet evidence; also
   at lower thresholds than RCTD's (10, 25), because 33 genes x ~190 molecules give little evidence.
-* Beads, MOp: the same from real MOp scRNA-seq cells (500 genes, 12 classes; data/dot-mop-scrna), half reference,
+* Beads, MOp: the same from real MOp scRNA-seq cells (500 genes, 12 classes; spatial_assets/datasets/data/dot-mop-scrna), half reference,
   half beads (random pairs of cells of different classes) -- a Slide-seq-like depth and panel.
 * Speed: doublet mode on 20,000 MOp beads (all pair fits batched).
 * Imaging: the demo's tissue cells measured on 22 of 33 genes (seeded panels), typed (RCTD + Potts), decomposed
@@ -30,12 +30,14 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 
+from spatial_assets.datasets import data_path
+
 REPO = Path(__file__).resolve().parent.parent
-MOP = REPO / "data" / "dot-mop-scrna" / "mop_scrna_ref_500genes.h5ad"
+MOP = data_path("dot-mop-scrna", "mop_scrna_ref_500genes.h5ad")
 
 
 def _demo(quick: bool):
-    from spatial_assets.demo import build_demo
+    from spatial_assets.datasets import build_demo
 
     tmp = tempfile.mkdtemp(prefix="bench_platforms_")
     p = build_demo(Path(tmp) / "demo", seed=0)
@@ -47,15 +49,14 @@ def _round(d: dict) -> dict:
 
 
 def beads_demo(truth, ref, quick: bool) -> dict:
-    from spatial_assets.celltyping import identify_cell_types
-    from spatial_assets.doublets import classify_beads
+    from spatial_assets.celltyping import classify_beads, identify_cell_types
     from spatial_assets.params import CellTypingParams
     from spatial_assets.platforms import cells_from_spots, evaluate_beads, simulate_beads
 
     slide, tr = simulate_beads(truth, seed=1, n_beads=400 if quick else None)
     cells, _, _ = cells_from_spots(slide, "slideseq")
     captured = {}
-    import spatial_assets.doublets as D
+    import spatial_assets.celltyping._doublets as D
 
     orig = D.classify_beads
 
@@ -66,9 +67,15 @@ def beads_demo(truth, ref, quick: bool) -> dict:
     D.classify_beads = keep
     try:
         t = time.perf_counter()
-        res = identify_cell_types(slide, ref, "cell_type", cells, CellTypingParams(min_cells_per_type=5,
-                                                                                   sigma_fit_min_umi=50),
-                                  mode="doublet", class_key="cell_class")
+        res = identify_cell_types(
+            slide,
+            ref,
+            "cell_type",
+            cells,
+            CellTypingParams(min_cells_per_type=5, sigma_fit_min_umi=50),
+            mode="doublet",
+            class_key="cell_class",
+        )
         sec = time.perf_counter() - t
     finally:
         D.classify_beads = orig
@@ -76,16 +83,29 @@ def beads_demo(truth, ref, quick: bool) -> dict:
     ev = evaluate_beads(res.beads, tr, type_class=tc)
     out = {f"beads_demo.{k}": v for k, v in _round(ev).items()}
     umi = float(np.median(np.asarray(slide.X.sum(1)).ravel()))
-    out.update({"beads_demo.n_beads": slide.n_obs, "beads_demo.median_umi": umi,
-                "beads_demo.trivial_class_accuracy": round(1 - ev["true_doublet_fraction"], 4),
-                "beads_demo.sigma": res.sigma, "beads_demo.seconds_total": round(sec, 2),
-                "beads_demo.seconds_doublet_mode": round(res.info["doublet_mode"]["seconds"], 2)})
+    out.update(
+        {
+            "beads_demo.n_beads": slide.n_obs,
+            "beads_demo.median_umi": umi,
+            "beads_demo.trivial_class_accuracy": round(1 - ev["true_doublet_fraction"], 4),
+            "beads_demo.sigma": res.sigma,
+            "beads_demo.seconds_total": round(sec, 2),
+            "beads_demo.seconds_doublet_mode": round(res.info["doublet_mode"]["seconds"], 2),
+        }
+    )
     a, k = captured["a"], dict(captured["k"])
     for ct, dt in ((3.0, 10.0), (1.0, 3.0)):
         k.update(confidence_threshold=ct, doublet_threshold=dt)
         ev2 = evaluate_beads(classify_beads(*a, **k).beads, tr, type_class=tc)
-        for m in ("class_accuracy", "doublet_recall", "singlet_recall", "reject_rate", "type_precision",
-                  "type_recall", "class_level_type_precision"):
+        for m in (
+            "class_accuracy",
+            "doublet_recall",
+            "singlet_recall",
+            "reject_rate",
+            "type_precision",
+            "type_recall",
+            "class_level_type_precision",
+        ):
             out[f"beads_demo.thresholds_{ct:g}_{dt:g}.{m}"] = round(ev2[m], 4)
     return out
 
@@ -98,9 +118,16 @@ def beads_mop(quick: bool) -> dict:
     a = ad.read_h5ad(MOP)
     half = np.random.default_rng(0).random(a.n_obs) < 0.5
     ref, pool = a[half].copy(), a[~half].copy()
-    slide, tr = simulate_beads(pool, type_key="cell_class", class_key="cell_class", seed=1,
-                               n_beads=500 if quick else 2500, random_positions=True, max_pair_distance_um=1e9,
-                               pair_by="class")
+    slide, tr = simulate_beads(
+        pool,
+        type_key="cell_class",
+        class_key="cell_class",
+        seed=1,
+        n_beads=500 if quick else 2500,
+        random_positions=True,
+        max_pair_distance_um=1e9,
+        pair_by="class",
+    )
     cells, _, _ = cells_from_spots(slide, "slideseq")
     t = time.perf_counter()
     res = identify_cell_types(slide, ref, "cell_class", cells, CellTypingParams(), mode="doublet")
@@ -108,9 +135,15 @@ def beads_mop(quick: bool) -> dict:
     ev = evaluate_beads(res.beads, tr)
     out = {f"beads_mop.{k}": v for k, v in _round(ev).items()}
     umi = float(np.median(np.asarray(slide.X.sum(1)).ravel()))
-    out.update({"beads_mop.n_beads": slide.n_obs, "beads_mop.median_umi": umi,
-                "beads_mop.trivial_class_accuracy": round(1 - ev["true_doublet_fraction"], 4),
-                "beads_mop.sigma": res.sigma, "beads_mop.seconds_total": round(sec, 2)})
+    out.update(
+        {
+            "beads_mop.n_beads": slide.n_obs,
+            "beads_mop.median_umi": umi,
+            "beads_mop.trivial_class_accuracy": round(1 - ev["true_doublet_fraction"], 4),
+            "beads_mop.sigma": res.sigma,
+            "beads_mop.seconds_total": round(sec, 2),
+        }
+    )
     return out
 
 
@@ -118,9 +151,8 @@ def doublet_speed(quick: bool) -> dict:
     """classify_beads alone (full-mode weights, all single and pair fits, decisions) on many MOp beads."""
     import torch
 
-    from spatial_assets.doublets import classify_beads
-    from spatial_assets.platforms import simulate_beads
-    from spatial_assets.rctd import reference_profiles
+    from spatial_assets.celltyping import classify_beads, reference_profiles
+    from spatial_assets.datasets import simulate_beads
 
     a = ad.read_h5ad(MOP)
     half = np.random.default_rng(0).random(a.n_obs) < 0.5
@@ -133,19 +165,24 @@ def doublet_speed(quick: bool) -> dict:
     rng = np.random.default_rng(2)
     big = pool[rng.integers(0, pool.n_obs, n + n // 2)].copy()
     big.obs_names_make_unique()
-    slide, _ = simulate_beads(big, type_key="cell_class", class_key=None, seed=3, n_beads=n,
-                              random_positions=True, max_pair_distance_um=1e9)
+    slide, _ = simulate_beads(
+        big, type_key="cell_class", class_key=None, seed=3, n_beads=n, random_positions=True, max_pair_distance_um=1e9
+    )
     Y = slide.X.toarray().astype(float)
     numi = Y.sum(1)
     torch.set_num_threads(2)
     t = time.perf_counter()
     res = classify_beads(Y, numi, P, 0.6, types)
     sec = time.perf_counter() - t
-    return {"doublet_speed.beads": int(slide.n_obs), "doublet_speed.genes": int(Y.shape[1]),
-            "doublet_speed.types": len(types), "doublet_speed.seconds": round(sec, 2),
-            "doublet_speed.beads_per_second": round(slide.n_obs / sec, 1),
-            "doublet_speed.pair_fits": res.info["rows_fitted"]["pairs"],
-            "doublet_speed.single_fits": res.info["rows_fitted"]["singles"]}
+    return {
+        "doublet_speed.beads": int(slide.n_obs),
+        "doublet_speed.genes": int(Y.shape[1]),
+        "doublet_speed.types": len(types),
+        "doublet_speed.seconds": round(sec, 2),
+        "doublet_speed.beads_per_second": round(slide.n_obs / sec, 1),
+        "doublet_speed.pair_fits": res.info["rows_fitted"]["pairs"],
+        "doublet_speed.single_fits": res.info["rows_fitted"]["singles"],
+    }
 
 
 def imaging(truth, ref, quick: bool) -> dict:
@@ -153,29 +190,42 @@ def imaging(truth, ref, quick: bool) -> dict:
 
     from spatial_assets import decomposition as dec
     from spatial_assets.celltyping import identify_cell_types
+    from spatial_assets.generative import train_score_model
     from spatial_assets.params import CellTypingParams, DecompositionParams, ScoreModelParams
     from spatial_assets.platforms import cells_from_spots, imputation_scores, simulate_imaging_sample
-    from spatial_assets.score_model import train_score_model
 
     torch.set_num_threads(2)
     out: dict = {}
     cells_ad = truth if not quick else truth[np.sort(np.random.default_rng(0).permutation(truth.n_obs)[:700])].copy()
-    gauss = dec.GaussianScoreModel.from_reference(ref, "cell_type",
-                                                  target_sum=float(np.median(np.asarray(ref.X.sum(1)).ravel())),
-                                                  sigmas=np.geomspace(50, 0.002, 40))
+    gauss = dec.GaussianScoreModel.from_reference(
+        ref,
+        "cell_type",
+        target_sum=float(np.median(np.asarray(ref.X.sum(1)).ravel())),
+        sigmas=np.geomspace(50, 0.002, 40),
+    )
     trained = None
     if not quick:
-        p = ScoreModelParams(sigma_begin=50, sigma_end=0.002, sampling_step=3e-7, n_sigmas=40, train_steps=1000,
-                             save_every=1000, hidden=128, n_blocks=2, mixed_precision=False)
+        p = ScoreModelParams(
+            sigma_begin=50,
+            sigma_end=0.002,
+            sampling_step=3e-7,
+            n_sigmas=40,
+            train_steps=1000,
+            save_every=1000,
+            hidden=128,
+            n_blocks=2,
+            mixed_precision=False,
+        )
         t = time.perf_counter()
         trained = train_score_model(ref, "cell_type", p, Path(tempfile.mkdtemp()) / "ckpt", log=lambda m: None)
         out["imaging.score_model_train_seconds"] = round(time.perf_counter() - t, 1)
     rows = []
-    for panel_seed in ((0,) if quick else (0, 1, 2)):
+    for panel_seed in (0,) if quick else (0, 1, 2):
         slide, held = simulate_imaging_sample(cells_ad, n_measured=22, seed=panel_seed)
         cells, _, _ = cells_from_spots(slide, "merfish")
-        typed = identify_cell_types(slide, ref, "cell_type", cells, CellTypingParams(min_cells_per_type=5,
-                                                                                     sigma_fit_min_umi=50))
+        typed = identify_cell_types(
+            slide, ref, "cell_type", cells, CellTypingParams(min_cells_per_type=5, sigma_fit_min_umi=50)
+        )
         true_t = cells_ad.obs["cell_type"].astype(str).reindex(typed.cells["spot"]).to_numpy()
         acc = float((typed.cells["cell_type"].to_numpy() == true_t).mean())
         out["imaging.cells_untyped"] = int((typed.cells["cell_type"] == "unassigned").sum())
@@ -192,28 +242,52 @@ def imaging(truth, ref, quick: bool) -> dict:
             rows.append((panel_seed, name, R, acc, sc, sec))
     import pandas as pd
 
-    df = pd.DataFrame([{"panel": p, "model": m, "replicates": R, "type_accuracy": acc, "seconds": s,
-                        "r": sc["r_median"], "r_log1p": sc["r_log1p_median"], "r_pooled": sc["r_pooled_log1p"],
-                        "mean_r": sc["baseline_mean_r_median"], "type_mean_r": sc["baseline_type_mean_r_median"]}
-                       for p, m, R, acc, sc, s in rows])
+    df = pd.DataFrame(
+        [
+            {
+                "panel": p,
+                "model": m,
+                "replicates": R,
+                "type_accuracy": acc,
+                "seconds": s,
+                "r": sc["r_median"],
+                "r_log1p": sc["r_log1p_median"],
+                "r_pooled": sc["r_pooled_log1p"],
+                "mean_r": sc["baseline_mean_r_median"],
+                "type_mean_r": sc["baseline_type_mean_r_median"],
+            }
+            for p, m, R, acc, sc, s in rows
+        ]
+    )
     agg = df.groupby(["model", "replicates"]).mean(numeric_only=True)
     for (m, R), row in agg.iterrows():
         for c in ("r", "r_log1p", "r_pooled", "seconds"):
             out[f"imaging.{m}_R{R}.{c}"] = round(float(row[c]), 4)
     first = agg.iloc[0]
-    out.update({"imaging.cells": int(cells_ad.n_obs), "imaging.measured_genes": 22, "imaging.held_out_genes": 11,
-                "imaging.panels": int(df["panel"].nunique()),
-                "imaging.type_accuracy_fine": round(float(first["type_accuracy"]), 4),
-                "imaging.baseline_mean.r": round(float(first["mean_r"]), 4),
-                "imaging.baseline_type_mean.r": round(float(first["type_mean_r"]), 4)})
+    out.update(
+        {
+            "imaging.cells": int(cells_ad.n_obs),
+            "imaging.measured_genes": 22,
+            "imaging.held_out_genes": 11,
+            "imaging.panels": int(df["panel"].nunique()),
+            "imaging.type_accuracy_fine": round(float(first["type_accuracy"]), 4),
+            "imaging.baseline_mean.r": round(float(first["mean_r"]), 4),
+            "imaging.baseline_type_mean.r": round(float(first["type_mean_r"]), 4),
+        }
+    )
     return out
 
 
 def slices(truth, ref, quick: bool) -> dict:
     from spatial_assets.celltyping import identify_cell_types
     from spatial_assets.params import CellTypingParams
-    from spatial_assets.platforms import (cells_from_spots, cross_slice_fraction, simulate_imaging_sample,
-                                          stack_slices, unstack_result)
+    from spatial_assets.platforms import (
+        cells_from_spots,
+        cross_slice_fraction,
+        simulate_imaging_sample,
+        stack_slices,
+        unstack_result,
+    )
 
     params = CellTypingParams(min_cells_per_type=5, sigma_fit_min_umi=50)
     rng = np.random.default_rng(0)
@@ -244,7 +318,8 @@ def slices(truth, ref, quick: bool) -> dict:
         acc = [accuracy(unstack_result(res, n, um[n]).cells) for n in data]
         out[f"slices.dz{dz:g}.type_accuracy_3d"] = round(float(np.mean(acc)), 4)
         out[f"slices.dz{dz:g}.cross_slice_neighbour_fraction"] = round(
-            cross_slice_fraction(jc[["x", "y", "z"]].to_numpy(), jc["slice"], params.n_neighbors), 4)
+            cross_slice_fraction(jc[["x", "y", "z"]].to_numpy(), jc["slice"], params.n_neighbors), 4
+        )
         out[f"slices.dz{dz:g}.seconds"] = round(sec, 2)
     return out
 

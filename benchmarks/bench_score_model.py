@@ -26,8 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from spatial_assets.datasets import data_path
+
 REPO = Path(__file__).resolve().parents[1]
-MOP = REPO / "data" / "dot-mop-scrna" / "mop_scrna_ref_500genes.h5ad"
+MOP = data_path("dot-mop-scrna", "mop_scrna_ref_500genes.h5ad")
 
 
 def _split(ref, key: str, frac: float = 0.2, seed: int = 0):
@@ -49,12 +51,16 @@ def _summary(res: dict) -> dict:
 
 def forward_timing(n_cells: int = 2500, n_genes: int = 2000, n_types: int = 30, repeats: int = 5) -> dict:
     """Median seconds of one ScoreModel.score call (scalar sigma, as in decomposition / sampling)."""
-    from spatial_assets.score_model import ScoreModel, ScoreNet
+    from spatial_assets.generative import ScoreModel, ScoreNet
 
     g = torch.Generator().manual_seed(0)
-    stats = {"type_means": torch.rand(n_types, n_genes, generator=g), "type_var": torch.rand(n_types, n_genes) + .1,
-             "zi_pi": torch.rand(n_types, n_genes, generator=g), "zi_mean": torch.rand(n_types, n_genes),
-             "zi_var": torch.rand(n_types, n_genes) + 0.1}
+    stats = {
+        "type_means": torch.rand(n_types, n_genes, generator=g),
+        "type_var": torch.rand(n_types, n_genes) + 0.1,
+        "zi_pi": torch.rand(n_types, n_genes, generator=g),
+        "zi_mean": torch.rand(n_types, n_genes),
+        "zi_var": torch.rand(n_types, n_genes) + 0.1,
+    }
     x = torch.randn(n_cells, n_genes, generator=g)
     t = torch.randint(n_types, (n_cells,), generator=g)
     out = {"shape": f"{n_cells} cells x {n_genes} genes"}
@@ -62,11 +68,24 @@ def forward_timing(n_cells: int = 2500, n_genes: int = 2000, n_types: int = 30, 
         net = ScoreNet(stats, 100.0, 0.01, hidden=hidden, n_blocks=3)
         for p in net.out.parameters():  # non-zero output layer, as after training
             torch.nn.init.normal_(p, std=0.01, generator=g)
-        cfg = {"genes": [f"g{i}" for i in range(n_genes)], "cell_types": [f"t{i}" for i in range(n_types)],
-               "cell_type_key": "ct", "target_sum": 1.0, "ref_library_size": 1.0, "fingerprint": "", "seed": 0,
-               "train_step": 0, "schedule": {"sigma_begin": 100.0, "sigma_end": 0.01, "n_sigmas": 232,
-                                             "sampling_step": 6.6e-6, "decomposition_step": 1e-5,
-                                             "steps_per_level": 5}}
+        cfg = {
+            "genes": [f"g{i}" for i in range(n_genes)],
+            "cell_types": [f"t{i}" for i in range(n_types)],
+            "cell_type_key": "ct",
+            "target_sum": 1.0,
+            "ref_library_size": 1.0,
+            "fingerprint": "",
+            "seed": 0,
+            "train_step": 0,
+            "schedule": {
+                "sigma_begin": 100.0,
+                "sigma_end": 0.01,
+                "n_sigmas": 232,
+                "sampling_step": 6.6e-6,
+                "decomposition_step": 1e-5,
+                "steps_per_level": 5,
+            },
+        }
         model = ScoreModel(net, cfg)
         ref = None
         for dtype in ("float32", "bfloat16"):
@@ -88,16 +107,20 @@ def forward_timing(n_cells: int = 2500, n_genes: int = 2000, n_types: int = 30, 
 
 
 def _train_eval(train, held, key: str, params, n_per_type: int, level_stride: int, log, **fit_kw):
-    from spatial_assets.score_model import evaluate_samples, fit_score_model, prepare_training_data
+    from spatial_assets.generative import evaluate_samples, fit_score_model, prepare_training_data
 
     data = prepare_training_data(train, key, params)
     t0 = time.perf_counter()
     model = fit_score_model(data, params, None, log=log, log_every=max(params.train_steps // 5, 1), **fit_kw)
     secs = time.perf_counter() - t0
-    res = evaluate_samples(model, held, n_per_type=n_per_type, seed=0, level_stride=level_stride, train_data=data,
-                           return_samples=True)
-    thr = {"train_seconds": round(secs, 1), "steps_per_s": round(params.train_steps / secs, 2),
-           "cells_per_s": round(params.train_steps * params.batch_size / secs, 1)}
+    res = evaluate_samples(
+        model, held, n_per_type=n_per_type, seed=0, level_stride=level_stride, train_data=data, return_samples=True
+    )
+    thr = {
+        "train_seconds": round(secs, 1),
+        "steps_per_s": round(params.train_steps / secs, 2),
+        "cells_per_s": round(params.train_steps * params.batch_size / secs, 1),
+    }
     return model, data, res, thr
 
 
@@ -105,7 +128,7 @@ def run(quick: bool = False, out_dir: str | None = None, log=print) -> dict:
     import anndata as ad
 
     from spatial_assets.params import ScoreModelParams
-    from spatial_assets.plots.score_model import plot_real_vs_generated
+    from spatial_assets.pl import real_vs_generated as plot_real_vs_generated
 
     torch.manual_seed(0)
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix="bench_score_model_"))
@@ -120,18 +143,40 @@ def run(quick: bool = False, out_dir: str | None = None, log=print) -> dict:
 
     # --- MOp reference (real scRNA, 12 classes) ---------------------------------------------------------------
     steps = 300 if quick else 3000
-    common = dict(n_genes=500, max_cells_per_type=3000, hidden=256, n_blocks=3, lr=1e-3, batch_size=256,
-                  ema_decay=0.999, save_every=10**6)
+    common = dict(
+        n_genes=500,
+        max_cells_per_type=3000,
+        hidden=256,
+        n_blocks=3,
+        lr=1e-3,
+        batch_size=256,
+        ema_decay=0.999,
+        save_every=10**6,
+    )
     mop = ad.read_h5ad(MOP)
     tr, he = _split(mop, "cell_class")
     p = ScoreModelParams(train_steps=steps, **common)
     stride = 4 if quick else 2
     model, data, res, thr = _train_eval(tr, he, "cell_class", p, 100 if quick else 200, stride, log)
-    result["mop"] = {"n_train_cells": len(data.x), "genes": len(data.genes), "types": len(data.cell_types),
-                     "train_steps": steps, "hidden": p.hidden, "level_stride": stride, **thr, **_summary(res)}
+    result["mop"] = {
+        "n_train_cells": len(data.x),
+        "genes": len(data.genes),
+        "types": len(data.cell_types),
+        "train_steps": steps,
+        "hidden": p.hidden,
+        "level_stride": stride,
+        **thr,
+        **_summary(res),
+    }
     log(f"mop: {result['mop']}")
-    png = plot_real_vs_generated(res["real"], res["type_idx"], res["samples"], res["type_idx"], model.cell_types,
-                                 title=f"MOp cell_class: held-out vs generated ({steps} steps)")
+    png = plot_real_vs_generated(
+        res["real"],
+        res["type_idx"],
+        res["samples"],
+        res["type_idx"],
+        model.cell_types,
+        title=f"MOp cell_class: held-out vs generated ({steps} steps)",
+    )
     (out_dir / "score_model_mop_pca.png").write_bytes(png)
     result["figure"] = str(out_dir / "score_model_mop_pca.png")
     result["figure_bytes"] = len(png)
@@ -143,20 +188,25 @@ def run(quick: bool = False, out_dir: str | None = None, log=print) -> dict:
         result["mop_ablation"] = {"train_steps": abl_steps}
         for name, kw in (("l2_gaussian", {}), ("l1_gaussian", {"loss": "l1"}), ("l2_zi", {"skip": "zi_gaussian"})):
             _, _, r, _ = _train_eval(tr, he, "cell_class", pa, 150, 4, lambda m: None, **kw)
-            result["mop_ablation"][name] = {k: round(float(r["model"][k]), 4) for k in ("mean_corr", "var_corr",
-                                                                                         "auc")}
+            result["mop_ablation"][name] = {k: round(float(r["model"][k]), 4) for k in ("mean_corr", "var_corr", "auc")}
             log(f"ablation {name}: {result['mop_ablation'][name]}")
 
     # --- demo reference (osmFISH cells, 33 genes, 31 types) ----------------------------------------------------
-    from spatial_assets.demo import build_demo
+    from spatial_assets.datasets import build_demo
 
     paths = build_demo(out_dir / "demo", seed=0)
     demo_ref = ad.read_h5ad(paths.reference)
     dtr, dhe = _split(demo_ref, "cell_type")
     pd_ = ScoreModelParams(train_steps=300 if quick else 2000, **(common | {"n_genes": 2000}))
     dmodel, ddata, dres, dthr = _train_eval(dtr, dhe, "cell_type", pd_, 200, stride, log)
-    result["demo"] = {"n_train_cells": len(ddata.x), "genes": len(ddata.genes), "types": len(ddata.cell_types),
-                      "train_steps": pd_.train_steps, **dthr, **_summary(dres)}
+    result["demo"] = {
+        "n_train_cells": len(ddata.x),
+        "genes": len(ddata.genes),
+        "types": len(ddata.cell_types),
+        "train_steps": pd_.train_steps,
+        **dthr,
+        **_summary(dres),
+    }
     log(f"demo: {result['demo']}")
     result["quick"] = quick
     return result

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _heldout(out: dict) -> None:
     from spatial_assets import segmentation as seg
     from spatial_assets.params import SegmentationParams
-    from spatial_assets.stardist_training import heldout_test_region
+    from spatial_assets.segmentation._training import heldout_test_region
 
     img, truth = heldout_test_region()
     x = img.astype(np.float32)
@@ -55,7 +55,7 @@ def _demo(out: dict, quick: bool, tmp: Path) -> Path:
     import tifffile
 
     from spatial_assets import segmentation as seg
-    from spatial_assets.demo import build_demo
+    from spatial_assets.datasets import build_demo
     from spatial_assets.params import SegmentationParams
 
     paths = build_demo(tmp / "demo", seed=0, crop_um=(600, 1850, 1200, 2450) if quick else None)
@@ -67,8 +67,9 @@ def _demo(out: dict, quick: bool, tmp: Path) -> Path:
     out["demo_n_true_nuclei"] = int(truth.max())
     out["demo_n_spots"] = int(slide.n_obs)
     scales = (1.0,) if quick else (0.75, 1.0, 1.25, 1.5)
-    runs = {f"stardist_scale{s:g}": SegmentationParams(model=str(seg.BUNDLED_MODEL), scale=s, min_umi=0)
-            for s in scales}
+    runs = {
+        f"stardist_scale{s:g}": SegmentationParams(model=str(seg.BUNDLED_MODEL), scale=s, min_umi=0) for s in scales
+    }
     runs["watershed"] = SegmentationParams(method="watershed", min_umi=0)
     for k, p in runs.items():
         t = time.time()
@@ -90,7 +91,7 @@ import json, resource, sys, time
 import numpy as np, zarr
 from spatial_assets import segmentation as seg
 from spatial_assets.params import SegmentationParams
-from spatial_assets.readers import read_image
+from spatial_assets.io import read_image
 img_path, out_path, method = sys.argv[1], sys.argv[2], sys.argv[3]
 img = read_image(img_path, lazy=True)
 labels = zarr.create_array(store=out_path, shape=img.shape[:2], chunks=(1024, 1024), dtype="int32", fill_value=0)
@@ -114,8 +115,12 @@ def _big(out: dict, side: int, demo_image: Path, tmp: Path, methods=("stardist",
     tifffile.imwrite(path, big, tile=(512, 512), compression="zlib", photometric="rgb")
     del big, src
     for method in methods:
-        res = subprocess.run([sys.executable, "-c", _BIG_CHILD, str(path), str(tmp / f"labels_{method}.zarr"),
-                              method], capture_output=True, text=True, cwd=REPO)
+        res = subprocess.run(
+            [sys.executable, "-c", _BIG_CHILD, str(path), str(tmp / f"labels_{method}.zarr"), method],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
         if res.returncode != 0:
             out[f"big{side}_{method}_error"] = res.stderr.strip().splitlines()[-1][:300]
             continue
@@ -134,8 +139,13 @@ def run(quick: bool = False) -> dict:
         tmp = Path(d)
         _heldout(out)
         demo_image = _demo(out, quick, tmp)
-        _big(out, 6000 if quick else 10_000, demo_image, tmp,
-             methods=("stardist",) if quick else ("stardist", "watershed"))
+        _big(
+            out,
+            6000 if quick else 10_000,
+            demo_image,
+            tmp,
+            methods=("stardist",) if quick else ("stardist", "watershed"),
+        )
     return out
 
 

@@ -44,14 +44,20 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--out", default=str(HERE / "results"))
     a = ap.parse_args(argv)
-    names = sorted(p.stem[len("bench_"):] for p in HERE.glob("bench_*.py"))
+    names = sorted(p.stem[len("bench_") :] for p in HERE.glob("bench_*.py"))
     if a.only:
         names = [n for n in names if n in a.only]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"_machine": {"python": sys.version.split()[0], "platform": platform.platform(),
-                                  "processor": platform.processor(), "quick": a.quick,
-                                  "date": time.strftime("%Y-%m-%d %H:%M")}}
+    results: dict = {
+        "_machine": {
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "quick": a.quick,
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+        }
+    }
     failed = []
     for n in names:
         print(f"=== benchmark {n} ({'quick' if a.quick else 'full'})", flush=True)

@@ -31,14 +31,26 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 BIN = REPO_ROOT / ".venv" / "bin"
 HOST = "127.0.0.1"
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
 # pages: (file stem, path). /asset-groups is dagster 1.13's global asset lineage graph (its groups start
 # collapsed: `expanded=` opens them, see lineage_path); an asset's page (/assets/<key>) shows its latest
 # materialization with the metadata table (paths, sizes, figures); ?view=events lists every materialization.
-PAGES = (("lineage", None), ("typed_cells", "/assets/typed_cells"), ("segmented_slide", "/assets/segmented_slide"),
-         ("typed_cells_events", "/assets/typed_cells?view=events"))
+PAGES = (
+    ("lineage", None),
+    ("typed_cells", "/assets/typed_cells"),
+    ("segmented_slide", "/assets/segmented_slide"),
+    ("typed_cells_events", "/assets/typed_cells?view=events"),
+)
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -60,7 +72,7 @@ def _group_alive(pgid: int) -> list[int]:
             stat = (d / "stat").read_text()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()
+        fields = stat[stat.rindex(")") + 2 :].split()
         if fields[0] != "Z" and int(fields[2]) == pgid:
             out.append(int(d.name))
     return out
@@ -105,12 +117,19 @@ class DagsterServer:
         return self.killed
 
     def log_tail(self, n: int = 3000) -> str:
-        return "\n".join(f"--- {k} ---\n{p.read_text(errors='replace')[-n:]}" for k, p in self.logs.items()
-                         if p.exists())
+        return "\n".join(
+            f"--- {k} ---\n{p.read_text(errors='replace')[-n:]}" for k, p in self.logs.items() if p.exists()
+        )
 
 
-def start_dagster(home: Path, env: dict | None = None, port: int | None = None, daemon: bool = True,
-                  workspace: Path = REPO_ROOT / "workspace.yaml", log_dir: Path | None = None) -> DagsterServer:
+def start_dagster(
+    home: Path,
+    env: dict | None = None,
+    port: int | None = None,
+    daemon: bool = True,
+    workspace: Path = REPO_ROOT / "workspace.yaml",
+    log_dir: Path | None = None,
+) -> DagsterServer:
     """Start the webserver (and the daemon) over DAGSTER_HOME ``home``. Default signal handlers, own sessions:
     :meth:`DagsterServer.stop` ends them and everything they started."""
     home = Path(home).resolve()
@@ -126,8 +145,14 @@ def start_dagster(home: Path, env: dict | None = None, port: int | None = None, 
         instance.get_dynamic_partitions("__init__")
     port = port or free_port()
     log_dir = Path(log_dir or home)
-    full_env = {**os.environ, "DAGSTER_HOME": str(home), "DAGSTER_DISABLE_TELEMETRY": "yes",
-                "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "DAGSTER_DISABLE_TELEMETRY": "yes",
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "PYTHONUNBUFFERED": "1",
+        **(env or {}),
+    }
     cmds = {"webserver": [str(BIN / "dagster-webserver"), "-w", str(workspace), "-h", HOST, "-p", str(port)]}
     if daemon:
         cmds["daemon"] = [str(BIN / "dagster-daemon"), "run", "-w", str(workspace)]
@@ -136,9 +161,15 @@ def start_dagster(home: Path, env: dict | None = None, port: int | None = None, 
         log = log_dir / f"{name}.log"
         server.logs[name] = log
         with open(log, "wb") as fh:
-            server.procs[name] = subprocess.Popen(cmd, cwd=str(workspace.parent), env=full_env, stdout=fh,
-                                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                                  start_new_session=True)
+            server.procs[name] = subprocess.Popen(
+                cmd,
+                cwd=str(workspace.parent),
+                env=full_env,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
     return server
 
 
@@ -218,28 +249,32 @@ def _chromium(args: list[str], timeout_s: float) -> subprocess.CompletedProcess:
         return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
-def screenshot(url: str, png: Path, width: int = 1600, height: int = 1000, budget_ms: int = 15000,
-               timeout_s: float = 120.0) -> Path:
+def screenshot(
+    url: str, png: Path, width: int = 1600, height: int = 1000, budget_ms: int = 15000, timeout_s: float = 120.0
+) -> Path:
     """Render ``url`` in headless Chromium (JS run for ``budget_ms`` of virtual time) and save a PNG."""
     png = Path(png).resolve()
     png.parent.mkdir(parents=True, exist_ok=True)
     png.unlink(missing_ok=True)
-    r = _chromium([f"--window-size={width},{height}", f"--virtual-time-budget={budget_ms}",
-                   f"--screenshot={png}", url], timeout_s)
+    r = _chromium(
+        [f"--window-size={width},{height}", f"--virtual-time-budget={budget_ms}", f"--screenshot={png}", url], timeout_s
+    )
     if not png.exists() or png.stat().st_size == 0:
-        raise RuntimeError(f"chromium wrote no screenshot of {url} (exit {r.returncode}): "
-                           f"{r.stderr.decode(errors='replace')[-1500:]}")
+        raise RuntimeError(
+            f"chromium wrote no screenshot of {url} (exit {r.returncode}): {r.stderr.decode(errors='replace')[-1500:]}"
+        )
     return png
 
 
-def dump_dom(url: str, width: int = 1600, height: int = 1000, budget_ms: int = 15000,
-             timeout_s: float = 120.0) -> str:
+def dump_dom(url: str, width: int = 1600, height: int = 1000, budget_ms: int = 15000, timeout_s: float = 120.0) -> str:
     """The DOM of ``url`` after the page's scripts ran (``--dump-dom``)."""
-    r = _chromium([f"--window-size={width},{height}", f"--virtual-time-budget={budget_ms}", "--dump-dom", url],
-                  timeout_s)
+    r = _chromium(
+        [f"--window-size={width},{height}", f"--virtual-time-budget={budget_ms}", "--dump-dom", url], timeout_s
+    )
     if r.returncode != 0 or not r.stdout:
-        raise RuntimeError(f"chromium --dump-dom {url} failed (exit {r.returncode}): "
-                           f"{r.stderr.decode(errors='replace')[-1500:]}")
+        raise RuntimeError(
+            f"chromium --dump-dom {url} failed (exit {r.returncode}): {r.stderr.decode(errors='replace')[-1500:]}"
+        )
     return r.stdout.decode(errors="replace")
 
 
@@ -257,10 +292,20 @@ class _CDP:
             raise FileNotFoundError("headless Chromium not found (install it: apt-get install -y chromium)")
         self.timeout_s = timeout_s
         self._profile = tempfile.TemporaryDirectory(prefix="chromium-")
-        self.proc = subprocess.Popen([exe, *CHROMIUM_FLAGS, f"--user-data-dir={self._profile.name}",
-                                      f"--window-size={width},{height}", "--remote-debugging-address=127.0.0.1",
-                                      "--remote-debugging-port=0", "about:blank"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [
+                exe,
+                *CHROMIUM_FLAGS,
+                f"--user-data-dir={self._profile.name}",
+                f"--window-size={width},{height}",
+                "--remote-debugging-address=127.0.0.1",
+                "--remote-debugging-port=0",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
         port, t_end = None, time.time() + timeout_s
         while port is None and time.time() < t_end:
             line = self.proc.stderr.readline().decode(errors="replace")
@@ -277,8 +322,7 @@ class _CDP:
         self._stack = contextlib.ExitStack()
         self.ws = self._stack.enter_context(connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=10))
         self._id = 0
-        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1,
-                  mobile=False)
+        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
 
     def call(self, method: str, **params):
         self._id += 1
@@ -323,8 +367,9 @@ _FIGURE_READY_JS = """(() => { const img = [...document.querySelectorAll('img')]
   return img ? [img.naturalWidth, img.naturalHeight] : null; })()"""
 
 
-def screenshot_metadata_figure(url: str, asset: str, key: str, png: Path, width: int = 1600, height: int = 1000,
-                               timeout_s: float = 90.0) -> tuple[int, int]:
+def screenshot_metadata_figure(
+    url: str, asset: str, key: str, png: Path, width: int = 1600, height: int = 1000, timeout_s: float = 90.0
+) -> tuple[int, int]:
     """Open ``asset``'s page, click the ``[Show Markdown]`` of metadata entry ``key`` (a figure) and save the page
     with the figure's dialog as a PNG. Returns the figure's natural size (px)."""
     png = Path(png).resolve()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.spatial import cKDTree
 
+from .constants import Platform
+
 VISIUM_SPOT_DIAMETER_UM = 55.0
 VISIUM_SPOT_PITCH_UM = 100.0
 
@@ -45,20 +47,21 @@ def assign_to_spots(points: np.ndarray, spot_xy: np.ndarray, radius: float) -> t
     return idx, dist
 
 
-def subspot_offsets(platform: str, spot_diameter: float, grid_subdivision: int = 3,
-                    spot_pitch: float | None = None) -> np.ndarray:
+def subspot_offsets(
+    platform: str, spot_diameter: float, grid_subdivision: int = 3, spot_pitch: float | None = None
+) -> np.ndarray:
     """Offsets (K, 2) of sub-spot centres from their spot centre, in the same unit as ``spot_diameter``.
 
     Visium (hexagonal): K = 7, the centre and 6 around it at 2/3 of the spot radius (soScope's division).
     Square grids: ``grid_subdivision`` ** 2 sub-spots (2 x 2 or 3 x 3) tiling the spot's square of side
     ``spot_pitch`` (defaults to the diameter).
     """
-    if platform == "visium":
+    if platform == Platform.VISIUM:
         r = spot_diameter / 2 * 2 / 3
         ang = np.deg2rad(np.arange(6) * 60.0)
         ring = np.stack([r * np.cos(ang), r * np.sin(ang)], 1)
         return np.vstack([[0.0, 0.0], ring])
-    if platform in ("square_grid", "slideseq", "merfish"):
+    if platform in (Platform.SQUARE_GRID, Platform.SLIDESEQ, Platform.MERFISH):
         n = int(grid_subdivision)
         if n not in (2, 3):
             raise ValueError(f"grid_subdivision must be 2 or 3 for square grids, got {n}")
@@ -79,8 +82,9 @@ def subspot_positions(spot_xy: np.ndarray, offsets: np.ndarray) -> tuple[np.ndar
     return pos, parent
 
 
-def assign_to_subspots(points: np.ndarray, spot_index: np.ndarray, spot_xy: np.ndarray,
-                       offsets: np.ndarray) -> np.ndarray:
+def assign_to_subspots(
+    points: np.ndarray, spot_index: np.ndarray, spot_xy: np.ndarray, offsets: np.ndarray
+) -> np.ndarray:
     """For points already assigned to spots (``spot_index`` >= 0), the nearest sub-spot k in 0..K-1 (-1 if none)."""
     points = np.asarray(points, dtype=float)
     out = np.full(len(points), -1, dtype=np.int64)

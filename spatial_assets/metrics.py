@@ -11,6 +11,6 @@ def pearson_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     b = np.asarray(b, dtype=np.float64)
     a = a - a.mean(0)
     b = b - b.mean(0)
-    den = np.sqrt((a ** 2).sum(0) * (b ** 2).sum(0))
+    den = np.sqrt((a**2).sum(0) * (b**2).sum(0))
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(den > 0, (a * b).sum(0) / np.where(den > 0, den, 1), np.nan)

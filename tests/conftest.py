@@ -15,7 +15,7 @@ DEMO_CROP_UM = (0.0, 1200.0, 900.0, 2100.0)
 @pytest.fixture(scope="session")
 def demo_full(tmp_path_factory):
     """The whole demo slide (~250 spots, ~2,400 tissue cells, 33 genes); builds in a few seconds."""
-    from spatial_assets.demo import build_demo
+    from spatial_assets.datasets import build_demo
 
     return build_demo(tmp_path_factory.mktemp("demo_full") / "demo", seed=0)
 
@@ -23,6 +23,6 @@ def demo_full(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_small(tmp_path_factory):
     """A 900 x 900 um window of the demo (~36 spots): for fast tests."""
-    from spatial_assets.demo import build_demo
+    from spatial_assets.datasets import build_demo
 
     return build_demo(tmp_path_factory.mktemp("demo_small") / "demo", seed=0, crop_um=DEMO_CROP_UM)

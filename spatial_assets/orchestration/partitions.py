@@ -1,5 +1,7 @@
-"""Partitions: samples (dynamic: added from the config and by the landing-folder sensor), references (one
-checkpoint each), and spot ranges (dynamic keys ``0000``, ``0001``... of ``spot_range_size`` spots each)."""
+"""Partitions, all dynamic so that assets are defined once at module level, whatever the config holds:
+samples, references (one checkpoint each), slices groups (aligned 3D slices), and spot ranges (keys ``0000``,
+``0001``, ... of ``partitions.spot_range_size`` spots each). They are registered from the config by ``make demo``,
+the ``register_config_samples`` sensor and :func:`register_partitions`; the landing sensor adds landed samples."""
 
 from __future__ import annotations
 
@@ -7,17 +9,17 @@ import math
 
 import dagster as dg
 
-from ..config import ProjectConfig, SampleConfig
-from ..readers import count_spots
+from ..io import count_spots
+from .config import ProjectConfig, SampleConfig
 
-samples_partitions = dg.DynamicPartitionsDefinition(name="samples")
-spot_range_partitions = dg.DynamicPartitionsDefinition(name="spot_ranges")
-decomposition_partitions = dg.MultiPartitionsDefinition({"sample": samples_partitions,
-                                                         "spot_range": spot_range_partitions})
-
-
-def references_partitions(cfg: ProjectConfig) -> dg.StaticPartitionsDefinition:
-    return dg.StaticPartitionsDefinition([r.name for r in cfg.references] or ["none"])
+SAMPLES, REFERENCES, SLICES_GROUPS, SPOT_RANGES = "samples", "references", "slices_groups", "spot_ranges"
+samples_partitions = dg.DynamicPartitionsDefinition(name=SAMPLES)
+references_partitions = dg.DynamicPartitionsDefinition(name=REFERENCES)
+slices_groups_partitions = dg.DynamicPartitionsDefinition(name=SLICES_GROUPS)
+spot_range_partitions = dg.DynamicPartitionsDefinition(name=SPOT_RANGES)
+decomposition_partitions = dg.MultiPartitionsDefinition(
+    {"sample": samples_partitions, "spot_range": spot_range_partitions}
+)
 
 
 def range_key(i: int) -> str:
@@ -33,35 +35,45 @@ def n_ranges(n_spots: int, size: int) -> int:
     return max(1, math.ceil(n_spots / size))
 
 
-def new_partitions(instance: dg.DagsterInstance, samples: list[SampleConfig], size: int
-                   ) -> tuple[list[str], list[str]]:
-    """The sample names and spot-range keys that ``samples`` need and ``instance`` does not have yet."""
-    have = set(instance.get_dynamic_partitions("samples"))
-    have_r = set(instance.get_dynamic_partitions("spot_ranges"))
-    need = max((n_ranges(count_spots(s.spatial), size) for s in samples), default=0)
-    return ([s.name for s in samples if s.name not in have],
-            [range_key(i) for i in range(need) if range_key(i) not in have_r])
+def needed_keys(cfg: ProjectConfig, samples: list[SampleConfig] | None = None) -> dict[str, list[str]]:
+    """The partition keys the config's samples (or the given ones) need, per dynamic partitions definition."""
+    chosen = list(cfg.samples) if samples is None else samples
+    size = cfg.partitions.spot_range_size
+    most = max((n_ranges(count_spots(s.spatial), size) for s in chosen), default=0)
+    refs = sorted({s.reference for s in chosen} | ({r.name for r in cfg.references} if samples is None else set()))
+    return {
+        SAMPLES: [s.name for s in chosen],
+        REFERENCES: refs,
+        SLICES_GROUPS: sorted({s.slices for s in chosen if s.slices}),
+        SPOT_RANGES: [range_key(i) for i in range(most)],
+    }
 
 
-def partition_requests(new_samples: list[str], new_ranges: list[str]) -> list[dg.AddDynamicPartitionsRequest]:
-    """Sensor requests adding the given sample and spot-range partitions."""
-    out = []
-    if new_samples:
-        out.append(dg.AddDynamicPartitionsRequest("samples", new_samples))
-    if new_ranges:
-        out.append(dg.AddDynamicPartitionsRequest("spot_ranges", new_ranges))
+def new_partitions(
+    instance: dg.DagsterInstance, cfg: ProjectConfig, samples: list[SampleConfig] | None = None
+) -> dict[str, list[str]]:
+    """The keys that ``samples`` (default: the config's) need and ``instance`` does not have yet."""
+    out = {}
+    for name, keys in needed_keys(cfg, samples).items():
+        have = set(instance.get_dynamic_partitions(name))
+        out[name] = [k for k in keys if k not in have]
     return out
 
 
-def register_samples(instance: dg.DagsterInstance, cfg: ProjectConfig, samples: list[str] | None = None) -> dict:
-    """Add the config's samples (or the named ones) and the spot-range keys they need. Idempotent."""
-    chosen = [cfg.sample(n) for n in samples] if samples else list(cfg.samples)
-    new, new_r = new_partitions(instance, chosen, cfg.partitions.spot_range_size)
-    if new:
-        instance.add_dynamic_partitions("samples", new)
-    if new_r:
-        instance.add_dynamic_partitions("spot_ranges", new_r)
-    return {"new_samples": new, "new_spot_ranges": new_r}
+def partition_requests(new: dict[str, list[str]]) -> list[dg.AddDynamicPartitionsRequest]:
+    """Sensor requests adding the given keys."""
+    return [dg.AddDynamicPartitionsRequest(name, keys) for name, keys in new.items() if keys]
+
+
+def register_partitions(instance: dg.DagsterInstance, cfg: ProjectConfig, samples: list[str] | None = None) -> dict:
+    """Add the config's samples (or the named ones), their references, slices groups and spot-range keys.
+    Idempotent; returns the keys added."""
+    chosen = [cfg.sample(n) for n in samples] if samples else None
+    new = new_partitions(instance, cfg, chosen)
+    for name, keys in new.items():
+        if keys:
+            instance.add_dynamic_partitions(name, keys)
+    return new
 
 
 def sample_range_keys(cfg: ProjectConfig, sample: str) -> list[dg.MultiPartitionKey]:

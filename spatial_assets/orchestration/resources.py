@@ -1,28 +1,30 @@
-"""Dagster resources: the project config + storage layout, and the compute device for GPU-tagged steps."""
+"""Dagster resources: the project config with its store layout, and the compute device of GPU-tagged steps."""
 
 from __future__ import annotations
 
 import hashlib
 import warnings
 from functools import cached_property
-from pathlib import Path
 
 import dagster as dg
 
-from ..config import ProjectConfig, load_config
 from ..params import Parameters
-from ..storage import store_path
+from .config import ProjectConfig, ReferenceConfig, SampleConfig, load_config
+from .stores import Stores
 
 GPU_TAG = "spatial_assets/compute"
 GPU_POOL = "gpu"
-GPU_OP_TAGS = {GPU_TAG: "gpu", "dagster/concurrency_key": GPU_POOL,
-               # for the Dask executor: only workers advertising a GPU resource take these steps
-               "dagster-dask/resource_requirements": {"GPU": 1}}
+GPU_OP_TAGS = {
+    GPU_TAG: "gpu",
+    "dagster/concurrency_key": GPU_POOL,
+    # for the Dask executor: only workers advertising a GPU resource take these steps
+    "dagster-dask/resource_requirements": {"GPU": 1},
+}
 CPU_OP_TAGS = {GPU_TAG: "cpu"}
 
 
 class ProjectResource(dg.ConfigurableResource):
-    """The deployment's ``dagster_project.yaml`` and where each asset's stores live."""
+    """The deployment's ``dagster_project.yaml``, its samples and references, and where each store lives."""
 
     config_path: str
 
@@ -30,15 +32,26 @@ class ProjectResource(dg.ConfigurableResource):
     def config(self) -> ProjectConfig:
         return load_config(self.config_path)
 
+    @cached_property
+    def stores(self) -> Stores:
+        return Stores(self.config.storage_root)
+
     def params(self, sample: str | None = None) -> Parameters:
+        """The parameters of a sample (global ones with its overrides), or the global ones."""
         return self.config.parameters_for(sample) if sample else self.config.parameters
 
-    def store(self, asset: str, sample: str | None = None, partition: str | None = None, suffix: str = ".zarr") -> Path:
-        return store_path(self.config.storage_root, asset, sample, partition, suffix=suffix)
+    def sample(self, name: str) -> SampleConfig:
+        return self.config.sample(name)
 
-    def folder(self, asset: str, sample: str) -> Path:
-        """A per-sample folder holding several stores of one asset (written atomically as a whole)."""
-        return Path(self.config.storage_root) / asset / sample
+    def reference(self, name: str) -> ReferenceConfig:
+        return self.config.reference(name)
+
+    def reference_of(self, sample: str) -> ReferenceConfig:
+        return self.config.reference(self.config.sample(sample).reference)
+
+    def slices_group(self, group: str) -> list[SampleConfig]:
+        """The samples of a slices group, in config order."""
+        return [s for s in self.config.all_samples() if s.slices == group]
 
 
 class ComputeResource(dg.ConfigurableResource):
@@ -63,10 +76,12 @@ class ComputeResource(dg.ConfigurableResource):
                 key = f"{context.run_id}:{context.op_execution_context.op.name}" if context is not None else "x"
                 i = int(hashlib.sha1(key.encode()).hexdigest(), 16) % len(candidates)
                 return candidates[i], None
-        msg = (f"no GPU available (configured {self.devices}, torch.cuda.is_available()="
-               f"{torch.cuda.is_available()}): running on CPU")
+        msg = (
+            f"no GPU available (configured {self.devices}, torch.cuda.is_available()="
+            f"{torch.cuda.is_available()}): running on CPU"
+        )
         if context is not None:
             context.log.warning(msg)
         else:
-            warnings.warn(msg)
+            warnings.warn(msg, stacklevel=2)
         return "cpu", msg

@@ -1,0 +1,41 @@
+"""The simple splits a decomposition must beat: type means scaled to the spot, and the per-gene proportional split."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from ._decompose import _segment_matrix
+from ._inputs import DecompositionInput, _targets
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Baseline and evaluation
+# ----------------------------------------------------------------------------------------------------------------
+def baseline_type_mean(
+    inputs: DecompositionInput, model, *, per_gene: bool = False, leave_out_genes: Sequence[str] = ()
+) -> np.ndarray:
+    """Each cell = its type's mean profile expm1(mu), scaled so that the spot's cells sum to the spot; (C, G).
+
+    ``per_gene=False``: one factor per spot (the spot's observed total). ``per_gene=True``: each observed gene of
+    the spot is split among its cells in proportion to their type means (hidden genes keep the per-spot factor).
+    """
+    hidden = np.isin(inputs.genes, list(inputs.leave_out) + list(leave_out_genes))
+    target, _, observed = _targets(inputs, model, hidden)
+    prof = torch.expm1(model.type_means.detach().float().cpu()).clamp_min(0).numpy().astype(np.float64)
+    spot_idx = inputs.cells["spot_idx"].to_numpy(np.int64)
+    cell = prof[inputs.cells["type_idx"].to_numpy(np.int64)]
+    Mseg = _segment_matrix(spot_idx, inputs.n_spots)
+    ssum = Mseg @ cell  # (S, G)
+    tot = ssum[:, observed].sum(1)
+    factor = target[:, observed].sum(1) / np.where(tot > 0, tot, 1)
+    out = cell * factor[spot_idx, None]
+    if per_gene:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = cell / np.where(ssum > 0, ssum, 1)[spot_idx]
+        n = inputs.spots["n_cells"].to_numpy(float)
+        share = np.where(ssum[spot_idx] > 0, share, 1.0 / n[spot_idx, None])
+        out[:, observed] = (share * target[spot_idx])[:, observed]
+    return out

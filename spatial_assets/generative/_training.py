@@ -1,0 +1,229 @@
+"""Denoising score matching over a geometric noise schedule, with periodic resumable saves."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from anndata import AnnData
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from ..params import ScoreModelParams
+from ._data import TrainingData, prepare_training_data
+from ._model import _TRAIN_KEYS, STATE_FILE, ScoreModel, _atomic_save_safetensors, _geometric_sigmas, _model_config
+from ._network import ScoreNet
+
+
+def _step_seed(seed: int, step: int) -> int:
+    return (int(seed) * 1_000_003 + int(step) * 7_919 + 12_345) % (2**63 - 1)
+
+
+def _train_signature(data: TrainingData, params: ScoreModelParams, arch: dict, loss: str) -> dict:
+    return {
+        "fingerprint": data.fingerprint,
+        "cell_type_key": data.cell_type_key,
+        "genes_sha256": hashlib.sha256("\x1f".join(data.genes).encode()).hexdigest(),
+        "target_sum": data.target_sum,
+        "loss": loss,
+        **arch,
+        **{k: getattr(params, k) for k in _TRAIN_KEYS},
+    }
+
+
+def _opt_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, st in opt.state_dict()["state"].items():
+        for name, v in st.items():
+            out[f"opt.{i}.{name}"] = torch.as_tensor(v)
+    return out
+
+
+def _load_opt(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    sd = opt.state_dict()
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, i, name = k.split(".", 2)
+            state.setdefault(int(i), {})[name] = v
+    sd["state"] = state
+    opt.load_state_dict(sd)
+
+
+def fit_score_model(
+    data: TrainingData,
+    params: ScoreModelParams,
+    out_dir=None,
+    device="cpu",
+    log: Callable[[str], None] = print,
+    max_steps: int | None = None,
+    *,
+    loss: Literal["l1", "l2"] = "l2",
+    n_fourier: int = 16,
+    skip: Literal["gaussian", "zi_gaussian"] = "gaussian",
+    log_every: int = 200,
+    on_step: Callable[[int, float], None] | None = None,
+) -> ScoreModel:
+    """Denoising score matching on prepared data (see :func:`train_score_model`)."""
+    if loss not in ("l1", "l2"):
+        raise ValueError(f"loss must be 'l1' or 'l2', found {loss!r}")
+    if params.sigma_end >= params.sigma_begin:
+        raise ValueError(f"sigma_end ({params.sigma_end}) must be < sigma_begin ({params.sigma_begin})")
+    device = torch.device(device)
+    arch = {
+        "kind": "residual_mlp_film",
+        "hidden": params.hidden,
+        "n_blocks": params.n_blocks,
+        "n_fourier": n_fourier,
+        "skip": skip,
+        "n_genes": len(data.genes),
+        "n_types": len(data.cell_types),
+    }
+    stats = data.net_stats()
+    torch.manual_seed(params.seed)  # initial weights
+    net = ScoreNet(
+        stats,
+        params.sigma_begin,
+        params.sigma_end,
+        hidden=params.hidden,
+        n_blocks=params.n_blocks,
+        n_fourier=n_fourier,
+        skip=skip,
+    ).to(device)
+    ema = ScoreNet(
+        stats,
+        params.sigma_begin,
+        params.sigma_end,
+        hidden=params.hidden,
+        n_blocks=params.n_blocks,
+        n_fourier=n_fourier,
+        skip=skip,
+    ).to(device)
+    ema.load_state_dict(net.state_dict())
+    ema.eval().requires_grad_(False)
+    opt = torch.optim.Adam(net.parameters(), lr=params.lr)
+    n_params = sum(p.numel() for p in net.parameters())
+    signature = _train_signature(data, params, arch, loss)
+
+    step = 0
+    state_path = Path(out_dir) / STATE_FILE if out_dir is not None else None
+    if state_path is not None and state_path.is_file():
+        with safe_open(str(state_path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        saved = json.loads(meta.get("signature", "{}"))
+        if saved == signature:
+            tensors = load_file(str(state_path), device="cpu")  # load_state_dict moves them to the params
+            net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+            ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+            _load_opt(opt, tensors)
+            step = int(meta["step"])
+            log(f"score model: resuming from step {step} saved in {state_path}")
+        else:
+            diff = sorted(k for k in set(saved) | set(signature) if saved.get(k) != signature.get(k))
+            log(f"score model: ignoring the training state in {state_path} (it differs in {diff}); starting over")
+
+    sigmas = _geometric_sigmas(params.sigma_begin, params.sigma_end, params.n_sigmas).to(device)
+    x_all = torch.from_numpy(data.residual.astype(np.float32)).to(device)
+    t_all = torch.from_numpy(data.type_idx.astype(np.int64)).to(device)
+    n, n_genes = x_all.shape
+    stop = params.train_steps if max_steps is None else min(params.train_steps, int(max_steps))
+    use_amp = params.mixed_precision and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    ema_params, net_params = list(ema.parameters()), list(net.parameters())
+
+    def save_all(at_step: int) -> ScoreModel:
+        model = ScoreModel(_clone_net(ema), _model_config(data, params, arch, loss, at_step, n_params), device)
+        if out_dir is not None:
+            tensors = {f"net.{k}": v for k, v in net.state_dict().items()}
+            tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
+            tensors |= _opt_tensors(opt)
+            _atomic_save_safetensors(
+                tensors, state_path, {"step": str(at_step), "signature": json.dumps(signature, sort_keys=True)}
+            )
+            model.save(out_dir)
+        return model
+
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    net.train()
+    t0, run_loss, n_run, start_step = time.perf_counter(), 0.0, 0, step
+    while step < stop:
+        g = torch.Generator(device=device).manual_seed(_step_seed(params.seed, step))
+        idx = torch.randint(n, (params.batch_size,), generator=g, device=device)
+        lev = torch.randint(len(sigmas), (params.batch_size,), generator=g, device=device)
+        e = torch.randn(params.batch_size, n_genes, generator=g, device=device)
+        sig = sigmas[lev]
+        x = x_all[idx]
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+            out = net(x + sig[:, None] * e, t_all[idx], sig)
+        r = out.float() + e
+        loss_v = r.abs().mean() if loss == "l1" else (r * r).mean()
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss_v).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(net_params, params.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        step += 1
+        decay = min(params.ema_decay, (1 + step) / (10 + step))  # warm-up so short runs are not stuck at init
+        with torch.no_grad():
+            for pe, p in zip(ema_params, net_params):
+                pe.lerp_(p, 1 - decay)
+        lv = float(loss_v.detach())
+        run_loss, n_run = run_loss + lv, n_run + 1
+        if on_step is not None:
+            on_step(step, lv)
+        if step % log_every == 0 or step == stop:
+            rate = (step - start_step) / max(time.perf_counter() - t0, 1e-9)
+            log(f"score model: step {step}/{params.train_steps} loss {run_loss / n_run:.4f} ({rate:.1f} steps/s)")
+            run_loss, n_run = 0.0, 0
+        if out_dir is not None and step % params.save_every == 0 and step < stop:
+            save_all(step)
+    return save_all(step)
+
+
+def _clone_net(net: ScoreNet) -> ScoreNet:
+    clone = ScoreNet(
+        {k: getattr(net, k) for k in ScoreNet.STATS},
+        1.0,
+        0.5,
+        hidden=net.out.in_features,
+        n_blocks=len(net.blocks),
+        n_fourier=net.freqs.numel(),
+        skip=net.skip,
+    )
+    clone.load_state_dict(net.state_dict())
+    return clone.to(net.type_means.device).eval().requires_grad_(False)
+
+
+def train_score_model(
+    reference: AnnData,
+    cell_type_key: str,
+    params: ScoreModelParams,
+    out_dir,
+    device="cpu",
+    log: Callable[[str], None] = print,
+    max_steps: int | None = None,
+    **kwargs,
+) -> ScoreModel:
+    """Prepare the reference and train (or resume training of) its score model into ``out_dir``.
+
+    Resumes from ``out_dir/train_state.safetensors`` when it was written for the same reference fingerprint and
+    training configuration; stops after ``params.train_steps`` steps in all (or at step ``max_steps`` if given,
+    resumable later). Keyword arguments: ``target_sum``, ``genes`` (see :func:`prepare_training_data`) and
+    ``loss``, ``n_fourier``, ``skip``, ``log_every``, ``on_step`` (see :func:`fit_score_model`).
+    """
+    prep_kw = {k: kwargs.pop(k) for k in ("target_sum", "genes") if k in kwargs}
+    data = prepare_training_data(reference, cell_type_key, params, **prep_kw)
+    log(
+        f"score model: {len(data.x)} cells, {len(data.genes)} genes ({data.gene_selection}), "
+        f"{len(data.cell_types)} types of '{cell_type_key}', target sum {data.target_sum:g}"
+    )
+    return fit_score_model(data, params, out_dir, device=device, log=log, max_steps=max_steps, **kwargs)

@@ -1,0 +1,69 @@
+"""Reading inputs and writing stores.
+
+* Readers (:func:`read_spatial`, :func:`read_image`, ...): ``.h5ad``, AnnData ``.zarr`` and Space Ranger folders;
+  TIFF images lazily (a whole slide is never loaded twice), jpg / png; validation of counts, coordinates, scale
+  factors and image coverage, with errors naming the file, the field and what was expected (:class:`InputError`).
+* Stores (:func:`write_anndata`, :func:`read_anndata`, ...): AnnData zarr, DataFrames and chunked arrays written
+  atomically (a temporary sibling renamed into place; a completion marker in the zarr attributes), so a store is
+  either whole or absent.
+"""
+
+from ._readers import (
+    InputError,
+    check_image_covers_spots,
+    count_spots,
+    image_shape,
+    library_id,
+    read_image,
+    read_spatial,
+    require_columns,
+    scalefactors,
+    validate_counts,
+    validate_spatial,
+)
+from ._samples import SlideInputs, load_reference, load_slide
+from ._stores import (
+    atomic_path,
+    describe,
+    disk_size,
+    is_complete,
+    read_anndata,
+    read_arrays,
+    read_attrs,
+    read_dataframe,
+    store_path,
+    write_anndata,
+    write_arrays,
+    write_dataframe,
+    write_directory,
+)
+
+__all__ = [
+    "InputError",
+    "SlideInputs",
+    "atomic_path",
+    "check_image_covers_spots",
+    "count_spots",
+    "describe",
+    "disk_size",
+    "image_shape",
+    "is_complete",
+    "library_id",
+    "load_reference",
+    "load_slide",
+    "read_anndata",
+    "read_arrays",
+    "read_attrs",
+    "read_dataframe",
+    "read_image",
+    "read_spatial",
+    "require_columns",
+    "scalefactors",
+    "store_path",
+    "validate_counts",
+    "validate_spatial",
+    "write_anndata",
+    "write_arrays",
+    "write_dataframe",
+    "write_directory",
+]

@@ -1,0 +1,57 @@
+"""Input assets: a reference (per reference partition) and a sample's slide and image (per sample partition)."""
+
+import dagster as dg
+
+from .. import io as sio
+from .code_versions import code_version
+from .metadata import Report
+from .partitions import references_partitions, samples_partitions
+from .resources import CPU_OP_TAGS, ProjectResource
+
+
+@dg.asset(
+    partitions_def=references_partitions,
+    group_name="inputs",
+    code_version=code_version("reference_data"),
+    kinds={"anndata", "zarr"},
+    op_tags=CPU_OP_TAGS,
+)
+def reference_data(context: dg.AssetExecutionContext, project: ProjectResource) -> dg.MaterializeResult:
+    """A scRNA-seq reference: raw counts and cell types, validated and stored as AnnData zarr."""
+    ref = project.reference(context.partition_key)
+    adata = sio.load_reference(ref.path, ref.cell_type_key)
+    path = sio.write_anndata(adata, project.stores.reference(ref.name), info={"source": str(ref.path)})
+    types = adata.obs[ref.cell_type_key].astype(str).value_counts()
+    report = Report(context.log.warning)
+    report.value(cells=adata.n_obs, genes=adata.n_vars, cell_types=len(types), cell_type_key=ref.cell_type_key)
+    report.table("cells_per_type", types.to_frame("cells").to_markdown())
+    report.store(path)
+    report.details(source=str(ref.path))
+    return report.result()
+
+
+@dg.asset(
+    partitions_def=samples_partitions,
+    group_name="inputs",
+    code_version=code_version("slide_inputs"),
+    kinds={"anndata", "zarr"},
+    op_tags=CPU_OP_TAGS,
+)
+def slide_inputs(context: dg.AssetExecutionContext, project: ProjectResource) -> dg.MaterializeResult:
+    """A sample's spot counts (AnnData zarr) and H&E image (chunked zarr), validated: counts, coordinates,
+    scale factors, and that the image covers the spots."""
+    s = project.sample(context.partition_key)
+    loaded = sio.load_slide(s.spatial, s.platform, s.image, name=s.name)
+    loaded.slide.uns["sample"].update(z=s.z, slices=s.slices or "none")
+    report = Report(context.log.warning)
+    report.value(**loaded.info)
+    if loaded.image is not None:
+        ipath = sio.write_arrays(
+            {"image": loaded.image},
+            project.stores.slide_image(s.name),
+            chunks=(1024, 1024, 3),
+            attrs={"source": str(s.image)},
+        )
+        report.store(ipath, "image_")
+    report.store(sio.write_anndata(loaded.slide, project.stores.slide(s.name)))
+    return report.result()

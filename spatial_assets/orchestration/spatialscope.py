@@ -1,0 +1,388 @@
+"""SpatialScope's assets: segmented slide -> typed cells -> (score checkpoint) -> decomposed cells per spot range
+-> decomposed cells per sample, with their checks. Thin wiring: read stores, call one science function, write
+stores atomically, report metadata."""
+
+import json
+import time
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+
+from .. import celltyping, decomposition, generative, pl, segmentation
+from .. import io as sio
+from ..constants import UNASSIGNED, Platform
+from .code_versions import code_version
+from .metadata import Report
+from .partitions import decomposition_partitions, range_bounds, references_partitions, samples_partitions
+from .resources import CPU_OP_TAGS, GPU_OP_TAGS, ComputeResource, ProjectResource
+
+GPU_RETRY = dg.RetryPolicy(max_retries=2, delay=5)
+# Keep downstream assets up to date when a reference, a checkpoint or typed cells change (declarative automation,
+# evaluated by Dagster's default automation-condition sensor once it is turned on in the UI).
+EAGER = dg.AutomationCondition.eager()
+BY_SAMPLE = dg.MultiToSingleDimensionPartitionMapping("sample")
+
+
+def _device(compute: ComputeResource, context, report: Report) -> str:
+    dev, warn = compute.device(context)
+    report.value(device=dev)
+    if warn:
+        report.value(device_warning=warn)
+    return dev
+
+
+def _require(path, asset: str, sample: str, needed_by: str) -> None:
+    if not sio.is_complete(path):
+        raise FileNotFoundError(
+            f"{path}: {asset} of sample '{sample}' is not materialized (needed by {needed_by}: "
+            f"materialize {asset} first)"
+        )
+
+
+# -------------------------------------------------------------------------------------------------------------
+# segmented slide
+# -------------------------------------------------------------------------------------------------------------
+@dg.asset(
+    partitions_def=samples_partitions,
+    group_name="spatialscope",
+    deps=["slide_inputs"],
+    code_version=code_version("segmented_slide"),
+    kinds={"stardist", "zarr"},
+    op_tags=GPU_OP_TAGS,
+    pool="gpu",
+    retry_policy=GPU_RETRY,
+)
+def segmented_slide(
+    context: dg.AssetExecutionContext, project: ProjectResource, compute: ComputeResource
+) -> dg.MaterializeResult:
+    """SpatialScope step 1: nuclei segmentation of the H&E (StarDist or watershed) -> label image (zarr),
+    cells with positions and spot, cells per spot, spot QC. Image-free platforms: one cell per spot."""
+    s = project.sample(context.partition_key)
+    report = Report(context.log.warning)
+    slide = sio.read_anndata(project.stores.slide(s.name))
+    image = None
+    if s.image is not None and not s.platform.image_free:
+        _device(compute, context, report)
+        image = sio.read_arrays(project.stores.slide_image(s.name), ["image"], lazy=True)["image"]
+    t0 = time.time()
+    res = segmentation.segment_sample(slide, image, s.platform, project.params(s.name).segmentation, sample=s.name)
+    out = project.stores.segmented(s.name)
+    with sio.atomic_path(out.folder) as tmp:
+        tmp.mkdir(parents=True)
+        t = out.inside(tmp)
+        if res.labels is not None:
+            sio.write_arrays({"labels": res.labels}, t.labels, chunks=(1024, 1024), attrs={"info": res.info})
+        sio.write_dataframe(res.cells, t.cells)
+        sio.write_dataframe(res.spots, t.spots, info={"summary": res.summary})
+    if res.labels is not None:
+        report.figure(
+            "qc_figure",
+            lambda: pl.segmentation_qc(
+                image, res.labels, res.spots, segmentation.spot_diameter_px(slide), cells=res.cells
+            ),
+        )
+    report.value(method=res.info.get("method"), seconds=round(time.time() - t0, 1), cells=len(res.cells), **res.summary)
+    report.folder(out.folder)
+    report.store(out.cells, "cells_")
+    if res.labels is not None:
+        report.store(out.labels, "labels_")
+    report.details(**res.info)
+    return report.result()
+
+
+@dg.asset_check(
+    asset=segmented_slide,
+    blocking=True,
+    description="cells per spot within 0..max_cells_per_spot and at least one spot with cells",
+)
+def cells_per_spot_in_range(context: dg.AssetCheckExecutionContext, project: ProjectResource):
+    sample = context.partition_key
+    spots = sio.read_dataframe(project.stores.segmented(sample).spots)
+    cap = project.params(sample).segmentation.max_cells_per_spot
+    n = spots["n_cells"].to_numpy()
+    ok = bool((n >= 0).all() and (n <= cap).all() and (n > 0).any())
+    return dg.AssetCheckResult(
+        passed=ok,
+        metadata={
+            "max_cells_per_spot": int(n.max()) if len(n) else 0,
+            "fraction_spots_with_cells": float((n > 0).mean()) if len(n) else 0.0,
+        },
+    )
+
+
+# -------------------------------------------------------------------------------------------------------------
+# typed cells
+# -------------------------------------------------------------------------------------------------------------
+def _typing_inputs(project: ProjectResource, sample: str) -> tuple:
+    """A sample's slide and segmented cells as cell typing sees them (QC-passing spots, integer counts)."""
+    seg = project.stores.segmented(sample)
+    _require(project.stores.slide(sample), "slide_inputs", sample, "typed_cells")
+    _require(seg.cells, "segmented_slide", sample, "typed_cells")
+    slide = sio.read_anndata(project.stores.slide(sample))
+    cells = sio.read_dataframe(seg.cells)
+    spots = sio.read_dataframe(seg.spots)
+    s = project.sample(sample)
+    slide, cells, _ = celltyping.typing_inputs(slide, cells, spots, s.platform)
+    return slide, cells
+
+
+@dg.asset(
+    partitions_def=samples_partitions,
+    group_name="spatialscope",
+    deps=["segmented_slide", "slide_inputs", dg.AssetDep("reference_data", partition_mapping=dg.AllPartitionMapping())],
+    code_version=code_version("typed_cells"),
+    kinds={"anndata", "zarr"},
+    op_tags=CPU_OP_TAGS,
+    automation_condition=EAGER,
+)
+def typed_cells(context: dg.AssetExecutionContext, project: ProjectResource) -> dg.MaterializeResult:
+    """SpatialScope step 2: RCTD spot deconvolution (Poisson-lognormal), a type per segmented cell with a Potts
+    prior, and the gene-wise platform effect. Samples sharing ``slices`` are typed jointly, in 3D."""
+    s = project.sample(context.partition_key)
+    ref = project.reference_of(s.name)
+    params = project.params(s.name)
+    reference = sio.read_anndata(project.stores.reference(ref.name))
+    slide, cells = _typing_inputs(project, s.name)
+    group = project.slices_group(s.slices) if s.slices else []
+    report = Report(context.log.warning)
+    report.value(platform=s.platform.value, typing_mode="doublet" if s.platform.value == Platform.SLIDESEQ else "full")
+    t0 = time.time()
+    kw = {"class_key": ref.class_key, "max_cells_per_spot": params.segmentation.max_cells_per_spot}
+    if len(group) > 1:
+        slices = {t.name: (slide, cells) if t.name == s.name else _typing_inputs(project, t.name) for t in group}
+        res, ginfo = celltyping.type_slice_jointly(
+            s.name,
+            slices,
+            {t.name: t.z for t in group},
+            {t.name: t.platform for t in group},
+            reference,
+            ref.cell_type_key,
+            params.cell_typing,
+            **kw,
+        )
+        report.value(slices_group=s.slices, **ginfo)
+    else:
+        res = celltyping.type_sample(
+            slide, reference, ref.cell_type_key, cells, params.cell_typing, platform=s.platform, **kw
+        )
+    out = project.stores.typed(s.name)
+    with sio.atomic_path(out.folder) as tmp:
+        tmp.mkdir(parents=True)
+        t = out.inside(tmp)
+        sio.write_dataframe(res.cells, t.cells, info={"cell_type_key": ref.cell_type_key})
+        sio.write_dataframe(res.weights, t.weights)
+        sio.write_dataframe(res.platform_effect.rename("estimated_be").to_frame(), t.platform_effect)
+        if res.beads is not None:
+            sio.write_dataframe(res.beads, t.beads)
+    report.figure("cell_types_figure", lambda: pl.cell_types(res.cells))
+    xy = pd.DataFrame(np.asarray(slide.obsm["spatial"])[:, :2], index=slide.obs_names, columns=["x", "y"])
+    report.figure("proportions_figure", lambda: pl.spot_proportions(res.weights, xy.loc[res.weights.index]))
+    report.value(
+        seconds=round(time.time() - t0, 1), cells=len(res.cells), spots=len(res.weights), sigma=float(res.sigma)
+    )
+    report.table("cell_type_counts", res.cells["cell_type"].astype(str).value_counts().to_frame("cells").to_markdown())
+    if res.beads is not None:
+        report.table("bead_classes", res.beads["spot_class"].astype(str).value_counts().to_frame("beads").to_markdown())
+    report.folder(out.folder)
+    report.store(out.cells, "cells_")
+    report.details(**res.info)
+    return report.result()
+
+
+@dg.asset_check(
+    asset=typed_cells, blocking=True, description="spot type proportions sum to 1 and every cell has a known type"
+)
+def proportions_sum_to_one(context: dg.AssetCheckExecutionContext, project: ProjectResource):
+    t = project.stores.typed(context.partition_key)
+    w = sio.read_dataframe(t.weights)
+    cells = sio.read_dataframe(t.cells)
+    sums = w.to_numpy(dtype=float).sum(1)
+    max_dev = float(np.abs(sums - 1).max()) if len(sums) else 0.0
+    unknown = sorted(set(cells["cell_type"].astype(str)) - set(w.columns.astype(str)) - {UNASSIGNED})
+    return dg.AssetCheckResult(
+        passed=max_dev < 1e-4 and not unknown, metadata={"max_abs_deviation": max_dev, "unknown_types": str(unknown)}
+    )
+
+
+# -------------------------------------------------------------------------------------------------------------
+# score checkpoint
+# -------------------------------------------------------------------------------------------------------------
+@dg.asset(
+    partitions_def=references_partitions,
+    group_name="spatialscope",
+    deps=["reference_data"],
+    code_version=code_version("score_checkpoint"),
+    kinds={"pytorch", "safetensors"},
+    op_tags=GPU_OP_TAGS,
+    pool="gpu",
+    retry_policy=GPU_RETRY,
+    automation_condition=EAGER,
+)
+def score_checkpoint(
+    context: dg.AssetExecutionContext, project: ProjectResource, compute: ComputeResource
+) -> dg.MaterializeResult:
+    """A cell-type-conditioned score model of the reference (denoising score matching over a geometric noise
+    schedule). Saved periodically: a restarted materialization resumes from the last saved step. Its generated
+    cells are compared with the reference's beside a per-type Gaussian (``checkpoint_sample_quality``)."""
+    ref = project.reference(context.partition_key)
+    params = project.config.parameters.score_model
+    reference = sio.read_anndata(project.stores.reference(ref.name))
+    report = Report(context.log.warning)
+    dev = _device(compute, context, report)
+    out = project.stores.checkpoint(ref.name)
+    t0 = time.time()
+    model = generative.train_score_model(
+        reference, ref.cell_type_key, params, out.folder, device=dev, log=context.log.info
+    )
+    (out.folder / ".complete").write_text(json.dumps({"complete": True, "written_at": time.time()}))
+    report.value(
+        seconds=round(time.time() - t0, 1),
+        genes=len(model.genes),
+        cell_types=len(model.cell_types),
+        noise_levels=int(len(model.sigmas)),
+        decomposition_step=float(model.decomposition_step),
+    )
+    try:
+        q = generative.checkpoint_quality(model, reference, ref.cell_type_key, params)
+    except Exception as e:
+        q = {"passed": False, "reason": f"quality evaluation failed: {type(e).__name__}: {e}"}
+        context.log.warning(q["reason"])
+    arrays = {k: q.pop(k) for k in ("samples", "real", "type_idx") if k in q}
+    out.quality.write_text(json.dumps(q))
+    if arrays:
+        report.figure(
+            "real_vs_generated",
+            lambda: pl.real_vs_generated(
+                arrays["real"], arrays["type_idx"], arrays["samples"], arrays["type_idx"], model.cell_types
+            ),
+        )
+    report.value(**{f"quality_{k}": v for k, v in q.items() if isinstance(v, (int, float, bool))})
+    report.folder(out.folder)
+    return report.result()
+
+
+@dg.asset_check(
+    asset=score_checkpoint,
+    blocking=True,
+    description="generated pseudo-cells are at least as close to the reference cells as a per-type "
+    "diagonal Gaussian (two-sample AUC and per-type mean correlation, margin 0.05)",
+)
+def checkpoint_sample_quality(context: dg.AssetCheckExecutionContext, project: ProjectResource):
+    q_path = project.stores.checkpoint(context.partition_key).quality
+    if not q_path.exists():
+        return dg.AssetCheckResult(
+            passed=False,
+            description=f"{q_path} missing (evaluation did not run)",
+            metadata={"reason": f"{q_path} missing"},
+        )
+    q = json.loads(q_path.read_text())
+    return dg.AssetCheckResult(
+        passed=bool(q.get("passed")),
+        description=q.get("reason"),
+        metadata={k: v for k, v in q.items() if not isinstance(v, (dict, list))},
+    )
+
+
+# -------------------------------------------------------------------------------------------------------------
+# decomposed cells (sample x spot range) and their combination per sample
+# -------------------------------------------------------------------------------------------------------------
+@dg.asset(
+    partitions_def=decomposition_partitions,
+    group_name="spatialscope",
+    deps=[
+        dg.AssetDep("typed_cells", partition_mapping=BY_SAMPLE),
+        dg.AssetDep("slide_inputs", partition_mapping=BY_SAMPLE),
+        dg.AssetDep("score_checkpoint", partition_mapping=dg.AllPartitionMapping()),
+    ],
+    code_version=code_version("decomposed_cells"),
+    kinds={"anndata", "zarr"},
+    op_tags=GPU_OP_TAGS,
+    pool="gpu",
+    retry_policy=GPU_RETRY,
+    automation_condition=EAGER,
+)
+def decomposed_cells(
+    context: dg.AssetExecutionContext, project: ProjectResource, compute: ComputeResource
+) -> dg.MaterializeResult:
+    """SpatialScope step 3 for one spot range of one sample: annealed Langevin decomposition of each spot's
+    counts into its cells' expression (AnnData zarr per partition)."""
+    keys = context.partition_key.keys_by_dimension
+    sample, rkey = keys["sample"], keys["spot_range"]
+    s = project.sample(sample)
+    ref = project.reference_of(sample)
+    start, stop = range_bounds(rkey, project.config.partitions.spot_range_size)
+    slide = sio.read_anndata(project.stores.slide(sample))
+    typed = project.stores.typed(sample)
+    cells = sio.read_dataframe(typed.cells)
+    pe = sio.read_dataframe(typed.platform_effect)["estimated_be"]
+    ckpt = project.stores.checkpoint(ref.name).folder
+    if not sio.is_complete(ckpt):
+        raise FileNotFoundError(f"{ckpt}: score checkpoint of reference '{ref.name}' is not materialized")
+    report = Report(context.log.warning)
+    dev = _device(compute, context, report)
+    model = generative.ScoreModel.load(ckpt, device=dev)
+    model.check_compatible(cell_type_key=ref.cell_type_key)
+    res = decomposition.decompose_range(
+        slide,
+        cells,
+        model,
+        pe,
+        (start, stop),
+        project.params(sample).decomposition,
+        platform=s.platform,
+        device=dev,
+        log=context.log.info,
+    )
+    path = sio.write_anndata(
+        res.adata, project.stores.decomposed_range(sample, rkey), info={"spot_range": [start, stop]}
+    )
+    report.value(
+        spot_range=f"{start}..{stop - 1}",
+        cells=int(res.adata.n_obs),
+        spots=res.info.get("spots"),
+        reconstruction_rel_error=res.info.get("reconstruction_rel_error"),
+        seconds=res.info.get("seconds_total"),
+    )
+    report.store(path)
+    report.details(**res.info)
+    return report.result()
+
+
+@dg.asset_check(
+    asset=decomposed_cells,
+    blocking=True,
+    description="decomposed cells reconstruct their spots (relative error of spot sums < 0.5)",
+)
+def spot_reconstruction(context: dg.AssetCheckExecutionContext, project: ProjectResource):
+    keys = context.partition_key.keys_by_dimension
+    a = sio.read_anndata(project.stores.decomposed_range(keys["sample"], keys["spot_range"]))
+    info = dict(a.uns.get("decomposition", {}))
+    err = float(info.get("reconstruction_rel_error", np.nan)) if info else np.nan
+    finite = bool(a.n_obs == 0 or np.isfinite(np.asarray(a.X.sum())).all())
+    passed = finite and (a.n_obs == 0 or (np.isfinite(err) and err < 0.5))
+    return dg.AssetCheckResult(passed=passed, metadata={"spot_reconstruction_error": err, "cells": a.n_obs})
+
+
+@dg.asset(
+    partitions_def=samples_partitions,
+    group_name="spatialscope",
+    deps=[dg.AssetDep(decomposed_cells, partition_mapping=BY_SAMPLE)],
+    code_version=code_version("decomposed_cells_by_sample"),
+    kinds={"anndata", "zarr"},
+    op_tags=CPU_OP_TAGS,
+    automation_condition=EAGER,
+)
+def decomposed_cells_by_sample(context: dg.AssetExecutionContext, project: ProjectResource) -> dg.MaterializeResult:
+    """All decomposed spot ranges of a sample combined into one AnnData of every cell."""
+    sample = context.partition_key
+    folder = project.stores.decomposed_ranges(sample)
+    done = {p.stem: p for p in sorted(folder.glob("*.zarr")) if sio.is_complete(p)} if folder.exists() else {}
+    if not done:
+        raise FileNotFoundError(f"{folder}: no decomposed spot range of sample '{sample}' is materialized yet")
+    combined = decomposition.combine_ranges({k: sio.read_anndata(p) for k, p in done.items()})
+    path = sio.write_anndata(combined, project.stores.decomposed(sample))
+    report = Report(context.log.warning)
+    report.value(cells=combined.n_obs, spot_ranges=", ".join(done))
+    report.store(path)
+    return report.result()

@@ -1,0 +1,69 @@
+"""Figures of the decomposition (SpatialScope step 3): a Matplotlib Figure for materialization metadata. No dagster."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import anndata as ad
+import numpy as np
+import scipy.sparse as sp
+from matplotlib.figure import Figure
+
+from ._base import new_figure
+
+
+def _adata(result) -> ad.AnnData:
+    return result.adata if hasattr(result, "adata") else result
+
+
+def decomposition_summary(result, gene: str | None = None) -> Figure:
+    """Three panels: per-spot relative reconstruction error, per-cell replicate spread, and the cells at their
+    positions coloured by one gene's decomposed expression (default: the most variable observed gene)."""
+    a = _adata(result)
+    fig, ax = new_figure(1, 3, figsize=(13, 3.8))
+    if a.n_obs == 0:
+        for x in ax:
+            x.axis("off")
+        ax[1].text(0.5, 0.5, str(a.uns.get("decomposition", {}).get("empty_reason", "no cells")), ha="center")
+        return fig
+    err = a.obs.groupby("spot", observed=True)["spot_rel_error"].first().to_numpy(float)
+    ax[0].hist(err[np.isfinite(err)], bins=30, color="#4c72b0")
+    ax[0].set(xlabel="relative error of spot sums", ylabel="spots", title=f"reconstruction ({len(err)} spots)")
+    spread = a.obs["replicate_spread"].to_numpy(float)
+    ax[1].hist(spread[np.isfinite(spread)], bins=30, color="#dd8452")
+    ax[1].set(xlabel="replicate s.d. of log1p expression (mean over genes)", ylabel="cells", title="replicate spread")
+    X = a.X.toarray() if sp.issparse(a.X) else np.asarray(a.X)
+    if gene is None:
+        obs_genes = a.var["in_slide"].to_numpy(bool) if "in_slide" in a.var else np.ones(a.n_vars, bool)
+        v = np.where(obs_genes, np.nanvar(np.log1p(X), 0), -1)
+        gene = str(a.var_names[int(np.argmax(v))])
+    j = a.var_names.get_loc(gene)
+    sc = ax[2].scatter(a.obs["x"], a.obs["y"], c=np.log1p(X[:, j]), s=6, cmap="viridis")
+    ax[2].invert_yaxis()
+    ax[2].set_aspect("equal")
+    ax[2].set(title=f"decomposed {gene} (log1p)", xticks=[], yticks=[])
+    fig.colorbar(sc, ax=ax[2], fraction=0.046)
+    return fig
+
+
+def truth_comparison(
+    result, truth_scaled: np.ndarray, baseline: np.ndarray | None = None, genes: Sequence[str] | None = None
+) -> Figure:
+    """Decomposed vs true expression (log1p, cells x ``genes`` in the decomposition's scale), with a baseline."""
+    a = _adata(result)
+    X = a.X.toarray() if sp.issparse(a.X) else np.asarray(a.X)
+    cols = slice(None) if genes is None else a.var_names.get_indexer(list(genes))
+    preds = [("decomposed", X[:, cols])] + (
+        [("type-mean baseline", np.asarray(baseline)[:, cols])] if baseline is not None else []
+    )
+    t = np.log1p(np.asarray(truth_scaled)[:, cols]).ravel()
+    fig, ax = new_figure(1, len(preds), figsize=(4.2 * len(preds), 4), squeeze=False)
+    lim = float(np.nanmax(t)) if t.size else 1.0
+    for axis, (name, p) in zip(ax[0], preds):
+        p = np.log1p(np.clip(p, 0, None)).ravel()
+        ok = np.isfinite(p) & np.isfinite(t)
+        r = np.corrcoef(p[ok], t[ok])[0, 1] if ok.sum() > 2 else np.nan
+        axis.scatter(t[ok], p[ok], s=3, alpha=0.3)
+        axis.plot([0, lim], [0, lim], "k--", lw=0.8)
+        axis.set(xlabel="truth (log1p)", ylabel=f"{name} (log1p)", title=f"{name}: r = {r:.3f}")
+    return fig

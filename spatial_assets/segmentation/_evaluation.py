@@ -1,0 +1,33 @@
+"""Segmentation accuracy against a ground-truth label image."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..io._readers import InputError
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# accuracy
+# ---------------------------------------------------------------------------------------------------------------
+def match_f1(pred_labels: np.ndarray, true_labels: np.ndarray, iou: float = 0.5) -> dict:
+    """Instance matching at an IoU threshold (stardist.matching): f1, precision, recall, tp, fp, fn, counts."""
+    from stardist.matching import matching
+
+    pred_labels, true_labels = np.asarray(pred_labels), np.asarray(true_labels)
+    if pred_labels.shape != true_labels.shape:
+        raise InputError(
+            f"match_f1: predicted labels shape {pred_labels.shape} differs from the ground truth's {true_labels.shape}"
+        )
+    m = matching(true_labels.astype(np.int32), pred_labels.astype(np.int32), thresh=iou)
+    return {
+        "f1": float(m.f1),
+        "precision": float(m.precision),
+        "recall": float(m.recall),
+        "tp": int(m.tp),
+        "fp": int(m.fp),
+        "fn": int(m.fn),
+        "n_true": int(m.n_true),
+        "n_pred": int(m.n_pred),
+        "iou": iou,
+    }

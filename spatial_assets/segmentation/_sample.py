@@ -1,0 +1,65 @@
+"""The cells of one sample: nuclei segmentation of its image, or one cell per spot on image-free platforms."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import anndata as ad
+import pandas as pd
+
+from ..constants import Platform
+from ..io._readers import InputError
+from ..params import SegmentationParams
+from ..platforms._imaging import cells_from_spots
+from ._spots import segment_slide
+
+
+@dataclass
+class SampleCells:
+    """Cells of a sample (``cells``: id, x, y, area, spot, ...), spots with their cell counts and QC (``spots``),
+    the label image (None on image-free platforms), and what ran (``info``, ``summary``)."""
+
+    cells: pd.DataFrame
+    spots: pd.DataFrame
+    labels: Any | None
+    summary: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+
+def segment_sample(
+    slide: ad.AnnData,
+    image=None,
+    platform: str | Platform = Platform.VISIUM,
+    params: SegmentationParams | None = None,
+    *,
+    sample: str = "sample",
+    labels_out=None,
+) -> SampleCells:
+    """SpatialScope step 1 for a sample of any platform.
+
+    Visium-like platforms segment the nuclei of ``image`` (:func:`segment_slide`); on image-free platforms
+    (Slide-seq beads, imaged cells) every spot is one cell (:func:`spatial_assets.platforms.cells_from_spots`).
+
+    Raises
+    ------
+    InputError
+        A platform that needs an image has none.
+    """
+    platform = Platform(platform)
+    if platform.image_free:
+        cells, spots, summary = cells_from_spots(slide, platform=platform.value)
+        return SampleCells(
+            cells,
+            spots,
+            None,
+            summary,
+            {"method": "none", "reason": f"{platform.value}: each spot/bead is a cell (no image)"},
+        )
+    if image is None:
+        raise InputError(
+            f"sample '{sample}': platform {platform.value} needs an H&E image (samples[{sample}].image) "
+            "for nuclei segmentation"
+        )
+    res, cells, spots, summary = segment_slide(image, slide, params, labels_out=labels_out)
+    return SampleCells(cells, spots, res.labels, summary, res.info)

@@ -1,0 +1,424 @@
+"""soScope: each spot as the sum of its sub-spots, enhanced by a graph-transformer VAE (Li et al. 2024)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from ..constants import Platform
+from ..metrics import pearson_columns as pearson_per_gene  # this module's public name for it
+from ..params import SoScopeParams
+from . import _features as _ft
+from . import _geometry as _geo
+from ._model import Decoder, SoScopeNet, exp_schedule, image_regulariser, spot_nll, subspot_mean
+
+RNA_NAMES = {"rna", "gene", "genes", "gene expression", "gene_expression", "mrna", "transcript", "transcripts"}
+
+
+PROTEIN_NAMES = {"protein", "proteins", "adt", "antibody capture", "antibody_capture"}
+
+
+KIND_CODE = {"nb": 0, "poisson": 1, "gaussian": 2}
+
+
+@dataclass
+class EnhancementResult:
+    """Sub-spot AnnData (X enhanced profiles; obs spot, subspot, x, y; obsm['spatial']) and the run's info."""
+
+    adata: ad.AnnData
+    info: dict = field(default_factory=dict)
+
+
+def _dense(x) -> np.ndarray:
+    return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float64)
+
+
+def feature_kinds(slide: ad.AnnData, params: SoScopeParams) -> np.ndarray:
+    """Per-feature likelihood code (0 NB, 1 Poisson, 2 Gaussian); 'joint' reads var[params.modality_key]."""
+    g = slide.n_vars
+    if params.likelihood != "joint":
+        return np.full(g, KIND_CODE[params.likelihood], np.int64)
+    key = params.modality_key
+    if key not in slide.var.columns:
+        raise ValueError(
+            f"slide.var['{key}']: missing; likelihood 'joint' needs the modality of every feature "
+            f"(columns found: {list(slide.var.columns)})"
+        )
+    mod = slide.var[key].astype(str).str.strip().str.lower().to_numpy()
+    is_rna, is_prot = np.isin(mod, list(RNA_NAMES)), np.isin(mod, list(PROTEIN_NAMES))
+    unknown = sorted(set(mod[~(is_rna | is_prot)]))
+    if unknown:
+        raise ValueError(
+            f"slide.var['{key}']: unknown modality value(s) {unknown}; expected RNA "
+            f"({sorted(RNA_NAMES)}) or protein ({sorted(PROTEIN_NAMES)})"
+        )
+    return np.where(is_rna, 0, KIND_CODE[params.protein_likelihood]).astype(np.int64)
+
+
+def check_values(x: np.ndarray, kinds: np.ndarray, likelihood: str, name: str = "slide.X") -> None:
+    """Raise if ``x`` has NaN/inf, or count likelihoods meet negative or non-integer values."""
+    bad = ~np.isfinite(x)
+    if bad.any():
+        raise ValueError(
+            f"{name}: {int(bad.sum())} NaN/inf values in {int(bad.any(1).sum())} spots; expected finite values"
+        )
+    counts = kinds != 2
+    if counts.any():
+        xc = x[:, counts]
+        neg = xc < 0
+        frac = np.abs(xc - np.round(xc)) > 1e-6
+        if neg.any() or frac.any():
+            what = []
+            if neg.any():
+                what.append(f"{int(neg.sum())} negative values (min {xc.min():.4g})")
+            if frac.any():
+                what.append(f"{int(frac.sum())} non-integer values (e.g. {xc[frac][0]:.4g})")
+            raise ValueError(
+                f"{name}: likelihood '{likelihood}' needs non-negative integer counts for its count "
+                f"features, found {' and '.join(what)}; use likelihood 'gaussian' for normalised "
+                "or continuous data"
+            )
+
+
+def select_genes(x: np.ndarray, n_genes: int | None) -> np.ndarray:
+    """Indices of the ``n_genes`` most variable features (variance of log1p of library-normalised values)."""
+    g = x.shape[1]
+    if n_genes is None or n_genes >= g:
+        return np.arange(g)
+    lib = x.sum(1, keepdims=True)
+    norm = np.log1p(x / np.where(lib > 0, lib, 1) * np.median(lib[lib > 0]) if (lib > 0).any() else x)
+    return np.sort(np.argsort(-norm.var(0), kind="stable")[:n_genes])
+
+
+def _uns_safe(d):
+    """A copy of ``d`` writable to h5ad / zarr: None -> 'None', tuples -> lists."""
+    if isinstance(d, dict):
+        return {str(k): _uns_safe(v) for k, v in d.items()}
+    if isinstance(d, (list, tuple)):
+        if any(isinstance(v, (dict, list, tuple)) or v is None for v in d):
+            return {str(i): _uns_safe(v) for i, v in enumerate(d)}
+        return np.asarray(d) if len(d) else np.zeros(0)
+    return "None" if d is None else d
+
+
+def conserve_spot_sums(m: np.ndarray, x: np.ndarray, k: int, counts) -> np.ndarray:
+    """Make every spot's K sub-spots sum exactly to the observed spot, keeping the model's split.
+
+    Count features: each sub-spot gets the observed spot value times its share of the model's spot sum (an even
+    split where the model predicts zero for the whole spot). Continuous (Gaussian) features: the spot's residual is
+    spread evenly. ``m``: (N*K, G) model means, spot-major; ``x``: (N, G) observed spots; ``counts``: (G,) bool.
+    """
+    n, g = x.shape
+    mm = m.reshape(n, k, g).astype(np.float64)
+    tot = mm.sum(1, keepdims=True)
+    share = np.where(tot > 0, mm / np.where(tot > 0, tot, 1.0), 1.0 / k)
+    counts = np.broadcast_to(np.asarray(counts, bool).reshape(1, 1, -1), mm.shape)
+    out = np.where(counts, share * x[:, None, :], mm + (x[:, None, :] - tot) / k)
+    return out.reshape(n * k, g).astype(np.float32)
+
+
+def enhance(
+    slide: ad.AnnData,
+    params: SoScopeParams | None = None,
+    platform: str = Platform.VISIUM,
+    image=None,
+    nuclei: pd.DataFrame | None = None,
+    device: str = "cpu",
+    log: Callable[[str], None] | None = None,
+    *,
+    grid_subdivision: int = 3,
+    spot_diameter_px: float | None = None,
+    features: np.ndarray | None = None,
+    beta_start: float = 1e-3,
+    beta_end: float = 1e-3,
+    gamma_start: float = 1.0,
+    gamma_end: float = 0.01,
+    schedule_start_frac: float = 0.5,
+    image_weight: float = 1.0,
+    reg_temperature: float = 5.0,
+    gaussian_scale_vgae: float = 10.0,
+    gaussian_scale: float = 1.0,
+    grad_clip: float = 10.0,
+    subspot_radius: float | None = None,
+    squidpy_feature_set=_ft.SQUIDPY_FEATURES,
+    n_jobs: int = 1,
+    init_decoder_from_vgae: bool = False,
+    n_threads: int | None = None,
+    log_every: int = 50,
+    conserve: bool = False,
+) -> EnhancementResult:
+    """Enhance ``slide`` (spots x features) to sub-spot resolution with soScope.
+
+    ``image``: H&E (H, W, 3) in the slide's full-resolution pixel frame; ``nuclei``: table with x, y, area per
+    segmented nucleus; ``features``: precomputed sub-spot features (N K, F) replacing both. Without any of them
+    the sub-spot features are a positional encoding of the sub-spot offset and W weights physical proximity.
+    ``n_threads``: torch CPU threads for this call (restored afterwards); None keeps the current setting.
+    """
+    if n_threads is None:
+        return _enhance(**locals())
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n_threads))
+    try:
+        return _enhance(**locals())
+    finally:
+        torch.set_num_threads(before)
+
+
+def _enhance(
+    slide,
+    params,
+    platform,
+    image,
+    nuclei,
+    device,
+    log,
+    *,
+    grid_subdivision,
+    spot_diameter_px,
+    features,
+    beta_start,
+    beta_end,
+    gamma_start,
+    gamma_end,
+    schedule_start_frac,
+    image_weight,
+    reg_temperature,
+    gaussian_scale_vgae,
+    gaussian_scale,
+    grad_clip,
+    subspot_radius,
+    squidpy_feature_set,
+    n_jobs,
+    init_decoder_from_vgae,
+    n_threads,
+    log_every,
+    conserve,
+    **_,
+) -> EnhancementResult:
+    params = SoScopeParams() if params is None else params
+    if not isinstance(params, SoScopeParams):
+        raise ValueError(f"params: expected SoScopeParams, found {type(params).__name__}")
+    if not isinstance(slide, ad.AnnData):
+        raise ValueError(f"slide: expected an AnnData (spots x features), found {type(slide).__name__}")
+    if slide.n_obs < 2 or slide.n_vars < 1:
+        raise ValueError(f"slide: expected >= 2 spots and >= 1 feature, found {slide.n_obs} x {slide.n_vars}")
+    say = log or (lambda m: None)
+    t_start = time.perf_counter()
+
+    kinds_all = feature_kinds(slide, params)
+    x_all = _dense(slide.X)
+    check_values(x_all, kinds_all, params.likelihood)
+    gidx = select_genes(x_all, params.n_genes)
+    x_np, kinds = x_all[:, gidx], kinds_all[gidx]
+    var = slide.var.iloc[gidx].copy()
+
+    geom = _geo.build_subspots(slide, platform, grid_subdivision, spot_diameter_px, n_subspots=params.n_subspots)
+    isolated = _geo.check_spot_graph(geom.spot_edges, geom.n_spots, platform, geom.spot_pitch_px)
+    if len(isolated):
+        say(f"soScope: {len(isolated)} isolated spot(s) without neighbours (encoded from their own profile only)")
+    n, k, g = geom.n_spots, geom.n_sub, x_np.shape[1]
+    nk = n * k
+
+    # sub-spot features Y and similarity graph W
+    if features is not None:
+        y_np = np.asarray(features, dtype=np.float64)
+        if y_np.ndim != 2 or y_np.shape[0] != nk:
+            raise ValueError(
+                f"features: expected ({nk}, F) = one row per sub-spot ({n} spots x {k}), found shape {y_np.shape}"
+            )
+        y_np = _ft.standardise(y_np, "features")
+        fdesc = {"image": "precomputed features", "nuclei": False, "n_features": int(y_np.shape[1])}
+    else:
+        y_np, fdesc = _ft.image_features(
+            image, geom, nuclei, params, squidpy_feature_set=squidpy_feature_set, n_jobs=n_jobs
+        )
+    uses_image = fdesc["image"] != "none (positional encoding of sub-spot offsets)" or fdesc["nuclei"]
+    w_edges = _geo.subspot_graph(geom, subspot_radius)
+    w_dist = _geo.edge_distances(y_np if uses_image else geom.positions, w_edges)
+    w_weight = _geo.kernel_weights(w_dist, params.scale_kernel)
+
+    # spot graph A: kernel of expression distance between neighbouring spots
+    enc_np = np.where(kinds[None, :] != 2, np.log1p(np.maximum(x_np, 0)), x_np)
+    a_weight = _geo.kernel_weights(_geo.edge_distances(enc_np, geom.spot_edges), params.scale_kernel)
+
+    # ---- tensors ----------------------------------------------------------------------------------------------
+    torch.manual_seed(params.seed)
+    dev = torch.device(device)
+    gen = torch.Generator(device=dev).manual_seed(params.seed)
+    f32 = torch.float32
+    x = torch.as_tensor(x_np, dtype=f32, device=dev)
+    enc_in = torch.as_tensor(enc_np, dtype=f32, device=dev)
+    y = torch.as_tensor(y_np, dtype=f32, device=dev)
+    y_spot = y.view(n, k, -1).mean(1)
+    kind_t = torch.as_tensor(kinds, device=dev)
+    e = torch.as_tensor(geom.spot_edges.T, dtype=torch.long, device=dev)
+    edge_index = torch.cat([e, e.flip(0)], 1)
+    a_w = torch.as_tensor(np.concatenate([a_weight, a_weight]), dtype=f32, device=dev)
+    w_e = torch.as_tensor(w_edges, dtype=torch.long, device=dev)
+    w_w = torch.as_tensor(w_weight, dtype=f32, device=dev)
+    parent = torch.as_tensor(geom.parent, dtype=torch.long, device=dev)
+
+    gmean = x.mean(0)
+    counts = kind_t != 2
+
+    def offset_for(kk: int):
+        return torch.where(counts, torch.log(torch.clamp(gmean / kk, min=1e-4)), gmean / kk)
+
+    off1, offk = offset_for(1), offset_for(k)
+    net = SoScopeNet(g, y.shape[1], params.hidden, params.z_dim, params.heads).to(dev)
+    vgae_decoder = Decoder(params.z_dim, y.shape[1], g, params.hidden).to(dev)
+
+    def encode(sample: bool):
+        mu, s = net.encoder(enc_in, edge_index, a_w)
+        z = mu + s * torch.randn(mu.shape, generator=gen, device=dev) if sample else mu
+        kl = 0.5 * (mu**2 + s**2 - 1.0 - 2.0 * torch.log(s)).sum(1).mean()
+        return z, kl
+
+    def theta():
+        return torch.nn.functional.softplus(net.log_theta) + 1e-4
+
+    history: dict[str, list] = {"vgae_loss": [], "loss": [], "recon": [], "kl": [], "reg": []}
+
+    # ---- stage 1: spot-level variational graph autoencoder (K = 1) --------------------------------------------
+    opt = torch.optim.Adam(list(net.parameters()) + list(vgae_decoder.parameters()), lr=params.lr_vgae)
+    t0 = time.perf_counter()
+    for ep in range(params.vgae_epochs):
+        opt.zero_grad(set_to_none=True)
+        z, kl = encode(True)
+        mean = subspot_mean(vgae_decoder(z, y_spot, 1, off1), kind_t)
+        recon = spot_nll(x, mean, kind_t, theta(), gaussian_scale_vgae).sum(1).mean()
+        beta = exp_schedule(ep, params.vgae_epochs, beta_start, beta_end, schedule_start_frac)
+        loss = recon + beta * kl
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+        opt.step()
+        history["vgae_loss"].append(float(loss.detach()))
+        if log_every and (ep + 1) % log_every == 0:
+            say(f"soScope VGAE epoch {ep + 1}/{params.vgae_epochs}: loss {float(loss.detach()):.4g}")
+    sec_vgae = (time.perf_counter() - t0) / max(params.vgae_epochs, 1)
+
+    # ---- stage 2: soScope (sub-spots), encoder (and optionally decoder) initialised by the VGAE ---------------
+    if init_decoder_from_vgae and params.vgae_epochs > 0:
+        net.decoder.load_state_dict(vgae_decoder.state_dict())
+    opt = torch.optim.Adam(net.parameters(), lr=params.lr)
+    n_w = len(w_edges)
+    n_neg = params.negative_edges_per_edge * n_w
+    t0, c0 = time.perf_counter(), time.process_time()
+    for ep in range(params.epochs):
+        opt.zero_grad(set_to_none=True)
+        z, kl = encode(True)
+        m = subspot_mean(net.decoder(z[parent], y, k, offk), kind_t)  # (NK, G)
+        spot_mean = m.view(n, k, g).sum(1)  # block sum as a reshape
+        recon = spot_nll(x, spot_mean, kind_t, theta(), gaussian_scale).sum(1).mean()
+        beta = exp_schedule(ep, params.epochs, beta_start, beta_end, schedule_start_frac)
+        gamma = exp_schedule(ep, params.epochs, gamma_start, gamma_end, schedule_start_frac)
+        loss = recon + beta * kl
+        reg = torch.zeros((), device=dev)
+        if n_w and image_weight > 0:
+            if bool(counts.all()):
+                resid = torch.log1p(m).view(n, k, g) - torch.log1p(x / k)[:, None, :]
+            else:
+                base = torch.where(counts, torch.log1p(x / k), x / k)[:, None, :]
+                resid = torch.where(counts, torch.log1p(m.clamp(min=0)), m).view(n, k, g) - base
+            neg = torch.randint(0, nk, (2, n_neg), generator=gen, device=dev)
+            reg = image_regulariser(resid.reshape(nk, g), w_e, w_w, neg[0], neg[1], reg_temperature) / n
+            loss = loss + image_weight * gamma * reg
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+        opt.step()
+        history["loss"].append(float(loss.detach()))
+        history["recon"].append(float(recon.detach()))
+        history["kl"].append(float(kl.detach()))
+        history["reg"].append(float(reg.detach()))
+        if log_every and (ep + 1) % log_every == 0:
+            say(
+                f"soScope epoch {ep + 1}/{params.epochs}: loss {float(loss.detach()):.4g} (recon {float(recon.detach()):.4g}, "
+                f"kl {float(kl.detach()):.4g}, image {float(reg.detach()):.4g}) {time.perf_counter() - t0:.1f}s"
+            )
+    sec_main = (time.perf_counter() - t0) / max(params.epochs, 1)
+    cpu_main = (time.process_time() - c0) / max(params.epochs, 1)
+
+    # ---- inference: posterior mean z, likelihood mean per sub-spot --------------------------------------------
+    net.eval()
+    with torch.no_grad():
+        z, _ = encode(False)
+        m = subspot_mean(net.decoder(z[parent], y, k, offk), kind_t)
+        m = torch.where(counts, m.clamp(min=0), m)
+    m_np = m.cpu().numpy().astype(np.float32)
+    spot_sum = m_np.reshape(n, k, g).sum(1).astype(np.float64)
+    rel_err = float(np.abs(spot_sum - x_np).sum() / max(np.abs(x_np).sum(), 1e-12))
+    r_spot = pearson_per_gene(spot_sum, x_np)
+    conserved = conserve_spot_sums(m_np, x_np, k, counts.cpu().numpy())
+
+    obs = pd.DataFrame(
+        {
+            "spot": geom.spot_names[geom.parent],
+            "subspot": geom.k.astype(np.int64),
+            "spot_index": geom.parent.astype(np.int64),
+            "x": geom.positions[:, 0],
+            "y": geom.positions[:, 1],
+        },
+        index=pd.Index([f"{s}_{j}" for s, j in zip(geom.spot_names[geom.parent], geom.k)]),
+    )
+    # X: the likelihood mean (soScope's output, denoised); layers['conserved']: the same split rescaled so each
+    # spot's sub-spots sum exactly to the observed spot (X of the conserved layer when ``conserve``).
+    out = ad.AnnData(X=conserved if conserve else m_np, obs=obs, var=var)
+    out.layers["model_mean"] = m_np
+    out.layers["conserved"] = conserved
+    out.obsm["spatial"] = geom.positions.copy()
+    every = max(1, max(params.epochs, params.vgae_epochs) // 200)
+    info = {
+        "method": "soScope",
+        "seed": params.seed,
+        "params": params.model_dump(),
+        "platform": platform,
+        "likelihood": params.likelihood,
+        "n_spots": n,
+        "subspots_per_spot": k,
+        "n_subspots": nk,
+        "n_features": g,
+        "feature_likelihoods": {nm: int((kinds == c).sum()) for nm, c in KIND_CODE.items()},
+        "image_features_used": bool(uses_image),
+        "features": fdesc,
+        "w_graph": {
+            "edges": int(n_w),
+            "negatives_per_epoch": int(n_neg),
+            "weights_from": "sub-spot feature distance" if uses_image else "physical distance (no image)",
+        },
+        "spot_graph_edges": int(len(geom.spot_edges)),
+        "isolated_spots": int(len(isolated)),
+        "isolated_spot_names": geom.spot_names[isolated][:50].tolist(),
+        "spot_diameter_px": geom.spot_diameter_px,
+        "spot_pitch_px": geom.spot_pitch_px,
+        "vgae_epochs": params.vgae_epochs,
+        "epochs": params.epochs,
+        "seconds_per_epoch_vgae": sec_vgae,
+        "seconds_per_epoch": sec_main,
+        "cpu_seconds_per_epoch": cpu_main,
+        "seconds_total": time.perf_counter() - t_start,
+        "final_loss": {kk_: (v[-1] if v else None) for kk_, v in history.items()},
+        "loss_history_every": every,
+        "loss_history": {kk_: v[::every] for kk_, v in history.items()},
+        "spot_reconstruction_rel_l1": rel_err,
+        "conserved_spot_sums": bool(conserve),
+        "spot_reconstruction_median_gene_r": float(np.nanmedian(r_spot)) if np.isfinite(r_spot).any() else None,
+        "schedules": {
+            "beta": [beta_start, beta_end],
+            "gamma_image": [gamma_start, gamma_end],
+            "start_frac": schedule_start_frac,
+        },
+        "image_weight": image_weight,
+        "reg_temperature": reg_temperature,
+        "gaussian_scale": [gaussian_scale_vgae, gaussian_scale],
+        "device": str(dev),
+    }
+    out.uns["soscope"] = _uns_safe(info)
+    say(f"soScope: {nk} sub-spots x {g} features, spot reconstruction rel. L1 {rel_err:.3f}, {sec_main:.3f} s/epoch")
+    return EnhancementResult(adata=out, info=info)

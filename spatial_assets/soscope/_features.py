@@ -1,0 +1,190 @@
+"""Features per sub-spot: nuclei counts and areas, squidpy image features, CNN features, positional encodings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .. import geometry
+from ..constants import Platform
+from ._geometry import SubspotGeometry
+
+SQUIDPY_FEATURES = ("summary", "histogram", "texture")
+
+
+def positional_features(geom: SubspotGeometry, n_freq: int = 2) -> np.ndarray:
+    """Positional encoding of each sub-spot's offset from its spot centre (no image): (N K, 2 + 4 n_freq)."""
+    rel = geom.offsets / max(float(np.abs(geom.offsets).max()), 1e-12)  # in [-1, 1]
+    enc = [rel]
+    for f in range(n_freq):
+        enc += [np.sin(np.pi * 2**f * rel / 2), np.cos(np.pi * 2**f * rel / 2)]
+    per_k = np.concatenate(enc, 1)
+    return np.tile(per_k, (geom.n_spots, 1)).astype(np.float32)
+
+
+def standardise(features: np.ndarray, name: str = "features") -> np.ndarray:
+    """Column z-scores (constant columns -> 0); raises on NaN / inf naming ``name``."""
+    f = np.asarray(features, dtype=np.float64)
+    bad = ~np.isfinite(f)
+    if bad.any():
+        r, c = np.nonzero(bad)
+        raise ValueError(
+            f"{name}: {int(bad.sum())} NaN/inf values (first at row {r[0]}, column {c[0]}); expected finite numbers"
+        )
+    sd = f.std(0)
+    return ((f - f.mean(0)) / np.where(sd > 0, sd, 1.0)).astype(np.float32)
+
+
+def _check_image(image) -> np.ndarray:
+    img = np.asarray(image)
+    if img.ndim == 2:
+        img = img[..., None]
+    if img.ndim != 3 or img.shape[2] not in (1, 3, 4):
+        raise ValueError(f"image: expected (H, W) or (H, W, 3) RGB array, found shape {img.shape}")
+    if img.shape[2] == 4:
+        img = img[..., :3]
+    if np.issubdtype(img.dtype, np.floating) and not np.isfinite(img).all():
+        raise ValueError(f"image: {int((~np.isfinite(img)).sum())} NaN/inf pixel values")
+    return img
+
+
+def nuclei_features(nuclei: pd.DataFrame, geom: SubspotGeometry) -> np.ndarray:
+    """Nuclei count and total nucleus area per sub-spot (N K, 2) from a nuclei table with columns x, y, area.
+
+    A nucleus belongs to the spot whose circle contains its centroid (square grids: whose square), then to the
+    nearest sub-spot of that spot (as ``geometry.assign_to_subspots``).
+    """
+    from ..io._readers import require_columns
+
+    require_columns(nuclei, "nuclei", ("x", "y", "area"), "x, y (full-res px) and area (px^2)", ValueError)
+    vals = nuclei[["x", "y", "area"]].to_numpy(dtype=float)
+    if not np.isfinite(vals).all():
+        raise ValueError(f"nuclei: {int((~np.isfinite(vals)).any(1).sum())} rows with NaN/inf in x, y or area")
+    radius = geom.spot_diameter_px / 2 if geom.platform == Platform.VISIUM else geom.spot_pitch_px / np.sqrt(2)
+    spot, _ = geometry.assign_to_spots(vals[:, :2], geom.spot_xy, radius)
+    if geom.platform != Platform.VISIUM:  # square: keep points inside the spot's square only
+        ok = spot >= 0
+        rel = np.abs(vals[ok, :2] - geom.spot_xy[spot[ok]])
+        inside = (rel <= geom.spot_pitch_px / 2 + 1e-9).all(1)
+        spot[np.flatnonzero(ok)[~inside]] = -1
+    sub = geometry.assign_to_subspots(vals[:, :2], spot, geom.spot_xy, geom.offsets)
+    ok = spot >= 0
+    row = spot[ok] * geom.n_sub + sub[ok]
+    nk = geom.n_spots * geom.n_sub
+    count = np.bincount(row, minlength=nk).astype(np.float64)
+    area = np.bincount(row, weights=vals[ok, 2], minlength=nk)
+    return np.stack([count, area], 1)
+
+
+def squidpy_features(
+    image: np.ndarray, geom: SubspotGeometry, features=SQUIDPY_FEATURES, n_jobs: int = 1, patch_scale: float = 1.0
+) -> np.ndarray:
+    """squidpy image features (summary, histogram, texture) of a spot-like patch around every sub-spot.
+
+    Patch diameter: ``patch_scale`` x the sub-spot spacing. Returns (N K, F); NaN entries (e.g. texture
+    correlation of a flat patch) are set to the column mean.
+    """
+    import anndata as ad
+    import squidpy as sq
+
+    img = _check_image(image)
+    a = ad.AnnData(obs=pd.DataFrame(index=pd.Index([str(i) for i in range(len(geom.positions))])))
+    a.obsm["spatial"] = geom.positions.astype(np.float64)
+    a.uns["spatial"] = {"soscope": {"scalefactors": {"spot_diameter_fullres": geom.subspot_diameter_px}}}
+    cont = sq.im.ImageContainer(img, layer="image", dims=("y", "x", "channels"), library_id="soscope")
+    df = sq.im.calculate_image_features(
+        a,
+        cont,
+        features=list(features),
+        copy=True,
+        n_jobs=n_jobs,
+        show_progress_bar=False,
+        spot_scale=patch_scale,
+        library_id="soscope",
+    )
+    f = df.to_numpy(dtype=np.float64)
+    if np.isnan(f).any():
+        col_mean = np.nanmean(np.where(np.isnan(f), np.nan, f), axis=0)
+        f = np.where(np.isnan(f), np.nan_to_num(col_mean)[None, :], f)
+    return f
+
+
+def extract_patches(image: np.ndarray, centres: np.ndarray, size: int) -> np.ndarray:
+    """Square patches (n, size, size, C) centred on ``centres`` (x, y), zero-padded at the borders (vectorised)."""
+    img = _check_image(image)
+    half = size // 2
+    pad = np.pad(img, ((half + 1, half + 1), (half + 1, half + 1), (0, 0)))
+    cx = np.rint(centres[:, 0]).astype(np.int64) + half + 1
+    cy = np.rint(centres[:, 1]).astype(np.int64) + half + 1
+    cx = np.clip(cx, half, pad.shape[1] - half - 1)
+    cy = np.clip(cy, half, pad.shape[0] - half - 1)
+    d = np.arange(size) - half
+    return pad[(cy[:, None, None] + d[None, :, None]), (cx[:, None, None] + d[None, None, :])]
+
+
+def cnn_features(image: np.ndarray, geom: SubspotGeometry, weights_path: str, batch: int = 2048) -> np.ndarray:
+    """Embeddings of each sub-spot's patch by ``soscope_model.SmallCNN`` loaded from a torch state dict file."""
+    import torch
+
+    from ._model import SmallCNN
+
+    try:
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise ValueError(f"cnn_weights: file '{weights_path}' not found") from e
+    img = _check_image(image)
+    net = SmallCNN(in_channels=img.shape[2])
+    try:
+        net.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise ValueError(
+            f"cnn_weights: '{weights_path}' is not a state dict of SmallCNN "
+            f"(expected keys {sorted(net.state_dict())}): {e}"
+        ) from e
+    net.eval()
+    size = max(8, int(round(geom.subspot_diameter_px)))
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(geom.positions), batch):
+            p = extract_patches(img, geom.positions[s : s + batch], size)
+            t = torch.from_numpy(p.astype(np.float32) / 255.0).permute(0, 3, 1, 2)
+            t = torch.nn.functional.interpolate(t, size=(32, 32), mode="bilinear", align_corners=False)
+            out.append(net(t).numpy())
+    return np.concatenate(out, 0).astype(np.float64)
+
+
+def image_features(
+    image,
+    geom: SubspotGeometry,
+    nuclei: pd.DataFrame | None = None,
+    params=None,
+    *,
+    squidpy_feature_set=SQUIDPY_FEATURES,
+    n_jobs: int = 1,
+) -> tuple[np.ndarray, dict]:
+    """Standardised sub-spot features Y (N K, F) and a description of what went in.
+
+    Image (when given and ``params.image_features != 'none'``): CNN embeddings if ``params.cnn_weights`` is set,
+    else squidpy features; plus nuclei count and area per sub-spot when ``nuclei`` is given. Without either,
+    the positional encoding of the sub-spot offset.
+    """
+    mode = getattr(params, "image_features", "squidpy") if params is not None else "squidpy"
+    cnn = getattr(params, "cnn_weights", None) if params is not None else None
+    blocks, desc = [], {"image": "none", "nuclei": nuclei is not None}
+    if image is not None and mode != "none":
+        if cnn:
+            blocks.append(cnn_features(image, geom, cnn))
+            desc["image"] = f"cnn:{cnn}"
+        else:
+            blocks.append(squidpy_features(image, geom, squidpy_feature_set, n_jobs=n_jobs))
+            desc["image"] = "squidpy:" + ",".join(squidpy_feature_set)
+    if nuclei is not None:
+        blocks.append(nuclei_features(nuclei, geom))
+    if not blocks:
+        desc["image"] = "none (positional encoding of sub-spot offsets)"
+        y = positional_features(geom)
+        desc["n_features"] = int(y.shape[1])
+        return y, desc
+    y = standardise(np.concatenate(blocks, 1), "sub-spot image features")
+    desc["n_features"] = int(y.shape[1])
+    return y, desc
