@@ -56,6 +56,24 @@ def _load_opt(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> N
     opt.load_state_dict(sd)
 
 
+def _deterministic(fn):
+    """Run ``fn`` with PyTorch's deterministic algorithms: multi-threaded CPU backward passes (scatter / index
+    reductions) otherwise sum in a thread-dependent order, so two trainings of one config differed at ~1e-11."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        before = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.use_deterministic_algorithms(before)
+
+    return wrapped
+
+
+@_deterministic
 def fit_score_model(
     data: TrainingData,
     params: ScoreModelParams,
