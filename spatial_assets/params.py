@@ -60,6 +60,39 @@ class CellTypingParams(_Params):
     doublet_confidence_threshold: float = Field(10.0, ge=0)
     doublet_threshold: float = Field(25.0, ge=0)
     doublet_offset: float | None = Field(None, gt=0)
+    # Reference types with fewer than min_cells_per_type cells (spatial_assets.reference_types): "error" stops,
+    # "drop" removes their cells (warning names them), "merge" relabels them to their class in obs[class_key]
+    # (references[].class_key: a coarser column; types still too small after merging are dropped). Applied once,
+    # when the reference is registered, so the score model, typing and decomposition share one type list. Trades
+    # reference detail for a typing that can run.
+    small_types: Literal["error", "drop", "merge"] = "error"
+    # Morphology-aware per-cell labels (spatial_assets.morphology_typing). "auto": use the nuclei only when a
+    # permutation test shows they tell the spot's types apart (else the Potts labels stay); "on": always; "off".
+    morphology: Literal["auto", "on", "off"] = "auto"
+    # Per-cell columns of the cells table used as nucleus features (absent columns: morphology not used).
+    morphology_features: list[str] = Field(
+        default_factory=lambda: ["nucleus_area", "nucleus_axis_ratio", "nucleus_h_mean"]
+    )
+    # Prior of a cell's type: (1 - a) x RCTD proportions + a x composition of the spot's Potts labels. 0 trusts
+    # the weights only, 1 the Potts labels' counts only (which weigh the counts cell by cell but are integer).
+    morphology_potts_mix: float = Field(0.5, ge=0, le=1)
+    # Floor of the prior per type: lower = morphology needs more evidence to pick a type the spot lacks.
+    morphology_prior_floor: float = Field(1e-3, gt=0, lt=1)
+    # z-score of the morphology gain against its permutation null that "auto" mode requires: higher = fewer
+    # false uses on slides whose nuclei carry no type information, at the risk of ignoring weakly informative
+    # nuclei. morphology_permutations: shuffled refits for the null (cost: that many extra EM fits).
+    morphology_min_z: float = Field(3.0, ge=0)
+    morphology_permutations: int = Field(19, ge=2)
+    # Least gain over the permutation null (nats per cell) for "auto" to use the nuclei: an effect size, so a
+    # weak but significant dependence on a large slide does not relabel cells. Lower = uses fainter morphology.
+    morphology_min_gain: float = Field(0.1, ge=0)
+    # Pseudo-cells pulling each type's feature covariance / mean to the pooled ones: higher = steadier for rare
+    # types, less type-specific.
+    morphology_shrinkage: float = Field(10.0, ge=0)
+    # "posterior": each cell's most probable type; "sinkhorn": posteriors held to each spot's prior composition
+    # (the relaxed per-spot assignment; less accurate on the realistic slides, where RCTD's compositions are
+    # off by ~0.08 per type -- kept for comparison, see benchmarks/bench_typing.py).
+    morphology_assignment: Literal["posterior", "sinkhorn"] = "posterior"
     seed: int = 0
 
 

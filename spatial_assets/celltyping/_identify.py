@@ -11,7 +11,8 @@ import pandas as pd
 
 from ..constants import UNASSIGNED
 from ..params import CellTypingParams
-from ._potts import potts_labels
+from ._morphology import morphology_labels
+from ._potts import PottsResult, potts_labels
 from ._rctd import (
     CellTypingInputError,
     PlatformEffect,
@@ -23,6 +24,7 @@ from ._rctd import (
     maybe_expm1,
     reference_profiles,
 )
+from ._reference_types import prepare_reference_types
 
 
 @dataclass
@@ -30,12 +32,14 @@ class CellTypingResult:
     """Output of :func:`identify_cell_types`.
 
     ``cells``: indexed by cell id; x, y, spot, cell_type, confidence, initial_type (the spot's top type),
-    n_candidates ('unassigned' / NaN for cells of skipped spots or outside every spot). ``weights``: fitted spots x
+    n_candidates, skip_reason ('' for labelled cells, else 'outside every spot' / 'spot skipped: <reason>'),
+    potts_type / potts_confidence (the Potts labels, equal to cell_type / confidence unless morphology was used)
+    ('unassigned' / NaN for cells of skipped spots or outside every spot). ``weights``: fitted spots x
     types, RCTD weights normalised to proportions (rows sum to 1); ``weights_raw``: unnormalised. ``platform_effect``:
     Series 'estimated_be' over all genes shared by slide and reference. ``profiles``: reference per-type mean of
     per-cell-normalised expression, shared genes x types (before the platform effect). ``genes_used``: the
     regression genes of the likelihood. ``info``: counts, skipped spots with reasons, sigma fit, sweeps, seed,
-    timings.
+    timings, ``reference_types`` (the small-types report), ``morphology`` (used or why not, the gate, EM).
     """
 
     cells: pd.DataFrame
@@ -50,6 +54,14 @@ class CellTypingResult:
 
 
 # ------------------------------------------------------------------------------------------------ entry point
+def weights_unusable(W: np.ndarray) -> np.ndarray:
+    """Per spot, why its fitted weights cannot be used ('' = usable): non-finite values or all zero."""
+    W = np.asarray(W, dtype=np.float64)
+    finite = np.isfinite(W).all(1)
+    tot = np.where(finite, np.abs(np.where(np.isfinite(W), W, 0)).sum(1), 0.0)
+    return np.where(~finite, "non-finite weights", np.where(tot <= 0, "all-zero weights", "")).astype(object)
+
+
 def _check_cells(cells: pd.DataFrame) -> None:
     from ..io._readers import require_columns
 
@@ -125,6 +137,8 @@ def identify_cell_types(
             f"{list(reference.obs.columns)})"
         )
     _check_cells(cells)
+    # the final type list (small_types policy), shared with the score model and the decomposition
+    reference, info["reference_types"] = prepare_reference_types(reference, cell_type_key, params, class_key)
     spot_names = pd.Index(slide.obs_names.astype(str))
     spot_col = cells["spot"]
     blank = spot_col.isna().to_numpy() | (spot_col.astype(str).str.len() == 0).to_numpy()
@@ -151,13 +165,6 @@ def identify_cell_types(
     if len(vc) < 2:
         raise CellTypingInputError(
             f"reference.obs['{cell_type_key}']: expected at least 2 cell types, found {len(vc)} ({list(vc.index)})"
-        )
-    small = vc[vc < params.min_cells_per_type]
-    if len(small):
-        desc = ", ".join(f"'{k}' ({v})" for k, v in small.items())
-        raise CellTypingInputError(
-            f"reference.obs['{cell_type_key}']: {len(small)} cell type(s) have fewer than "
-            f"min_cells_per_type={params.min_cells_per_type} cells: {desc}"
         )
     type_names = sorted(vc.index)
     K = len(type_names)
@@ -266,6 +273,20 @@ def identify_cell_types(
     timings["sigma_fit"] = time.perf_counter() - t
     t = time.perf_counter()
     wf = fit_spot_weights(Y, numi, P_used, sf.sigma)
+    # spots whose weights cannot be used are skipped with their reason, never labelled
+    why = weights_unusable(wf.weights)
+    bad = why != ""
+    if bad.any():
+        for i in np.flatnonzero(bad):
+            skipped[spot_names[fit_rows[i]]] = str(why[i])
+        good = np.flatnonzero(~bad)
+        if len(good) == 0:
+            raise CellTypingInputError("slide: no spot has usable weights (all-zero or non-finite for every spot)")
+        new_of_old = np.full(len(fit_rows), -1, dtype=np.int64)
+        new_of_old[good] = np.arange(len(good))
+        sig_rows = new_of_old[sig_rows][new_of_old[sig_rows] >= 0]
+        fit_rows, Y, numi = fit_rows[good], Y[good], numi[good]
+        wf = type(wf)(wf.weights[good], wf.nll[good], wf.n_iter[good], wf.converged[good])
     info["weights"] = {
         "n_spots_fitted": int(len(fit_rows)),
         "newton_iterations_mean": float(wf.n_iter.mean()),
@@ -323,8 +344,15 @@ def identify_cell_types(
     out["initial_type"] = UNASSIGNED
     out["confidence"] = np.nan
     out["n_candidates"] = 0
+    out["potts_type"] = UNASSIGNED
+    out["potts_confidence"] = np.nan
+    skip_spot = np.array([skipped.get(str(x), "") for x in sname], dtype=object)
+    out["skip_reason"] = np.where(
+        blank, "outside every spot", np.where(lab, "", "spot skipped: " + skip_spot.astype(str))
+    )
     sigma_final = sf.sigma
     potts_info = {}
+    morph_info = {"used": False, "reason": "no labelled cells"}
     if lab.any():
         xy = cells[["x", "y", "z"] if "z" in cells.columns else ["x", "y"]].to_numpy(dtype=float)[lab]
         sig_spots = np.intersect1d(sig_rows, np.flatnonzero(ncell_spot > 0))
@@ -352,6 +380,7 @@ def identify_cell_types(
         out.iloc[idx, out.columns.get_loc("n_candidates")] = pr.candidates.sum(1)[cspot[lab]]
         sigma_final = pr.sigma
         potts_info = pr.info
+        morph_info = _apply_morphology(out, cells, idx, cspot[lab], wf.weights, pr, tn, params)
     timings["cell_labels"] = time.perf_counter() - t
     info.update(
         {
@@ -368,6 +397,7 @@ def identify_cell_types(
             "sigma_rctd": float(sf.sigma),
             "sigma": float(sigma_final),
             "potts": potts_info,
+            "morphology": morph_info,
             "timings_s": timings,
         }
     )
@@ -381,6 +411,55 @@ def identify_cell_types(
         sigma=float(sigma_final),
         info=info,
     )
+
+
+def _apply_morphology(
+    out: pd.DataFrame,
+    cells: pd.DataFrame,
+    idx: np.ndarray,
+    cell_spot: np.ndarray,
+    weights: np.ndarray,
+    pr: PottsResult,
+    tn: np.ndarray,
+    params: CellTypingParams,
+) -> dict:
+    """Morphology-aware labels (:func:`morphology_labels`) for the labelled cells ``idx`` of ``out``, in place;
+    keeps the Potts labels in ``potts_type`` / ``potts_confidence``. Returns the step's info."""
+    out["potts_type"] = out["cell_type"]
+    out["potts_confidence"] = out["confidence"]
+    feats = list(params.morphology_features)
+    missing = [c for c in feats if c not in cells.columns]
+    if params.morphology == "off":
+        return {"used": False, "reason": "morphology off"}
+    if missing:
+        if params.morphology == "on":
+            raise CellTypingInputError(
+                f"cells: morphology='on' needs the nucleus feature column(s) {missing} "
+                f"(cell_typing.morphology_features); found columns {list(cells.columns)}"
+            )
+        return {"used": False, "reason": f"cells table has no column(s) {missing}"}
+    F = cells[feats].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)[idx]
+    mr = morphology_labels(
+        F,
+        feats,
+        cell_spot,
+        weights,
+        pr.labels,
+        pr.confidence,
+        mode=params.morphology,
+        potts_mix=params.morphology_potts_mix,
+        prior_floor=params.morphology_prior_floor,
+        min_z=params.morphology_min_z,
+        shrinkage=params.morphology_shrinkage,
+        seed=params.seed,
+        assignment=params.morphology_assignment,
+        n_permutations=params.morphology_permutations,
+        min_gain=params.morphology_min_gain,
+    )
+    if mr.used:
+        out.iloc[idx, out.columns.get_loc("cell_type")] = tn[mr.labels]
+        out.iloc[idx, out.columns.get_loc("confidence")] = mr.confidence
+    return mr.info
 
 
 def _doublet_mode(

@@ -17,7 +17,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the spatial_assets pack
 _SHARED = ("params.py", "constants.py")
 #: The package paths (relative to ``spatial_assets/``) whose source each asset's result depends on.
 SCIENCE: dict[str, tuple[str, ...]] = {
-    "reference_data": ("io", "orchestration/inputs.py"),
+    "reference_data": ("io", "celltyping/_reference_types.py", "orchestration/inputs.py"),
     "slide_inputs": ("io", "orchestration/inputs.py"),
     "segmented_slide": ("segmentation", "platforms/_imaging.py", "geometry.py", "io", "orchestration/spatialscope.py"),
     "typed_cells": ("celltyping", "platforms", "geometry.py", "orchestration/spatialscope.py"),

@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from .. import celltyping
 from .. import io as sio
 from .code_versions import code_version
 from .metadata import Report
@@ -17,16 +18,22 @@ from .resources import CPU_OP_TAGS, ProjectResource
     op_tags=CPU_OP_TAGS,
 )
 def reference_data(context: dg.AssetExecutionContext, project: ProjectResource) -> dg.MaterializeResult:
-    """A scRNA-seq reference: raw counts and cell types, validated and stored as AnnData zarr."""
+    """A scRNA-seq reference: raw counts and cell types, validated, with its final type list (the small-types
+    policy, ``parameters.cell_typing.small_types``) applied before anything is trained; stored as AnnData zarr."""
     ref = project.reference(context.partition_key)
     adata = sio.load_reference(ref.path, ref.cell_type_key)
+    adata, types_report = celltyping.prepare_reference_types(
+        adata, ref.cell_type_key, project.config.parameters.cell_typing, ref.class_key
+    )
+    for msg in types_report.get("messages", []):
+        context.log.warning(msg)
     path = sio.write_anndata(adata, project.stores.reference(ref.name), info={"source": str(ref.path)})
     types = adata.obs[ref.cell_type_key].astype(str).value_counts()
     report = Report(context.log.warning)
     report.value(cells=adata.n_obs, genes=adata.n_vars, cell_types=len(types), cell_type_key=ref.cell_type_key)
     report.table("cells_per_type", types.to_frame("cells").to_markdown())
     report.store(path)
-    report.details(source=str(ref.path))
+    report.details(source=str(ref.path), reference_types=types_report)
     return report.result()
 
 
