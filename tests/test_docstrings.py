@@ -6,8 +6,8 @@ public names defined in the module itself), and for the public methods those cla
 - a docstring with a one-line summary;
 - a ``Parameters`` section when the callable takes parameters (other than ``self`` / ``cls``), documenting
   every parameter of the signature and nothing else (lines ``name : type`` at the section's indentation, with
-  ``a, b : type`` and ``*args`` / ``**kwargs`` allowed); dataclasses, named tuples and pydantic models may document their fields
-  under ``Attributes`` instead;
+  ``a, b : type`` and ``*args`` / ``**kwargs`` allowed); dataclasses, named tuples and pydantic models may
+  document their fields under ``Attributes`` instead;
 - a ``Returns`` (or ``Yields``) section when the body returns (yields) a value, read from the source.
 
 Extend :data:`COVERED_MODULES` when a subpackage's docstrings are complete.
@@ -125,7 +125,7 @@ def _public_objects():
             ]
         for name in names:
             obj = getattr(mod, name)
-            if not (inspect.isfunction(obj) or inspect.isclass(obj)):
+            if not (inspect.isfunction(inspect.unwrap(obj)) or inspect.isclass(obj)):  # unwrap: lru_cache etc.
                 continue
             if not getattr(obj, "__module__", "").startswith("spatial_assets"):
                 continue

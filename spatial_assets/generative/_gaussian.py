@@ -18,7 +18,7 @@ class GaussianScoreModel:
     """Analytic prior with the score-model interface: log1p expression of a type-t cell = mu_t + N(0, diag(s_t^2)).
 
     The score of the residual perturbed with noise sigma is exact: ``-x / (s_t^2 + sigma^2)``. Used by tests,
-    benchmarks and as a network-free prior of the decomposition (same attributes as :class:`ScoreModel`:
+    benchmarks and usable as a network-free prior of the decomposition (same attributes as :class:`ScoreModel`:
     ``genes``, ``cell_types``, ``cell_type_key``, ``type_means``, ``sigmas``, ``sampling_step``,
     ``decomposition_step``, ``steps_per_level``, ``ref_library_size``, ``target_sum``).
 
