@@ -265,3 +265,22 @@ def test_checker_catches_undocumented_and_unknown_parameters():
 
     with pytest.raises(AssertionError, match="no Returns section"):
         _check_function(g, inspect.getdoc(g), drop_first=False)
+
+
+def _objects_with_examples():
+    return [p for p in _public_objects() if ">>>" in (inspect.getdoc(p.values[0]) or "")]
+
+
+@pytest.mark.parametrize("obj", _objects_with_examples())
+def test_examples_are_true(obj):
+    """The ``Examples`` of the public API run and print what they say (each a few seconds)."""
+    import doctest
+
+    finder = doctest.DocTestFinder(recurse=False)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    tests = finder.find(obj, obj.__qualname__, globs={})
+    assert tests and tests[0].examples, "no examples found"
+    for t in tests:
+        runner.run(t)
+    res = runner.summarize(verbose=False)
+    assert res.failed == 0, f"{res.failed} of {res.attempted} example lines failed (see the output above)"
