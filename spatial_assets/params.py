@@ -25,8 +25,8 @@ class SegmentationParams(_Params):
     model : str, default "2D_versatile_he"
         StarDist registry name (needs the internet once) or a path to a local StarDist model folder.
     channel : {"auto", "rgb", "hematoxylin", "gray"}, default "auto"
-        For a 1-channel model, which channel to feed it ("hematoxylin" = rgb2hed's H channel, "gray" =
-        luminance); "auto" follows the model.
+        Which channel to feed the model ("hematoxylin" = rgb2hed's H channel, "gray" = luminance, "rgb" for a
+        3-channel model); "auto" = RGB for a 3-channel model, hematoxylin for a 1-channel model or watershed.
     prob_thresh : float, default 0.2
         StarDist object probability threshold, in [0, 1].
     nms_thresh : float, default 0.1
@@ -321,7 +321,7 @@ class SoScopeParams(_Params):
     cnn_weights : str or None, default None
         Path of SmallCNN weights for CNN image embeddings instead.
     negative_edges_per_edge : int, default 1
-        Negative edges sampled per positive edge in the VGAE's edge loss.
+        Random sub-spot pairs (negative edges) drawn per image-graph edge in each epoch's image regulariser.
     seed : int, default 0
         Seed of training.
     """

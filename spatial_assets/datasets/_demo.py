@@ -494,10 +494,10 @@ def render_he(
     """Render an H&E-like RGB image with an elliptical, hematoxylin-dark nucleus per centre, and its label image.
 
     Vectorised: every nucleus is a stamp evaluated on one ``(n, S, S)`` grid and scattered in a single
-    assignment. Nuclei are randomly oriented ellipses of area about ``pi r^2``, their major semi-axis capped below
-    0.48 x the distance to the nearest centre so neighbours never overlap. Stains follow Beer-Lambert with typical
-    H&E stain vectors: hematoxylin in the nuclei (with chromatin texture), a textured eosin background, and pixel
-    noise.
+    assignment. Nuclei are randomly oriented ellipses of area about ``pi r^2``, their major semi-axis capped at
+    0.48 x the distance to the nearest centre (at least 1.5 px) so neighbours do not overlap. Stains follow
+    Beer-Lambert with typical H&E stain vectors: hematoxylin in the nuclei (with chromatin texture), a textured
+    eosin background, and pixel noise.
 
     Parameters
     ----------

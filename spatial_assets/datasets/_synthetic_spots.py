@@ -37,7 +37,8 @@ def extend_genes(
     Returns
     -------
     anndata.AnnData
-        Cells x ``n_genes`` (CSR float64), the real genes first, the reference's ``obs``.
+        Cells x ``n_genes``: the real genes first, then the simulated ones (CSR float64), with the reference's
+        ``obs``; with ``n_genes`` at most the reference's count, a copy of its first ``n_genes`` genes.
     """
     X = sp.csr_matrix(reference.X, dtype=np.float64)
     G = X.shape[1]
