@@ -221,11 +221,13 @@ def classify_beads(
 ) -> DoubletResult:
     """RCTD doublet mode on every bead at once: spot class, first and second type, scores.
 
-    See :mod:`spatial_assets.celltyping._doublets`: candidates from full-mode weights, every candidate alone and
-    every candidate pair fitted in one batched solve (:func:`fit_subset_weights`), then RCTD's confidence and
-    singlet rules. Confidence (an addition to RCTD's flags): with pair scores s, the probability that a type is in
-    the bead, sum over pairs containing it of ``exp(-(s - min s))`` / sum over all pairs; for singlets, the softmax
-    of minus the candidates' singlet scores.
+    As RCTD's ``process_bead_doublet`` (``constrain = FALSE``), batched: candidates from the full-mode weights
+    (weight > ``initial_weight_thresh``, at least two), every candidate alone and every candidate pair fitted in one
+    batched solve (:func:`fit_subset_weights`), then RCTD's confidence rule (a type is confident when every pair
+    within ``confidence_threshold`` of the best contains it, or a type of its class) and singlet rule.
+    Confidence (an addition to RCTD's flags): with pair scores s, the probability that a type is in the bead, sum
+    over pairs containing it of ``exp(-(s - min s))`` / sum over all pairs; for singlets, the softmax of minus the
+    candidates' singlet scores.
 
     Parameters
     ----------
