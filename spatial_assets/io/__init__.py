@@ -23,6 +23,7 @@ from ._readers import (
 )
 from ._samples import SlideInputs, load_reference, load_slide
 from ._stores import (
+    MARKER_ATTR,
     atomic_path,
     describe,
     disk_size,
@@ -37,9 +38,32 @@ from ._stores import (
     write_dataframe,
     write_directory,
 )
+from ._validate import (
+    UnsafeNameError,
+    check_name,
+    check_not_empty,
+    check_raw_counts,
+    check_shared_genes,
+    check_unique_names,
+    ensure_storage_root,
+    gene_names,
+    read_h5ad_file,
+    zero_count_spots,
+)
 
 __all__ = [
+    "MARKER_ATTR",
     "InputError",
+    "UnsafeNameError",
+    "check_name",
+    "check_not_empty",
+    "check_raw_counts",
+    "check_shared_genes",
+    "check_unique_names",
+    "ensure_storage_root",
+    "gene_names",
+    "read_h5ad_file",
+    "zero_count_spots",
     "SlideInputs",
     "atomic_path",
     "check_image_covers_spots",

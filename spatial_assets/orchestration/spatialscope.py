@@ -14,7 +14,14 @@ from .. import io as sio
 from ..constants import UNASSIGNED, Platform
 from .code_versions import code_version
 from .metadata import Report
-from .partitions import decomposition_partitions, range_bounds, references_partitions, samples_partitions
+from .partitions import (
+    decomposition_partitions,
+    n_ranges,
+    range_bounds,
+    range_key,
+    references_partitions,
+    samples_partitions,
+)
 from .resources import CPU_OP_TAGS, GPU_OP_TAGS, ComputeResource, ProjectResource
 
 GPU_RETRY = dg.RetryPolicy(max_retries=2, delay=5)
@@ -82,6 +89,10 @@ def segmented_slide(
                 image, res.labels, res.spots, segmentation.spot_diameter_px(slide), cells=res.cells
             ),
         )
+    n_cells = res.spots["n_cells"].to_numpy() if "n_cells" in res.spots else np.ones(1)
+    frac = float((n_cells > 0).mean()) if len(n_cells) else 0.0
+    if frac < MIN_SPOTS_WITH_NUCLEI:
+        context.log.warning(_few_nuclei_message(s.name, frac))
     report.value(method=res.info.get("method"), seconds=round(time.time() - t0, 1), cells=len(res.cells), **res.summary)
     report.folder(out.folder)
     report.store(out.cells, "cells_")
@@ -91,19 +102,34 @@ def segmented_slide(
     return report.result()
 
 
+MIN_SPOTS_WITH_NUCLEI = 0.5
+
+
+def _few_nuclei_message(sample: str, frac: float) -> str:
+    return (
+        f"sample '{sample}': nuclei found in {frac:.0%} of the spots; expected at least "
+        f"{MIN_SPOTS_WITH_NUCLEI:.0%}. Are obsm['spatial'] coordinates (x, y) in full-resolution pixels of the image, "
+        "or are x and y swapped?"
+    )
+
+
 @dg.asset_check(
     asset=segmented_slide,
     blocking=True,
-    description="cells per spot within 0..max_cells_per_spot and at least one spot with cells",
+    description="cells per spot within 0..max_cells_per_spot, and nuclei in at least half the spots "
+    "(fewer: coordinates off the tissue, e.g. x / y swapped)",
 )
 def cells_per_spot_in_range(context: dg.AssetCheckExecutionContext, project: ProjectResource):
     sample = context.partition_key
     spots = sio.read_dataframe(project.stores.segmented(sample).spots)
     cap = project.params(sample).segmentation.max_cells_per_spot
     n = spots["n_cells"].to_numpy()
-    ok = bool((n >= 0).all() and (n <= cap).all() and (n > 0).any())
+    frac = float((n > 0).mean()) if len(n) else 0.0
+    # < half the spots with a nucleus: most spots lie off the tissue in the image (x / y swapped? wrong scale?)
+    ok = bool((n >= 0).all() and (n <= cap).all() and (n > 0).any() and frac >= MIN_SPOTS_WITH_NUCLEI)
     return dg.AssetCheckResult(
         passed=ok,
+        description=None if frac >= MIN_SPOTS_WITH_NUCLEI else _few_nuclei_message(sample, frac),
         metadata={
             "max_cells_per_spot": int(n.max()) if len(n) else 0,
             "fraction_spots_with_cells": float((n > 0).mean()) if len(n) else 0.0,
@@ -232,10 +258,16 @@ def score_checkpoint(
     dev = _device(compute, context, report)
     out = project.stores.checkpoint(ref.name)
     t0 = time.time()
+    # periodic saves go to a separate state folder (resumable); the checkpoint folder itself is written once,
+    # atomically, with `.complete` last, so a killed retrain never leaves a half-trained model looking complete
     model = generative.train_score_model(
-        reference, ref.cell_type_key, params, out.folder, device=dev, log=context.log.info
+        reference,
+        ref.cell_type_key,
+        params,
+        project.stores.checkpoint_state(ref.name),
+        device=dev,
+        log=context.log.info,
     )
-    (out.folder / ".complete").write_text(json.dumps({"complete": True, "written_at": time.time()}))
     report.value(
         seconds=round(time.time() - t0, 1),
         genes=len(model.genes),
@@ -249,7 +281,12 @@ def score_checkpoint(
         q = {"passed": False, "reason": f"quality evaluation failed: {type(e).__name__}: {e}"}
         context.log.warning(q["reason"])
     arrays = {k: q.pop(k) for k in ("samples", "real", "type_idx") if k in q}
-    out.quality.write_text(json.dumps(q))
+
+    def write_checkpoint(tmp):
+        model.save(tmp)
+        (tmp / out.quality.name).write_text(json.dumps(q))
+
+    sio.write_directory(out.folder, write_checkpoint)
     if arrays:
         report.figure(
             "real_vs_generated",
@@ -322,7 +359,10 @@ def decomposed_cells(
     report = Report(context.log.warning)
     dev = _device(compute, context, report)
     model = generative.ScoreModel.load(ckpt, device=dev)
-    model.check_compatible(cell_type_key=ref.cell_type_key)
+    # the checkpoint must have been trained on this very reference (fingerprint), not one with the same genes
+    model.check_compatible(
+        reference=sio.read_anndata(project.stores.reference(ref.name)), cell_type_key=ref.cell_type_key
+    )
     res = decomposition.decompose_range(
         slide,
         cells,
@@ -335,7 +375,9 @@ def decomposed_cells(
         log=context.log.info,
     )
     path = sio.write_anndata(
-        res.adata, project.stores.decomposed_range(sample, rkey), info={"spot_range": [start, stop]}
+        res.adata,
+        project.stores.decomposed_range(sample, rkey),
+        info={"spot_range": [start, stop], "code_version": code_version("decomposed_cells")},
     )
     report.value(
         spot_range=f"{start}..{stop - 1}",
@@ -377,12 +419,29 @@ def decomposed_cells_by_sample(context: dg.AssetExecutionContext, project: Proje
     """All decomposed spot ranges of a sample combined into one AnnData of every cell."""
     sample = context.partition_key
     folder = project.stores.decomposed_ranges(sample)
-    done = {p.stem: p for p in sorted(folder.glob("*.zarr")) if sio.is_complete(p)} if folder.exists() else {}
-    if not done:
-        raise FileNotFoundError(f"{folder}: no decomposed spot range of sample '{sample}' is materialized yet")
-    combined = decomposition.combine_ranges({k: sio.read_anndata(p) for k, p in done.items()})
+    slide = sio.read_anndata(project.stores.slide(sample))
+    size = project.config.partitions.spot_range_size
+    expected = {range_key(i): range_bounds(range_key(i), size) for i in range(n_ranges(slide.n_obs, size))}
+    found = {p.stem: p for p in sorted(folder.glob("*.zarr"))} if folder.exists() else {}
+    ranges, stale = {}, []
+    for key, p in found.items():
+        bounds = (
+            tuple((sio.read_attrs(p).get(sio.MARKER_ATTR, {}) or {}).get("spot_range", ()))
+            if sio.is_complete(p)
+            else ()
+        )
+        if key in expected and bounds == (expected[key][0], expected[key][1]):
+            ranges[key] = sio.read_anndata(p)
+        else:
+            stale.append(f"{key} (spots {bounds or 'incomplete'})")
+    if stale:
+        context.log.warning(
+            f"{folder}: ignoring {len(stale)} range store(s) not of the current partition scheme "
+            f"(spot_range_size={size}): {', '.join(stale)}"
+        )
+    combined = decomposition.combine_ranges(ranges, expected_ranges=list(expected), slide=slide, source=str(folder))
     path = sio.write_anndata(combined, project.stores.decomposed(sample))
     report = Report(context.log.warning)
-    report.value(cells=combined.n_obs, spot_ranges=", ".join(done))
+    report.value(cells=combined.n_obs, spot_ranges=", ".join(ranges), stale_range_stores_ignored=len(stale))
     report.store(path)
     return report.result()
