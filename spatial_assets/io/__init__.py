@@ -25,6 +25,7 @@ from ._samples import SlideInputs, load_reference, load_slide
 from ._stores import (
     MARKER_ATTR,
     atomic_path,
+    current_range_stores,
     describe,
     disk_size,
     is_complete,
@@ -40,6 +41,7 @@ from ._stores import (
 )
 from ._validate import (
     UnsafeNameError,
+    check_cell_types,
     check_name,
     check_not_empty,
     check_raw_counts,
@@ -55,6 +57,7 @@ __all__ = [
     "MARKER_ATTR",
     "InputError",
     "UnsafeNameError",
+    "check_cell_types",
     "check_name",
     "check_not_empty",
     "check_raw_counts",
@@ -66,6 +69,7 @@ __all__ = [
     "zero_count_spots",
     "SlideInputs",
     "atomic_path",
+    "current_range_stores",
     "check_image_covers_spots",
     "count_spots",
     "describe",

@@ -93,6 +93,13 @@ def _writer_dead(tmp: Path, max_age_s: float = 3600.0) -> bool:
         return False
 
 
+def _mover_dead(old: Path) -> bool:
+    """A moved-aside store whose mover is gone (no pid in its name: an older writer, treated as gone)."""
+    rest = old.name.rsplit(".old-", 1)[-1]
+    head = rest.split("-", 1)[0]
+    return not ("-" in rest and head.isdigit() and _pid_alive(int(head)))
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -159,12 +166,12 @@ def _cleanup_stale(path: Path) -> None:
     if not parent.exists():
         return
     olds = sorted(parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
-    if olds and not path.exists() and _writer_dead(Path(str(olds[-1]).replace(".old-", ".tmp-"))):
+    olds = [p for p in olds if _mover_dead(p)]
+    if olds and not path.exists():
         with contextlib.suppress(OSError):
             os.replace(olds.pop(), path)  # a crash between the two renames: the old store is still good
     for p in olds:
-        if _writer_dead(Path(str(p).replace(".old-", ".tmp-"))):
-            _remove(p)
+        _remove(p)
     for p in parent.glob(f".{path.name}.tmp-*"):
         if _writer_dead(p):
             _remove(p)
@@ -363,3 +370,36 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     except Exception:
         pass
     return out
+
+
+def current_range_stores(
+    folder: str | os.PathLike, expected: dict[str, tuple[int, int]]
+) -> tuple[dict[str, Path], list[str]]:
+    """The range stores of ``folder`` that belong to the current partition scheme, and the stale ones.
+
+    Parameters
+    ----------
+    folder
+        Holds ``<range key>.zarr`` stores, each recording its ``spot_range`` [start, stop) in its attributes.
+    expected
+        ``{range key: (start, stop)}`` of the current scheme.
+
+    Returns
+    -------
+    (dict, list)
+        The complete stores whose key and bounds are expected, and a description of each other store found
+        (another scheme's bounds, an unexpected key, or incomplete).
+    """
+    folder = Path(folder)
+    current: dict[str, Path] = {}
+    stale: list[str] = []
+    for p in sorted(folder.glob("*.zarr")) if folder.is_dir() else []:
+        if not is_complete(p):
+            stale.append(f"{p.stem} (incomplete)")
+            continue
+        bounds = tuple((read_attrs(p).get(MARKER_ATTR, {}) or {}).get("spot_range", ()))
+        if p.stem in expected and bounds == tuple(expected[p.stem]):
+            current[p.stem] = p
+        else:
+            stale.append(f"{p.stem} (spots {list(bounds) or '?'})")
+    return current, stale

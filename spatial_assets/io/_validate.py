@@ -304,3 +304,27 @@ def gene_names(path: str | os.PathLike) -> list[str]:
         raise InputError(
             f"{path}: could not read var (gene names) of the .h5ad file ({type(e).__name__}: {str(e)[:200]})"
         ) from None
+
+
+def check_cell_types(adata: ad.AnnData, cell_type_key: str, min_cells_per_type: int, source: str) -> dict[str, int]:
+    """At least 2 cell types with at least ``min_cells_per_type`` cells each (after the small-types policy).
+
+    Returns
+    -------
+    dict
+        Cells per usable type.
+
+    Raises
+    ------
+    InputError
+        Fewer than 2 usable types; the message gives the cells per type.
+    """
+    counts = adata.obs[cell_type_key].dropna().astype(str).value_counts()
+    usable = counts[counts >= min_cells_per_type]
+    if len(usable) < 2:
+        raise InputError(
+            f"{source}: obs['{cell_type_key}'] has {len(usable)} type(s) with at least {min_cells_per_type} cells "
+            f"(cell_typing.min_cells_per_type); expected at least 2 such types (cells per type: "
+            f"{dict(counts.head(10))})"
+        )
+    return {str(k): int(v) for k, v in usable.items()}

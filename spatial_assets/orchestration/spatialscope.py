@@ -422,18 +422,8 @@ def decomposed_cells_by_sample(context: dg.AssetExecutionContext, project: Proje
     slide = sio.read_anndata(project.stores.slide(sample))
     size = project.config.partitions.spot_range_size
     expected = {range_key(i): range_bounds(range_key(i), size) for i in range(n_ranges(slide.n_obs, size))}
-    found = {p.stem: p for p in sorted(folder.glob("*.zarr"))} if folder.exists() else {}
-    ranges, stale = {}, []
-    for key, p in found.items():
-        bounds = (
-            tuple((sio.read_attrs(p).get(sio.MARKER_ATTR, {}) or {}).get("spot_range", ()))
-            if sio.is_complete(p)
-            else ()
-        )
-        if key in expected and bounds == (expected[key][0], expected[key][1]):
-            ranges[key] = sio.read_anndata(p)
-        else:
-            stale.append(f"{key} (spots {bounds or 'incomplete'})")
+    paths, stale = sio.current_range_stores(folder, expected)
+    ranges = {k: sio.read_anndata(p) for k, p in paths.items()}
     if stale:
         context.log.warning(
             f"{folder}: ignoring {len(stale)} range store(s) not of the current partition scheme "
