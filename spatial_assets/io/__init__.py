@@ -50,6 +50,7 @@ from ._validate import (
     ensure_storage_root,
     gene_names,
     read_h5ad_file,
+    spots_with_nuclei_problem,
     zero_count_spots,
 )
 
@@ -66,6 +67,7 @@ __all__ = [
     "ensure_storage_root",
     "gene_names",
     "read_h5ad_file",
+    "spots_with_nuclei_problem",
     "zero_count_spots",
     "SlideInputs",
     "atomic_path",

@@ -328,3 +328,29 @@ def check_cell_types(adata: ad.AnnData, cell_type_key: str, min_cells_per_type: 
             f"{dict(counts.head(10))})"
         )
     return {str(k): int(v) for k, v in usable.items()}
+
+
+MIN_SPOTS_WITH_NUCLEI = 0.5
+
+
+def spots_with_nuclei_problem(
+    n_cells_per_spot, sample: str, min_fraction: float = MIN_SPOTS_WITH_NUCLEI
+) -> tuple[float, str | None]:
+    """The fraction of spots holding a segmented nucleus, and a message when it is below ``min_fraction``.
+
+    On a slide whose spots cover tissue nearly every spot holds nuclei; far fewer means the coordinates put the
+    spots off the tissue of the image (x / y swapped, another image's pixels or scale).
+
+    Returns
+    -------
+    (float, str or None)
+        The fraction, and ``None`` or the message (naming the sample, ``obsm['spatial']`` and the expectation).
+    """
+    n = np.asarray(n_cells_per_spot, dtype=float).ravel()
+    frac = float((n > 0).mean()) if n.size else 0.0
+    if frac >= min_fraction:
+        return frac, None
+    return frac, (
+        f"sample '{sample}': nuclei found in {frac:.0%} of the spots; expected at least {min_fraction:.0%}. Are "
+        "obsm['spatial'] coordinates (x, y) in full-resolution pixels of this image, or are x and y swapped?"
+    )

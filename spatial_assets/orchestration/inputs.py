@@ -28,7 +28,9 @@ def reference_data(context: dg.AssetExecutionContext, project: ProjectResource) 
         )
     except celltyping.SmallTypesError as e:
         raise sio.InputError(f"{ref.path}: {e}") from None
-    sio.check_cell_types(adata, ref.cell_type_key, project.config.parameters.cell_typing.min_cells_per_type, str(ref.path))
+    sio.check_cell_types(
+        adata, ref.cell_type_key, project.config.parameters.cell_typing.min_cells_per_type, str(ref.path)
+    )
     for msg in types_report.get("messages", []):
         context.log.warning(msg)
     path = sio.write_anndata(adata, project.stores.reference(ref.name), info={"source": str(ref.path)})

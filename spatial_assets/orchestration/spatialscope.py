@@ -89,10 +89,9 @@ def segmented_slide(
                 image, res.labels, res.spots, segmentation.spot_diameter_px(slide), cells=res.cells
             ),
         )
-    n_cells = res.spots["n_cells"].to_numpy() if "n_cells" in res.spots else np.ones(1)
-    frac = float((n_cells > 0).mean()) if len(n_cells) else 0.0
-    if frac < MIN_SPOTS_WITH_NUCLEI:
-        context.log.warning(_few_nuclei_message(s.name, frac))
+    _, problem = sio.spots_with_nuclei_problem(res.spots["n_cells"].to_numpy(), s.name)
+    if problem:
+        context.log.warning(problem)
     report.value(method=res.info.get("method"), seconds=round(time.time() - t0, 1), cells=len(res.cells), **res.summary)
     report.folder(out.folder)
     report.store(out.cells, "cells_")
@@ -100,17 +99,6 @@ def segmented_slide(
         report.store(out.labels, "labels_")
     report.details(**res.info)
     return report.result()
-
-
-MIN_SPOTS_WITH_NUCLEI = 0.5
-
-
-def _few_nuclei_message(sample: str, frac: float) -> str:
-    return (
-        f"sample '{sample}': nuclei found in {frac:.0%} of the spots; expected at least "
-        f"{MIN_SPOTS_WITH_NUCLEI:.0%}. Are obsm['spatial'] coordinates (x, y) in full-resolution pixels of the image, "
-        "or are x and y swapped?"
-    )
 
 
 @dg.asset_check(
@@ -124,12 +112,12 @@ def cells_per_spot_in_range(context: dg.AssetCheckExecutionContext, project: Pro
     spots = sio.read_dataframe(project.stores.segmented(sample).spots)
     cap = project.params(sample).segmentation.max_cells_per_spot
     n = spots["n_cells"].to_numpy()
-    frac = float((n > 0).mean()) if len(n) else 0.0
     # < half the spots with a nucleus: most spots lie off the tissue in the image (x / y swapped? wrong scale?)
-    ok = bool((n >= 0).all() and (n <= cap).all() and (n > 0).any() and frac >= MIN_SPOTS_WITH_NUCLEI)
+    frac, problem = sio.spots_with_nuclei_problem(n, sample)
+    ok = bool((n >= 0).all() and (n <= cap).all() and (n > 0).any() and problem is None)
     return dg.AssetCheckResult(
         passed=ok,
-        description=None if frac >= MIN_SPOTS_WITH_NUCLEI else _few_nuclei_message(sample, frac),
+        description=problem,
         metadata={
             "max_cells_per_spot": int(n.max()) if len(n) else 0,
             "fraction_spots_with_cells": float((n > 0).mean()) if len(n) else 0.0,

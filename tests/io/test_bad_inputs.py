@@ -375,7 +375,11 @@ def storage_root_uncreatable(tmp, demo):
     blocker = tmp / "a_file"
     blocker.write_text("x")
     root = blocker / "store"
-    return lambda: sio.ensure_storage_root(root), sio.InputError, [f"storage_root {root}", "cannot be created", "folder"]
+    return (
+        lambda: sio.ensure_storage_root(root),
+        sio.InputError,
+        [f"storage_root {root}", "cannot be created", "folder"],
+    )
 
 
 def combine_missing_range(tmp, demo):
@@ -465,3 +469,12 @@ def test_clean_demo_passes_and_shares_genes(demo_small):
     n = sio.check_shared_genes(loaded.slide.var_names, ref.var_names, "slide", "ref", 10)
     assert n == len(set(loaded.slide.var_names) & set(ref.var_names)) >= 10
     assert loaded.info["zero_count_spots_skipped"] == 0
+
+
+def test_spots_mostly_without_nuclei_are_flagged():
+    ok_frac, ok = sio.spots_with_nuclei_problem([1, 2, 0, 3], "s1")
+    assert ok_frac == 0.75 and ok is None
+    frac, msg = sio.spots_with_nuclei_problem([0, 0, 0, 1, 0, 2, 0, 0, 0, 0], "s1")
+    assert frac == pytest.approx(0.2)
+    assert "sample 's1'" in msg and "20%" in msg and "obsm['spatial']" in msg and "swapped" in msg
+    assert "at least 50%" in msg

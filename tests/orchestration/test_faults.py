@@ -131,9 +131,7 @@ def test_two_concurrent_writers_leave_exactly_one_complete_store(tmp_path, round
         for i in range({rounds}):
             sio.write_anndata(ad.AnnData(np.full((n, 3), n, np.float32)), Path({str(path)!r}))
         """
-    procs = [
-        subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), str(n)], env=ENV, cwd=REPO) for n in (2, 3)
-    ]
+    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), str(n)], env=ENV, cwd=REPO) for n in (2, 3)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     assert sio.is_complete(path)
     a = sio.read_anndata(path)
