@@ -252,10 +252,28 @@ def check_image_covers_spots(
 
 
 def count_spots(path: str | os.PathLike) -> int:
-    """Number of spots of a slide without reading its count matrix (obs index only)."""
+    """Number of spots of a slide without reading its count matrix (obs index only).
+
+    Raises
+    ------
+    InputError
+        The file is missing or cannot be read (the message names it).
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: spatial data not found")
+    try:
+        return _count_spots(path)
+    except InputError:
+        raise
+    except Exception as e:
+        raise InputError(
+            f"{path}: could not read obs (spot barcodes) of the spatial data (truncated or wrong format?) "
+            f"({type(e).__name__}: {str(e)[:200]})"
+        ) from None
+
+
+def _count_spots(path: Path) -> int:
     if path.is_dir() and (path / "spatial").is_dir() and not (path / "zarr.json").exists():
         import h5py
 

@@ -222,6 +222,11 @@ def slide_truncated(tmp, demo):
     return lambda: sio.load_slide(p), sio.InputError, [str(p), "could not be read as spatial data", "truncated"]
 
 
+def slide_truncated_count(tmp, demo):
+    p = _truncate(Path(demo.slide), tmp / "slide_trunc2.h5ad")
+    return lambda: sio.count_spots(p), sio.InputError, [str(p), "obs (spot barcodes)", "truncated"]
+
+
 def slide_folder(tmp, demo):
     p = tmp / "slide_dir.h5ad"
     p.mkdir()
@@ -419,6 +424,7 @@ CASES = [
     slide_nan_xy,
     slide_no_scalefactors,
     slide_truncated,
+    slide_truncated_count,
     slide_folder,
     slide_bad_format,
     image_truncated,
