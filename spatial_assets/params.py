@@ -133,6 +133,8 @@ class CellTypingParams(_Params):
 
     min_cells_per_type: int = Field(25, ge=1)
     max_cells_per_type: int = Field(10_000, ge=1)
+    # Fewest genes slide and reference must share (var_names), checked when the slide is registered.
+    min_shared_genes: int = Field(10, ge=1)
     # DE gene selection, RCTD's names: *_reg = the regression (weights) gene set; the others = the bulk
     # (platform-effect) gene set.
     gene_cutoff: float = 0.000125

@@ -48,6 +48,10 @@ _TRAIN_KEYS = (
 )
 
 
+class CheckpointFileError(ValueError):
+    """A score checkpoint's file is corrupt, truncated, of the wrong kind (a pickle) or from another save."""
+
+
 class CheckpointMismatch(ValueError):
     """A score checkpoint does not match the reference / genes / cell-type column it is used with."""
 
@@ -327,29 +331,56 @@ class ScoreModel:
         Raises
         ------
         FileNotFoundError
-            If ``model.safetensors`` or ``config.json`` is missing.
-        ValueError
-            If the config is not a score-model config, or the two files belong to different saves.
+            The folder or one of its files is missing (or a file is given where the folder was expected).
+        CheckpointFileError
+            A file is corrupt or truncated, ``model.safetensors`` is a pickle / ``torch.save`` file, or the two
+            files belong to different saves; the message names the file.
         """
         path = Path(path)
+        if path.is_file():
+            raise FileNotFoundError(
+                f"score checkpoint {path}: is a file; expected the checkpoint folder holding {MODEL_FILE} + {CONFIG_FILE}"
+            )
         for f in (MODEL_FILE, CONFIG_FILE):
             if not (path / f).is_file():
                 raise FileNotFoundError(f"score checkpoint {path} lacks {f} (expected {MODEL_FILE} + {CONFIG_FILE})")
-        config = json.loads((path / CONFIG_FILE).read_text())
-        if config.get("format") != "spatial_assets.score_model":
-            raise ValueError(
-                f"{path / CONFIG_FILE}: format is {config.get('format')!r}, expected 'spatial_assets.score_model'"
+        try:
+            config = json.loads((path / CONFIG_FILE).read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CheckpointFileError(f"{path / CONFIG_FILE}: not valid JSON (truncated?) ({e})") from None
+        if not isinstance(config, dict) or config.get("format") != "spatial_assets.score_model":
+            got = config.get("format") if isinstance(config, dict) else type(config).__name__
+            raise CheckpointFileError(f"{path / CONFIG_FILE}: format is {got!r}, expected 'spatial_assets.score_model'")
+        mfile = path / MODEL_FILE
+        head = mfile.read_bytes()[:4] if mfile.stat().st_size else b""
+        if head[:1] == b"\x80" or head[:2] == b"PK":
+            raise CheckpointFileError(
+                f"{mfile}: is a pickle / torch.save file, not safetensors; expected safetensors weights "
+                "(pickles are never loaded: unpickling can run arbitrary code). Re-materialize score_checkpoint"
             )
-        with safe_open(str(path / MODEL_FILE), framework="pt") as fh:
-            meta = fh.metadata() or {}
-        if meta.get("train_step") != str(config["train_step"]) or meta.get("fingerprint") != config["fingerprint"]:
-            raise ValueError(
+        try:
+            with safe_open(str(mfile), framework="pt") as fh:
+                meta = fh.metadata() or {}
+            state = load_file(str(mfile), device="cpu")
+        except Exception as e:
+            raise CheckpointFileError(
+                f"{mfile}: could not be read as safetensors (truncated or corrupt?) ({type(e).__name__}: {str(e)[:200]}); "
+                "re-materialize score_checkpoint"
+            ) from None
+        if meta.get("train_step") != str(config.get("train_step")) or meta.get("fingerprint") != config.get(
+            "fingerprint"
+        ):
+            raise CheckpointFileError(
                 f"{path}: {MODEL_FILE} (step {meta.get('train_step')}) and {CONFIG_FILE} (step "
-                f"{config['train_step']}) belong to different saves"
+                f"{config.get('train_step')}) belong to different saves"
             )
-        state = load_file(str(path / MODEL_FILE), device="cpu")
-        net = _build_net(config, {k: state[k] for k in ScoreNet.STATS})
-        net.load_state_dict(state)
+        try:
+            net = _build_net(config, {k: state[k] for k in ScoreNet.STATS})
+            net.load_state_dict(state)
+        except (KeyError, RuntimeError) as e:
+            raise CheckpointFileError(
+                f"{mfile}: weights do not match {CONFIG_FILE}'s architecture ({type(e).__name__}: {str(e)[:200]})"
+            ) from None
         return cls(net, config, device=device)
 
     # -- compatibility -----------------------------------------------------------------------------------------
