@@ -77,6 +77,8 @@ class CellTypingParams(_Params):
         Fewest reference cells a type needs (see ``small_types``).
     max_cells_per_type : int, default 10000
         At most this many reference cells per type are used (seeded subsample).
+    min_shared_genes : int, default 10
+        Fewest genes the slide and the reference must share (``var_names``), checked when the slide is registered.
     gene_cutoff : float, default 0.000125
         RCTD's expression threshold of the bulk (platform-effect) gene set.
     fc_cutoff : float, default 0.5
