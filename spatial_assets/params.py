@@ -123,8 +123,22 @@ class ScoreModelParams(_Params):
 
 
 class DecompositionParams(_Params):
-    """SpatialScope step 3 (annealed Langevin decomposition)."""
+    """SpatialScope step 3: decomposition of spots into their cells.
 
+    ``estimator``: "mixture" (default; each cell is a posterior-weighted mix of its type's reference clusters given
+    the spot's counts, exact spot sums; needs the reference) or "langevin" (SpatialScope's annealed Langevin
+    dynamics with the score model; measured numbers of both in docs/ACCURACY.md).
+    """
+
+    estimator: Literal["mixture", "langevin"] = "mixture"
+    # mixture prior: k-means clusters per type, mean-field rounds, damping, likelihood exponent (overdispersion)
+    mixture_components: int = Field(16, ge=1)
+    mixture_iterations: int = Field(30, ge=1)
+    mixture_damping: float = Field(0.5, gt=0, le=1)
+    mixture_temperature: float = Field(0.2, gt=0)
+    # per-cell size factors fitted to the spot (multiplicative Poisson updates), log-shrinkage per round
+    mixture_size_factors: bool = True
+    mixture_size_shrink: float = Field(0.0, ge=0, lt=1)
     n_replicates: int = Field(3, ge=1)
     max_retries: int = Field(5, ge=0)
     sigma_power: float = 1.0

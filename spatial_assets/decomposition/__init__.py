@@ -16,16 +16,21 @@ from ._decompose import DecompositionResult, decompose
 from ._evaluation import evaluate_against_truth
 from ._inputs import DecompositionInput, prepare_spots
 from ._langevin import annealed_langevin, noise_levels, spot_term
+from ._mixture import MixturePrior, decompose_mixture, fit_mixture_prior, mixture_posterior
 from ._sample import combine_ranges, decompose_range
 
 __all__ = [
     "DecompositionInput",
     "DecompositionResult",
+    "MixturePrior",
     "annealed_langevin",
     "baseline_type_mean",
     "combine_ranges",
     "decompose",
+    "decompose_mixture",
     "decompose_range",
+    "fit_mixture_prior",
+    "mixture_posterior",
     "evaluate_against_truth",
     "noise_levels",
     "prepare_spots",
