@@ -120,6 +120,13 @@ class ScoreModelParams(_Params):
     save_every: int = Field(1000, ge=1)
     mixed_precision: bool = True
     seed: int = 0
+    # Stop rule: every `eval_every` steps the EMA network's denoising loss on held-out reference cells (a fixed,
+    # seeded set of noise draws) is measured; training stops when it has not improved by a relative
+    # `early_stop_min_delta` for `early_stop_patience` evaluations (None = always run train_steps).
+    early_stop_patience: int | None = Field(4, ge=1)
+    early_stop_min_delta: float = Field(0.002, ge=0)
+    eval_every: int = Field(250, ge=1)
+    holdout_fraction: float = Field(0.1, gt=0, lt=0.5)
 
 
 class DecompositionParams(_Params):

@@ -245,6 +245,7 @@ def _finish(
     seconds: float,
     cpu_seconds: float,
     log: Callable[[str], None] | None,
+    layers: dict | None = None,
 ) -> DecompositionResult:
     """The result AnnData of any estimator: reconstruction of the spots and spot-level recovery of hidden genes."""
     genes = list(inputs.genes)
@@ -292,7 +293,7 @@ def _finish(
         {"platform_effect": inputs.platform_effect, "in_slide": inputs.in_slide, "left_out": hidden},
         index=pd.Index(genes, name="gene"),
     )
-    out = ad.AnnData(X=mean.astype(np.float32), obs=obs, var=var)
+    out = ad.AnnData(X=mean.astype(np.float32), obs=obs, var=var, layers=layers or None)
     out.uns["decomposition"] = info
     if log is not None:
         log(f"decomposition: {C} cells in {S} spots, {seconds:.1f} s, spot reconstruction error {rel_all:.3g}")

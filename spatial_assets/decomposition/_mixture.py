@@ -221,6 +221,51 @@ def mixture_posterior(
     return resp, mean, size
 
 
+def binomial_log1p_moments(
+    y: np.ndarray, w: np.ndarray, k: np.ndarray, max_exact: int = 40
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance of ``log1p(k t)`` for ``t ~ Binomial(y, w)``, elementwise.
+
+    Parameters
+    ----------
+    y : ndarray
+        Counts (rounded to integers).
+    w : ndarray
+        Success probabilities (clipped to [0, 1]).
+    k : ndarray
+        Scale of ``t`` (raw molecules to the reference scale).
+    max_exact : int
+        Counts up to this are summed exactly over the binomial's support (``max_exact + 1`` vectorised passes);
+        larger ones use the second-order delta method.
+
+    Returns
+    -------
+    mean, var : ndarray
+        Same shape as ``y``.
+    """
+    from scipy.stats import binom
+
+    y = np.rint(np.clip(y, 0, None)).astype(np.int64)
+    w = np.clip(w, 0.0, 1.0)
+    k = np.broadcast_to(k, y.shape)
+    mu, var_t = y * w, y * w * (1 - w)
+    m_big = np.log1p(k * mu) - k**2 * var_t / (2 * (1 + k * mu) ** 2)
+    v_big = k**2 * var_t / (1 + k * mu) ** 2
+    small = y <= max_exact
+    m1 = np.zeros(y.shape)
+    m2 = np.zeros(y.shape)
+    top = int(min(max_exact, y.max(initial=0)))
+    ys, ws, ks = np.where(small, y, 0), np.where(small, w, 0), np.where(small, k, 0)
+    for j in range(1, top + 1):  # over the support (<= max_exact + 1 values), vectorised over cells x genes
+        pj = binom.pmf(j, ys, ws)
+        lj = np.log1p(ks * j)
+        m1 += pj * lj
+        m2 += pj * lj * lj
+    mean = np.where(small, m1, m_big)
+    var = np.where(small, m2 - m1**2, v_big)
+    return mean, np.clip(var, 0, None)
+
+
 def decompose_mixture(
     inputs,
     model,
@@ -247,7 +292,10 @@ def decompose_mixture(
     Returns
     -------
     DecompositionResult
-        As :func:`decompose`: X = the cells' shares (reference scale), ``obs['replicate_spread']`` = posterior sd.
+        As :func:`decompose`: X = the cells' shares (reference scale; observed genes sum exactly to the spot),
+        ``layers['log1p_posterior']`` = the posterior mean of log1p expression (the binomial allocation of the
+        spot's molecules by the shares; the estimate to use for log-scale comparisons),
+        ``obs['replicate_spread']`` = posterior sd of the log1p profile (clusters and allocation, mean over genes).
 
     Raises
     ------
@@ -355,6 +403,14 @@ def decompose_mixture(
     factor = target[:, observed].sum(1) / np.where(tot > 0, tot, 1)
     out = mean * factor[spot_idx, None]
     out[:, observed] = (share * target[spot_idx])[:, observed]
+    # allocation uncertainty: a cell's molecules of gene g ~ Binomial(spot's raw count, its share)
+    raw_all = inputs.counts * inputs.platform_effect
+    k = spot_scale[:, None] / np.where(inputs.platform_effect > 0, inputs.platform_effect, 1)[None, :]
+    lmean, lvar = binomial_log1p_moments(raw_all[spot_idx][:, observed], share[:, observed], k[spot_idx][:, observed])
+    log_post = np.log1p(np.clip(out, 0, None))
+    log_post[:, observed] = lmean
+    alloc_sd = np.sqrt(np.clip(lvar, 0, None)).mean(1)
+    spread = np.sqrt(spread**2 + alloc_sd**2)
     info["mixture_size_factor_cv"] = float(size.std() / size.mean())
     info["mixture_entropy_median"] = float(np.median(-(resp.clamp_min(1e-30).log() * resp).sum(1).numpy()))
     return _finish(
@@ -371,4 +427,5 @@ def decompose_mixture(
         time.perf_counter() - t0,
         time.process_time() - c0,
         log,
+        layers={"log1p_posterior": log_post.astype(np.float32)},
     )

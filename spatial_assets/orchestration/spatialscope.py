@@ -305,8 +305,9 @@ def checkpoint_sample_quality(context: dg.AssetCheckExecutionContext, project: P
 def decomposed_cells(
     context: dg.AssetExecutionContext, project: ProjectResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
-    """SpatialScope step 3 for one spot range of one sample: annealed Langevin decomposition of each spot's
-    counts into its cells' expression (AnnData zarr per partition)."""
+    """SpatialScope step 3 for one spot range of one sample: decomposition of each spot's counts into its cells'
+    expression (default: mixture prior over the reference's per-type clusters; or annealed Langevin), AnnData zarr
+    per partition."""
     keys = context.partition_key.keys_by_dimension
     sample, rkey = keys["sample"], keys["spot_range"]
     s = project.sample(sample)
@@ -323,16 +324,20 @@ def decomposed_cells(
     dev = _device(compute, context, report)
     model = generative.ScoreModel.load(ckpt, device=dev)
     model.check_compatible(cell_type_key=ref.cell_type_key)
+    dparams = project.params(sample).decomposition
+    # the mixture estimator (default) clusters the reference's cells of each type
+    reference = sio.read_anndata(project.stores.reference(ref.name)) if dparams.estimator == "mixture" else None
     res = decomposition.decompose_range(
         slide,
         cells,
         model,
         pe,
         (start, stop),
-        project.params(sample).decomposition,
+        dparams,
         platform=s.platform,
         device=dev,
         log=context.log.info,
+        reference=reference,
     )
     path = sio.write_anndata(
         res.adata, project.stores.decomposed_range(sample, rkey), info={"spot_range": [start, stop]}
