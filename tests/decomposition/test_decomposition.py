@@ -180,7 +180,11 @@ def test_left_out_genes_get_no_spot_term(syn, full_run):
     ev = evaluate_against_truth(res, truth, genes=held)
     assert 0.2 < ev["gene_r_log1p_median"] < 0.99
     # the same genes hidden through the parameters give the same result
-    res2 = decompose(prepare_spots(slide, cells, model), model, DecompositionParams(estimator="langevin", seed=3, leave_out_genes=held))
+    res2 = decompose(
+        prepare_spots(slide, cells, model),
+        model,
+        DecompositionParams(estimator="langevin", seed=3, leave_out_genes=held),
+    )
     np.testing.assert_array_equal(res.adata.X, res2.adata.X)
 
 
@@ -254,7 +258,9 @@ class PushUpModel(GaussianScoreModel):
 def test_overflowing_expression_counts_as_non_finite(syn, full_run):
     model, slide, cells, _ = syn
     inp, clean = full_run
-    res = decompose(inp, PushUpModel(model, bad_type=2), DecompositionParams(estimator="langevin", seed=3, max_retries=0))
+    res = decompose(
+        inp, PushUpModel(model, bad_type=2), DecompositionParams(estimator="langevin", seed=3, max_retries=0)
+    )
     a = clean.adata
     has_bad = a.obs.groupby("spot", observed=True)["cell_type"].transform(lambda s: (s == "t2").any()).to_numpy()
     is_bad = a.obs["cell_type"].to_numpy() == "t2"
@@ -362,7 +368,7 @@ def test_clear_errors(syn):
     inp = prepare_spots(slide, cells, model)
     small = GaussianScoreModel(model.genes[:10], model.cell_types, model.type_means[:, :10].numpy(), 0.4)
     with pytest.raises(ValueError, match=r"score model genes \(10\) differ from the inputs' \(40\)"):
-        decompose(inp, small, DecompositionParams(estimator="langevin", estimator="langevin"))
+        decompose(inp, small, DecompositionParams(estimator="langevin"))
     with pytest.raises(ValueError, match=r"cell-type column is 'cell_type', asked for 'subclass'"):
         prepare_spots(slide, cells, model, cell_type_key="subclass")
 
@@ -410,7 +416,9 @@ def test_figures_are_png(syn, full_run):
     t = truth[res.adata.obs_names].X * res.adata.obs["spot_scale"].to_numpy()[:, None]
     png = plot_truth_comparison(res, t, baseline_type_mean(inp, model), genes=["g0", "g1"])
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    empty = decompose(prepare_spots(slide, cells, model, spot_range=(100, 120)), model, DecompositionParams(estimator="langevin", estimator="langevin"))
+    empty = decompose(
+        prepare_spots(slide, cells, model, spot_range=(100, 120)), model, DecompositionParams(estimator="langevin")
+    )
     assert plot_decomposition_summary(empty)[:4] == b"\x89PNG"
 
 
