@@ -16,7 +16,13 @@ from ._decompose import DecompositionResult, decompose
 from ._evaluation import evaluate_against_truth
 from ._inputs import DecompositionInput, prepare_spots
 from ._langevin import annealed_langevin, noise_levels, spot_term
-from ._mixture import MixturePrior, decompose_mixture, fit_mixture_prior, mixture_posterior
+from ._mixture import (
+    MixturePrior,
+    binomial_log1p_moments,
+    decompose_mixture,
+    fit_mixture_prior,
+    mixture_posterior,
+)
 from ._sample import combine_ranges, decompose_range
 
 __all__ = [
@@ -25,6 +31,7 @@ __all__ = [
     "MixturePrior",
     "annealed_langevin",
     "baseline_type_mean",
+    "binomial_log1p_moments",
     "combine_ranges",
     "decompose",
     "decompose_mixture",

@@ -361,7 +361,7 @@ def decompose_mixture(
         / Pn[:, obs_t].sum(1, keepdim=True)
         * float(target[:, observed].sum(1).mean() / np.mean(inputs.spots["n_cells"]))
     )
-    cand_t = torch.zeros(T, kmax, len(genes))
+    cand_t = torch.ones(T, kmax, len(genes))  # padding: positive (finite logs), excluded by log weight -inf
     logw_t = torch.full((T, kmax), -torch.inf)
     cand_t[prior.type_idx[order], slot] = Pn[order]
     logw_t[prior.type_idx[order], slot] = torch.as_tensor(prior.log_weights[order], dtype=torch.float32)
