@@ -146,6 +146,10 @@ class DecompositionParams(_Params):
     # per-cell size factors fitted to the spot (multiplicative Poisson updates), log-shrinkage per round
     mixture_size_factors: bool = True
     mixture_size_shrink: float = Field(0.0, ge=0, lt=1)
+    # spatial empirical prior: mix the cluster weights with the responsibilities of the k nearest same-type cells
+    # (0 = off), with this weight, then rerun the posterior
+    mixture_spatial_neighbours: int = Field(0, ge=0)
+    mixture_spatial_weight: float = Field(0.5, ge=0, le=1)
     n_replicates: int = Field(3, ge=1)
     max_retries: int = Field(5, ge=0)
     sigma_power: float = 1.0

@@ -221,6 +221,37 @@ def mixture_posterior(
     return resp, mean, size
 
 
+def neighbour_mean(xy: np.ndarray, type_idx: np.ndarray, values: np.ndarray, k: int) -> np.ndarray:
+    """Mean of ``values`` over each cell's ``k`` nearest other cells of the same type (its own row if alone).
+
+    Parameters
+    ----------
+    xy : ndarray (C, 2)
+        Cell positions.
+    type_idx : ndarray (C,)
+        Type of each cell.
+    values : ndarray (C, K)
+        Per-cell rows to average.
+    k : int
+        Neighbours per cell.
+
+    Returns
+    -------
+    ndarray (C, K)
+    """
+    from scipy.spatial import cKDTree
+
+    out = values.copy()
+    for t in np.unique(type_idx):  # one tree per type (tens), queries vectorised over the type's cells
+        rows = np.flatnonzero(type_idx == t)
+        kk = min(k, len(rows) - 1)
+        if kk < 1:
+            continue
+        _, nb = cKDTree(xy[rows]).query(xy[rows], k=kk + 1)
+        out[rows] = values[rows[nb[:, 1:]]].mean(1)
+    return out
+
+
 def binomial_log1p_moments(
     y: np.ndarray, w: np.ndarray, k: np.ndarray, max_exact: int = 40
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -368,20 +399,33 @@ def decompose_mixture(
     # likelihood weights: the spot's counts on observed genes (platform effect back in = raw counts)
     raw = torch.as_tensor(inputs.counts[:, observed] * inputs.platform_effect[observed], dtype=torch.float32)
     ti = torch.as_tensor(type_idx)
-    resp, _, size = mixture_posterior(
-        raw,
-        torch.as_tensor(spot_idx),
-        S,
-        cand_t[ti][:, :, obs_t],
-        logw_t[ti],
-        n_iter=params.mixture_iterations,
-        damping=params.mixture_damping,
-        temperature=params.mixture_temperature,
-        size_factors=params.mixture_size_factors,
-        size_shrink=params.mixture_size_shrink,
-        spot_values=torch.as_tensor(inputs.counts[:, observed], dtype=torch.float32),
-        batch_rows=params.batch_cells,
-    )
+
+    def posterior(logw: torch.Tensor):
+        return mixture_posterior(
+            raw,
+            torch.as_tensor(spot_idx),
+            S,
+            cand_t[ti][:, :, obs_t],
+            logw,
+            n_iter=params.mixture_iterations,
+            damping=params.mixture_damping,
+            temperature=params.mixture_temperature,
+            size_factors=params.mixture_size_factors,
+            size_shrink=params.mixture_size_shrink,
+            spot_values=torch.as_tensor(inputs.counts[:, observed], dtype=torch.float32),
+            batch_rows=params.batch_cells,
+        )
+
+    resp, _, size = posterior(logw_t[ti])
+    k_nb = int(params.mixture_spatial_neighbours)
+    xy = inputs.cells[["x", "y"]].to_numpy(float)
+    if k_nb > 0 and np.isfinite(xy).all():
+        # spatial empirical prior: the responsibilities of the nearest cells of the same type (not the cell itself)
+        q = neighbour_mean(xy, type_idx, resp.numpy(), k_nb)
+        a = float(params.mixture_spatial_weight)
+        prior_w = (1 - a) * torch.softmax(logw_t[ti], 1) + a * torch.as_tensor(q, dtype=torch.float32)
+        resp, _, size = posterior(prior_w.clamp_min(1e-12).log().masked_fill(~torch.isfinite(logw_t[ti]), -torch.inf))
+        info["mixture_spatial_neighbours"] = k_nb
     cand_all = cand_t[ti]  # (C, K, G)
     mean = (torch.einsum("ck,ckg->cg", resp, cand_all) * size[:, None]).double().numpy()
     logc = torch.log1p(cand_all)
