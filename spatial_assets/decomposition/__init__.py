@@ -11,7 +11,7 @@ data). ``obs['spot_scale']`` maps raw slide counts into that scale: ``counts / p
 The score model is duck-typed (see :class:`spatial_assets.generative.GaussianScoreModel` for the attributes used).
 """
 
-from ._baselines import baseline_type_mean
+from ._baselines import baseline_type_mean, reference_type_profiles
 from ._decompose import DecompositionResult, decompose
 from ._evaluation import evaluate_against_truth
 from ._inputs import DecompositionInput, prepare_spots
@@ -41,5 +41,6 @@ __all__ = [
     "evaluate_against_truth",
     "noise_levels",
     "prepare_spots",
+    "reference_type_profiles",
     "spot_term",
 ]
