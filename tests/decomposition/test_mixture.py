@@ -169,3 +169,14 @@ def test_mixture_needs_a_prior_and_the_reference(tmp_path):
         fit_mixture_prior(ref, model, "subclass")
     res = decompose_range(slide, cells, model, reference=ref.copy())
     assert res.info["estimator"] == "mixture" and res.adata.n_obs == inp.n_cells
+
+
+def test_neighbour_mean_uses_same_type_neighbours_only():
+    from spatial_assets.decomposition._mixture import neighbour_mean
+
+    xy = np.array([[0.0, 0], [1, 0], [10, 0], [0.5, 0], [50, 0]])
+    t = np.array([0, 0, 0, 1, 1])
+    v = np.arange(10, dtype=float).reshape(5, 2)
+    out = neighbour_mean(xy, t, v, 1)
+    # cell 0's nearest same-type cell is cell 1 (cell 3 is closer but of another type); cell 2's is cell 1
+    np.testing.assert_array_equal(out, v[[1, 0, 1, 4, 3]])
