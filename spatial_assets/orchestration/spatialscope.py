@@ -330,8 +330,9 @@ def checkpoint_sample_quality(context: dg.AssetCheckExecutionContext, project: P
 def decomposed_cells(
     context: dg.AssetExecutionContext, project: ProjectResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
-    """SpatialScope step 3 for one spot range of one sample: annealed Langevin decomposition of each spot's
-    counts into its cells' expression (AnnData zarr per partition)."""
+    """SpatialScope step 3 for one spot range of one sample: decomposition of each spot's counts into its cells'
+    expression (default: mixture prior over the reference's per-type clusters; or annealed Langevin), AnnData zarr
+    per partition."""
     keys = context.partition_key.keys_by_dimension
     sample, rkey = keys["sample"], keys["spot_range"]
     s = project.sample(sample)
@@ -347,20 +348,23 @@ def decomposed_cells(
     report = Report(context.log.warning)
     dev = _device(compute, context, report)
     model = generative.ScoreModel.load(ckpt, device=dev)
-    # the checkpoint must have been trained on this very reference (fingerprint), not one with the same genes
-    model.check_compatible(
-        reference=sio.read_anndata(project.stores.reference(ref.name)), cell_type_key=ref.cell_type_key
-    )
+    # the checkpoint must have been trained on this very reference (fingerprint), not one with the same genes;
+    # the mixture estimator (default) also clusters the reference's cells of each type
+    reference = sio.read_anndata(project.stores.reference(ref.name))
+    model.check_compatible(reference=reference, cell_type_key=ref.cell_type_key)
+    if project.params(sample).decomposition.estimator != "mixture":
+        reference = None
     res = decomposition.decompose_range(
         slide,
         cells,
         model,
         pe,
         (start, stop),
-        project.params(sample).decomposition,
+        dparams,
         platform=s.platform,
         device=dev,
         log=context.log.info,
+        reference=reference,
     )
     path = sio.write_anndata(
         res.adata,
