@@ -352,7 +352,8 @@ def decomposed_cells(
     # the mixture estimator (default) also clusters the reference's cells of each type
     reference = sio.read_anndata(project.stores.reference(ref.name))
     model.check_compatible(reference=reference, cell_type_key=ref.cell_type_key)
-    if project.params(sample).decomposition.estimator != "mixture":
+    dparams = project.params(sample).decomposition
+    if dparams.estimator != "mixture":
         reference = None
     res = decomposition.decompose_range(
         slide,
