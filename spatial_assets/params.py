@@ -32,6 +32,11 @@ class SegmentationParams(_Params):
     # Tiled prediction: tile side in pixels (StarDist n_tiles is derived from it).
     tile_size: int = Field(2048, ge=256)
     max_cells_per_spot: int = Field(20, ge=1)
+    # Warn (and fail the segmented_slide check) when more than this fraction of QC-passing spots hold more nuclei
+    # than max_cells_per_spot: the cap is then dropping cells, usually because the model over-segments.
+    max_capped_fraction: float = Field(0.2, ge=0, le=1)
+    # Measure per-nucleus shape / stain / texture features (segmentation.FEATURE_COLUMNS) for the cells table.
+    nucleus_features: bool = True
     min_umi: float = Field(500, ge=0)
     max_umi: float = Field(50_000, gt=0)
     # Explicit opt-in to fall back to another method when the StarDist model cannot be obtained.

@@ -16,17 +16,38 @@ Large images are never loaded twice: any array-like (numpy, ``zarr.Array``, tiff
 the hematoxylin channel is computed per block; above ``big_pixels`` pixels StarDist runs ``predict_instances_big``
 and writes labels block-wise into a numpy array or a given ``zarr`` array (``labels_out``). The nuclei table is
 computed from the labels by block-wise ``np.bincount`` (linear memory).
+
+Nucleus features (:func:`nucleus_features`, columns :data:`FEATURE_COLUMNS`): area, eccentricity, axis ratio,
+solidity (``skimage.measure.regionprops_table``), and the mean, sd and skewness of the hematoxylin optical density
+plus two texture statistics (fine-scale contrast, gradient magnitude) by per-label ``np.bincount``; added to the
+cells table by :func:`segment_sample` (``params.nucleus_features``), read by cell typing's morphology labels.
+
+Cap warning: when more than ``params.max_capped_fraction`` of the QC-passing spots hold more nuclei than
+``params.max_cells_per_spot`` (cells over the cap are dropped), :func:`assign_cells_to_spots` warns
+(:class:`CellCapWarning` and the log) and its summary carries ``cap_warning`` (None otherwise).
 """
 
 from ._channels import ChannelView, as_rgb_image, hematoxylin
 from ._evaluation import match_f1
+from ._features import FEATURE_COLUMNS, nucleus_features
 from ._models import BUNDLED_MODEL, ModelUnavailableError, bundled_models, load_stardist_model, validate_model_folder
 from ._nuclei import SegmentationResult, nuclei_table, segment_nuclei
 from ._sample import SampleCells, segment_sample
-from ._spots import assign_cells_to_spots, check_image_covers_spots, segment_slide, spot_diameter_px
+from ._spots import (
+    CellCapWarning,
+    assign_cells_to_spots,
+    cap_report,
+    check_image_covers_spots,
+    segment_slide,
+    spot_diameter_px,
+)
 
 __all__ = [
     "BUNDLED_MODEL",
+    "CellCapWarning",
+    "cap_report",
+    "FEATURE_COLUMNS",
+    "nucleus_features",
     "ChannelView",
     "SampleCells",
     "segment_sample",
