@@ -30,7 +30,14 @@ Cap warning: when more than ``params.max_capped_fraction`` of the QC-passing spo
 from ._channels import ChannelView, as_rgb_image, hematoxylin
 from ._evaluation import match_f1
 from ._features import FEATURE_COLUMNS, nucleus_features
-from ._models import BUNDLED_MODEL, ModelUnavailableError, bundled_models, load_stardist_model, validate_model_folder
+from ._models import (
+    BUNDLED_HE_MODEL,
+    BUNDLED_MODEL,
+    ModelUnavailableError,
+    bundled_models,
+    load_stardist_model,
+    validate_model_folder,
+)
 from ._nuclei import SegmentationResult, nuclei_table, segment_nuclei
 from ._sample import SampleCells, segment_sample
 from ._spots import (
@@ -43,6 +50,7 @@ from ._spots import (
 )
 
 __all__ = [
+    "BUNDLED_HE_MODEL",
     "BUNDLED_MODEL",
     "CellCapWarning",
     "cap_report",
