@@ -8,7 +8,8 @@
 * H&E models on realistic slides (:func:`spatial_assets.datasets.build_realistic_slide`, seeds 1 and 2; only the
   rows the H&E model never trained on, y >= ``TRAIN_Y_UM``): nuclei F1, recall of the true nuclei of crowded spots
   (>= ``CROWDED`` true cells), nuclei per spot MAE and r against the true cells per spot, for the bundled H&E model
-  (``bundled:stardist_he``, RGB), the old bundled fluorescence model (hematoxylin channel) and watershed;
+  (``bundled:stardist_he``, RGB, with its own optimised thresholds, and at SpatialScope's prob_thresh 0.2 /
+  nms_thresh 0.1), the old bundled fluorescence model (hematoxylin channel) and watershed;
 * the same models on the real Visium H&E crop (squidpy mouse brain, 49 spots, no ground truth): nuclei per 55-um
   spot (a mouse brain section shows roughly 1-15) and the fraction of spots over ``max_cells_per_spot``;
 * a big image tiled from the demo H&E (6,000^2 px quick, 10,000^2 px full), read lazily from a tiled TIFF and
@@ -40,7 +41,8 @@ def _he_models() -> dict:
 
     base = SegmentationParams(min_umi=0, max_umi=1e12)
     return {
-        "stardist_he": base.model_copy(update={"model": seg.BUNDLED_HE_MODEL}),
+        "stardist_he": base.model_copy(update={"model": seg.BUNDLED_HE_MODEL, "prob_thresh": None, "nms_thresh": None}),
+        "stardist_he_p0.2": base.model_copy(update={"model": seg.BUNDLED_HE_MODEL}),
         "stardist_nuclei_old": base.model_copy(update={"model": seg.BUNDLED_MODEL}),
         "watershed": base.model_copy(update={"method": "watershed"}),
     }
@@ -59,14 +61,12 @@ def _crop_slide(slide, r0: int, r1: int):
 
 def crowded_recall(pred, truth, truth_cells, crowded_spots) -> tuple[float, int]:
     """Fraction of the true nuclei of ``crowded_spots`` matched (IoU >= 0.5) by a predicted nucleus."""
-    from stardist.matching import matching
+    from spatial_assets import segmentation as seg
 
-    m = matching(truth.astype(np.int32), pred.astype(np.int32), thresh=0.5, report_matches=True)
-    matched = {int(t) for t, _ in m.matched_pairs[: m.tp]} if m.tp else set()
     want = truth_cells.loc[truth_cells["spot"].astype(str).isin(crowded_spots), "label"].astype(int).to_numpy()
     if not len(want):
         return float("nan"), 0
-    return float(np.mean([w in matched for w in want])), int(len(want))
+    return float(np.isin(want, seg.matched_true_labels(pred, truth)).mean()), int(len(want))
 
 
 def _realistic(out: dict, quick: bool, tmp: Path) -> None:

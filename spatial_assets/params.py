@@ -23,8 +23,10 @@ class SegmentationParams(_Params):
     model: str = "2D_versatile_he"
     # For a 1-channel model: which channel to feed it. "hematoxylin" = rgb2hed's H channel; "gray" = luminance.
     channel: Literal["auto", "rgb", "hematoxylin", "gray"] = "auto"
-    prob_thresh: float = Field(0.2, ge=0, le=1)
-    nms_thresh: float = Field(0.1, ge=0, le=1)
+    # StarDist thresholds (SpatialScope's 0.2 / 0.1); None = the model's own, optimised on its validation images
+    # (thresholds.json of the model folder; the bundled H&E model is meant to run with them).
+    prob_thresh: float | None = Field(0.2, ge=0, le=1)
+    nms_thresh: float | None = Field(0.1, ge=0, le=1)
     norm_percentiles: tuple[float, float] = (1.0, 99.8)
     # Rescale the image by this factor before prediction (StarDist's ``scale``), e.g. when the model was trained
     # on nuclei of another size in pixels; labels come back at the original resolution.

@@ -28,7 +28,7 @@ Cap warning: when more than ``params.max_capped_fraction`` of the QC-passing spo
 """
 
 from ._channels import ChannelView, as_rgb_image, hematoxylin
-from ._evaluation import match_f1
+from ._evaluation import match_f1, matched_true_labels
 from ._features import FEATURE_COLUMNS, nucleus_features
 from ._models import (
     BUNDLED_HE_MODEL,
@@ -68,6 +68,7 @@ __all__ = [
     "hematoxylin",
     "load_stardist_model",
     "match_f1",
+    "matched_true_labels",
     "nuclei_table",
     "segment_nuclei",
     "segment_slide",

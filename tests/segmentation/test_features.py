@@ -195,3 +195,16 @@ def test_no_cap_warning_at_or_below_the_threshold():
     assert summary["cap_warning"] is None and summary["fraction_spots_capped"] == pytest.approx(0.2)
     with pytest.warns(seg.CellCapWarning, match=r"2 of 10 spots \(20%\).*max_capped_fraction=10%"):
         seg.assign_cells_to_spots(nuclei, slide, SegmentationParams(max_cells_per_spot=20, max_capped_fraction=0.1))
+
+
+def test_matched_true_labels_finds_the_overlapping_nuclei():
+    truth = np.zeros((40, 40), np.int32)
+    truth[2:10, 2:10], truth[20:30, 20:30], truth[32:38, 2:8] = 1, 2, 3
+    pred = np.zeros_like(truth)
+    pred[2:10, 3:10] = 5  # IoU 56 / 64 with 1
+    pred[20:25, 20:30] = 7  # IoU 0.5 with 2: matched at 0.5 (>=), not at 0.6
+    pred[0:2, 30:40] = 9  # false positive
+    assert seg.matched_true_labels(pred, truth).tolist() == [1, 2]
+    assert seg.matched_true_labels(pred, truth, iou=0.6).tolist() == [1]
+    with pytest.raises(InputError, match=r"predicted labels shape \(40, 39\) differs"):
+        seg.matched_true_labels(pred[:, :39], truth)
