@@ -7,6 +7,10 @@ Methods
   model folder (``config.json`` + ``*.h5`` weights). A 3-channel model sees the RGB image, a 1-channel model the
   hematoxylin channel of colour deconvolution (``skimage.color.rgb2hed``) or the luminance. Input normalised as in
   StarDist's examples (percentiles 1 / 99.8, jointly over channels). ``params.scale`` rescales for prediction.
+  Bundled models (``bundled:<name>``): ``stardist_he`` (:data:`BUNDLED_HE_MODEL`, RGB H&E, trained here on H&E
+  renders of real nuclear masks, ``python -m spatial_assets.segmentation train-he``; run it with
+  ``prob_thresh: null`` / ``nms_thresh: null``, its own thresholds) and ``stardist_nuclei``
+  (:data:`BUNDLED_MODEL`, 1 channel, fluorescence-like nuclei; on real H&E it outlines tissue texture).
 * ``watershed``: squidpy's ``im.segment(method='watershed')`` on the (smoothed, normalised) hematoxylin channel,
   with one Otsu threshold for the whole image (squidpy would otherwise pick one per chunk); needs no weights.
   ``channel: gray`` uses the inverted luminance there (nuclei must be bright); for a 1-channel StarDist model
