@@ -10,6 +10,8 @@
   (>= ``CROWDED`` true cells), nuclei per spot MAE and r against the true cells per spot, for the bundled H&E model
   (``bundled:stardist_he``, RGB, with its own optimised thresholds, and at SpatialScope's prob_thresh 0.2 /
   nms_thresh 0.1), the old bundled fluorescence model (hematoxylin channel) and watershed;
+* nucleus features (:func:`spatial_assets.segmentation.nucleus_features`) of those slides' true nuclei: seconds
+  per 1,000 nuclei;
 * the same models on the real Visium H&E crop (squidpy mouse brain, 49 spots, no ground truth): nuclei per 55-um
   spot (a mouse brain section shows roughly 1-15) and the fraction of spots over ``max_cells_per_spot``;
 * a big image tiled from the demo H&E (6,000^2 px quick, 10,000^2 px full), read lazily from a tiled TIFF and
@@ -91,6 +93,9 @@ def _realistic(out: dict, quick: bool, tmp: Path) -> None:
         tc = tc[tc["label"].isin(np.unique(truth))]
         true_n = slide.obs["n_cells_true"].to_numpy()
         crowded = slide.obs_names[true_n >= CROWDED].astype(str)
+        t = time.time()
+        feats = seg.nucleus_features(truth, img)
+        out[f"realistic_s{seed}_nucleus_features_seconds_per_1000"] = round(1000 * (time.time() - t) / len(feats), 2)
         out[f"realistic_s{seed}_spots"] = int(slide.n_obs)
         out[f"realistic_s{seed}_crowded_spots"] = int(len(crowded))
         for k, prm in _he_models().items():

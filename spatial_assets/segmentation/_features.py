@@ -1,7 +1,7 @@
 """Per-nucleus features from a label image and the hematoxylin channel of the H&E (shape, stain, texture).
 
-Shape comes from ``skimage.measure.regionprops_table`` (the inertia tensor's eigenvalues, a convex hull per
-nucleus for solidity);
+Shape: second moments by per-label ``np.bincount`` (the ellipse's axes), a convex hull per nucleus for solidity
+(``skimage.measure.regionprops_table`` with an extra property);
 intensity and texture from per-label ``np.bincount`` sums over the hematoxylin optical density (rgb2hed's H
 column, :func:`spatial_assets.segmentation.hematoxylin`) and two filtered copies of it. No per-cell Python loop
 here; memory linear in pixels of one row band plus the cells.
@@ -106,7 +106,7 @@ def nucleus_features(
         raise InputError(f"image: shape {ishape}; expected an RGB image of the labels' (H, W) = ({H}, {W}), 3 channels")
     block_rows = int(block_rows or max(64, 2_000_000 // max(W, 1)))
     m = _label_max(labels, block_rows) + 1
-    acc = np.zeros((7, m))  # n, sum h, h^2, h^3, hp^2, (hp sum), grad
+    acc = np.zeros((12, m))  # n, h, h^2, h^3, hp^2, hp, grad, x, y, xx, yy, xy
     shape_parts = []
     for r0 in range(0, H, block_rows):
         r1 = min(H, r0 + block_rows)
@@ -123,12 +123,13 @@ def nucleus_features(
         hv = h[core].ravel()[fg].astype(np.float64)
         pv = hp[core].ravel()[fg].astype(np.float64)
         gv = grad[core].ravel()[fg].astype(np.float64)
-        for i, v in enumerate((None, hv, hv * hv, hv**3, pv * pv, pv, gv)):
+        yy, xx = np.divmod(np.flatnonzero(fg), W)  # row within the core, column
+        yy = yy.astype(np.float64) + r0  # global row: sums add up across bands
+        xx = xx.astype(np.float64)
+        for i, v in enumerate((None, hv, hv * hv, hv**3, pv * pv, pv, gv, xx, yy, xx * xx, yy * yy, xx * yy)):
             acc[i] += np.bincount(lc, weights=v, minlength=m)[:m]
         # shape: each label measured in the band whose core holds its top row
-        props = regionprops_table(
-            lab, properties=("label", "bbox", "inertia_tensor_eigvals"), extra_properties=(_solidity,)
-        )
+        props = regionprops_table(lab, properties=("label", "bbox"), extra_properties=(_solidity,))
         top = props["bbox-0"] + e0
         keep = (top >= r0) & (top < r1)
         shape_parts.append(
@@ -136,8 +137,6 @@ def nucleus_features(
                 {
                     "label": props["label"][keep],
                     "solidity": props["_solidity"][keep],
-                    "l1": props["inertia_tensor_eigvals-0"][keep],
-                    "l2": props["inertia_tensor_eigvals-1"][keep],
                 }
             )
         )
@@ -149,8 +148,14 @@ def nucleus_features(
     nn = np.where(ok, n[ii], 0.0)
     sh = shp.reindex(ids)
     with np.errstate(invalid="ignore", divide="ignore"):
-        l1 = sh["l1"].to_numpy(float) + 1 / 12  # + a pixel's own extent (a 1-px nucleus is a unit square)
-        l2 = sh["l2"].to_numpy(float) + 1 / 12
+        # ellipse of the same second moments, from the per-label coordinate sums
+        mx, my = acc[7, ii] / nn, acc[8, ii] / nn
+        cxx = acc[9, ii] / nn - mx**2 + 1 / 12  # + a pixel's own extent (a 1-px nucleus is a unit square)
+        cyy = acc[10, ii] / nn - my**2 + 1 / 12
+        cxy = acc[11, ii] / nn - mx * my
+        tr, det = cxx + cyy, cxx * cyy - cxy**2
+        disc = np.sqrt(np.maximum(tr**2 / 4 - det, 0))
+        l1, l2 = tr / 2 + disc, np.maximum(tr / 2 - disc, 0)
         q = np.clip(l2 / l1, 0, 1)
         mean = acc[1, ii] / nn
         var = np.maximum(acc[2, ii] / nn - mean**2, 0)
