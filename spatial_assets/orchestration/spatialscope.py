@@ -113,7 +113,7 @@ def cells_per_spot_in_range(context: dg.AssetCheckExecutionContext, project: Pro
 
 @dg.asset_check(
     asset=segmented_slide,
-    blocking=False,  # a warning: typing still runs on the capped cells, but the user must look
+    blocking=True,  # fails with severity WARN: downstream still runs on the capped cells, but the user must look
     description="at most max_capped_fraction of the QC-passing spots hold more nuclei than max_cells_per_spot",
 )
 def few_spots_over_cell_cap(context: dg.AssetCheckExecutionContext, project: ProjectResource):
