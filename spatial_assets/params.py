@@ -53,8 +53,10 @@ class SegmentationParams(_Params):
     model: str = "2D_versatile_he"
     # For a 1-channel model: which channel to feed it. "hematoxylin" = rgb2hed's H channel; "gray" = luminance.
     channel: Literal["auto", "rgb", "hematoxylin", "gray"] = "auto"
-    prob_thresh: float = Field(0.2, ge=0, le=1)
-    nms_thresh: float = Field(0.1, ge=0, le=1)
+    # StarDist thresholds (SpatialScope's 0.2 / 0.1); None = the model's own, optimised on its validation images
+    # (thresholds.json of the model folder; the bundled H&E model is meant to run with them).
+    prob_thresh: float | None = Field(0.2, ge=0, le=1)
+    nms_thresh: float | None = Field(0.1, ge=0, le=1)
     norm_percentiles: tuple[float, float] = (1.0, 99.8)
     # Rescale the image by this factor before prediction (StarDist's ``scale``), e.g. when the model was trained
     # on nuclei of another size in pixels; labels come back at the original resolution.
@@ -62,6 +64,11 @@ class SegmentationParams(_Params):
     # Tiled prediction: tile side in pixels (StarDist n_tiles is derived from it).
     tile_size: int = Field(2048, ge=256)
     max_cells_per_spot: int = Field(20, ge=1)
+    # Warn (and fail the segmented_slide check) when more than this fraction of QC-passing spots hold more nuclei
+    # than max_cells_per_spot: the cap is then dropping cells, usually because the model over-segments.
+    max_capped_fraction: float = Field(0.2, ge=0, le=1)
+    # Measure per-nucleus shape / stain / texture features (segmentation.FEATURE_COLUMNS) for the cells table.
+    nucleus_features: bool = True
     min_umi: float = Field(500, ge=0)
     max_umi: float = Field(50_000, gt=0)
     # Explicit opt-in to fall back to another method when the StarDist model cannot be obtained.

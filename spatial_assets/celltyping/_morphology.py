@@ -26,10 +26,8 @@ from label proportions"):
   keep their Potts labels.
 
 Features: any numeric per-cell columns; strictly positive ones are log-transformed, all are standardised (median,
-sd). :func:`measure_nucleus_features` measures a minimal set from a label image and the H&E (area, axis ratio,
-eccentricity, hematoxylin mean and sd), block-wise with ``np.bincount`` (linear memory, no per-cell loop). It is
-a stand-in until segmentation measures per-cell nucleus features itself (branch ``nuclei``), which should then
-replace it.
+sd). Segmentation writes the canonical nucleus features (:data:`spatial_assets.segmentation.FEATURE_COLUMNS`) to
+the cells table; :func:`measure_nucleus_features` measures the same ones for label images from elsewhere.
 
 Also the constrained variant suggested for this step (each spot's label counts forced to follow its weights):
 :func:`sinkhorn_posteriors`, the entropic relaxation of that per-spot assignment (column sums n_s pi_s), batched
@@ -47,7 +45,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-# Columns written by :func:`measure_nucleus_features`, and used by default by cell typing.
+# Nucleus features cell typing uses by default (CellTypingParams.morphology_features; a subset of
+# spatial_assets.segmentation.FEATURE_COLUMNS).
 NUCLEUS_FEATURES = ("nucleus_area", "nucleus_axis_ratio", "nucleus_h_mean")
 
 
@@ -59,61 +58,38 @@ class MorphologyInputError(ValueError):
 def measure_nucleus_features(labels, image, label_ids=None, block_rows: int | None = None) -> pd.DataFrame:
     """Per-nucleus features from a label image (0 = background) and the RGB H&E of the same shape.
 
-    Columns (index = label): nucleus_area (px), nucleus_axis_ratio (minor / major axis of the ellipse with the
-    same second moments), nucleus_eccentricity, nucleus_h_mean and nucleus_h_sd (hematoxylin optical density of
-    the nucleus' pixels, :func:`spatial_assets.segmentation.hematoxylin`). Row bands of the images are read in
-    turn and reduced by ``np.bincount`` (linear memory; numpy or zarr arrays). ``label_ids``: labels to report
-    (default all present); absent ones get NaN. Minimal stand-in for segmentation's per-cell nucleus features.
+    The canonical features of segmentation (:func:`spatial_assets.segmentation.nucleus_features`, columns
+    :data:`spatial_assets.segmentation.FEATURE_COLUMNS`: area, eccentricity, axis ratio, solidity, hematoxylin
+    mean / sd / skewness, fine-scale contrast and gradient), for label images that did not come from
+    :func:`spatial_assets.segmentation.segment_sample` (which already adds them to the cells table).
+
+    Parameters
+    ----------
+    labels
+        (H, W) integer label image (numpy or zarr).
+    image
+        (H, W, 3) RGB H&E of the same shape.
+    label_ids
+        Labels to report, in this order (default all present); absent ones get NaN.
+    block_rows
+        Rows per band read at once (default ~2 M pixels).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Index ``label``, one column per feature.
+
+    Raises
+    ------
+    MorphologyInputError
+        ``image`` does not have the labels' (H, W).
     """
-    from ..segmentation import hematoxylin
+    from ..segmentation import nucleus_features
 
     H, W = int(labels.shape[0]), int(labels.shape[1])
     if tuple(image.shape[:2]) != (H, W):
         raise MorphologyInputError(f"image: shape {tuple(image.shape)}; expected the labels' (H, W) = ({H}, {W})")
-    block_rows = block_rows or max(16, 2_000_000 // max(W, 1))
-    m = 0
-    for r0 in range(0, H, block_rows):
-        m = max(m, int(np.asarray(labels[r0 : r0 + block_rows]).max(initial=0)))
-    m += 1
-    acc = np.zeros((8, m))  # n, sx, sy, sxx, syy, sxy, sh, shh
-    xs = np.arange(W, dtype=np.float64)
-    for r0 in range(0, H, block_rows):
-        band = np.asarray(labels[r0 : r0 + block_rows])
-        lab = band.ravel().astype(np.int64)
-        fg = lab > 0
-        lab = lab[fg]
-        yy = np.repeat(np.arange(r0, r0 + band.shape[0], dtype=np.float64), W)[fg]
-        xx = np.tile(xs, band.shape[0])[fg]
-        h = hematoxylin(np.asarray(image[r0 : r0 + band.shape[0]])).astype(np.float64).ravel()[fg]
-        for i, v in enumerate((None, xx, yy, xx * xx, yy * yy, xx * yy, h, h * h)):
-            acc[i] += np.bincount(lab, weights=v, minlength=m)[:m]
-    n = acc[0]
-    ids = np.flatnonzero(n[1:] > 0) + 1 if label_ids is None else np.asarray(label_ids, dtype=np.int64)
-    ok = (ids > 0) & (ids < m)
-    ii = np.where(ok, ids, 0)
-    nn = np.where(ok, n[ii], 0.0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mx, my = acc[1, ii] / nn, acc[2, ii] / nn
-        cxx = acc[3, ii] / nn - mx**2 + 1 / 12  # + pixel's own extent
-        cyy = acc[4, ii] / nn - my**2 + 1 / 12
-        cxy = acc[5, ii] / nn - mx * my
-        tr, det = cxx + cyy, cxx * cyy - cxy**2
-        disc = np.sqrt(np.maximum(tr**2 / 4 - det, 0))
-        l1, l2 = tr / 2 + disc, np.maximum(tr / 2 - disc, 0)
-        hm = acc[6, ii] / nn
-        hs = np.sqrt(np.maximum(acc[7, ii] / nn - hm**2, 0))
-        out = pd.DataFrame(
-            {
-                "nucleus_area": nn,
-                "nucleus_axis_ratio": np.sqrt(l2 / l1),
-                "nucleus_eccentricity": np.sqrt(1 - l2 / l1),
-                "nucleus_h_mean": hm,
-                "nucleus_h_sd": hs,
-            },
-            index=pd.Index(ids, name="label"),
-        )
-    out[nn <= 0] = np.nan
-    return out
+    return nucleus_features(labels, image, label_ids, block_rows=block_rows)
 
 
 # ------------------------------------------------------------------------------------------------ model

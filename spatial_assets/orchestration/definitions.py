@@ -26,6 +26,7 @@ from .spatialscope import (
     checkpoint_sample_quality,
     decomposed_cells,
     decomposed_cells_by_sample,
+    few_spots_over_cell_cap,
     proportions_sum_to_one,
     score_checkpoint,
     segmented_slide,
@@ -47,6 +48,7 @@ ASSETS = [
 CHECKS = [
     checkpoint_sample_quality,
     cells_per_spot_in_range,
+    few_spots_over_cell_cap,
     proportions_sum_to_one,
     spot_reconstruction,
     subspots_sum_to_spot,

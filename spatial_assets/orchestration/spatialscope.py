@@ -125,6 +125,36 @@ def cells_per_spot_in_range(context: dg.AssetCheckExecutionContext, project: Pro
     )
 
 
+@dg.asset_check(
+    asset=segmented_slide,
+    blocking=True,  # fails with severity WARN: downstream still runs on the capped cells, but the user must look
+    description="at most max_capped_fraction of the QC-passing spots hold more nuclei than max_cells_per_spot",
+)
+def few_spots_over_cell_cap(context: dg.AssetCheckExecutionContext, project: ProjectResource):
+    sample = context.partition_key
+    spots = sio.read_dataframe(project.stores.segmented(sample).spots)
+    p = project.params(sample).segmentation
+    rep = segmentation.cap_report(
+        spots["n_cells_raw"].to_numpy(),
+        spots["qc_pass"].to_numpy(bool),
+        spots.index.astype(str).to_numpy(),
+        p.max_cells_per_spot,
+        p.max_capped_fraction,
+    )
+    return dg.AssetCheckResult(
+        passed=rep["cap_warning"] is None,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=rep["cap_warning"]
+        or f"{rep['fraction_spots_capped']:.0%} of spots over max_cells_per_spot={p.max_cells_per_spot} "
+        f"(threshold {p.max_capped_fraction:.0%})",
+        metadata={
+            "fraction_spots_capped": rep["fraction_spots_capped"],
+            "max_capped_fraction": rep["max_capped_fraction"],
+            "capped_spots_first": ", ".join(rep["capped_spots_first"]),
+        },
+    )
+
+
 # -------------------------------------------------------------------------------------------------------------
 # typed cells
 # -------------------------------------------------------------------------------------------------------------

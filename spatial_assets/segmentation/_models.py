@@ -16,6 +16,9 @@ from ..io._readers import InputError
 BUNDLED_PREFIX = "bundled:"
 #: The bundled model the demo uses (a StarDist2D folder trained here; see its training_info.json).
 BUNDLED_MODEL = BUNDLED_PREFIX + "stardist_nuclei"
+#: The bundled RGB model for H&E (trained here on H&E-like renders of real nuclear masks; see its README.md): the
+#: one to configure where StarDist's registry model ``2D_versatile_he`` cannot be downloaded.
+BUNDLED_HE_MODEL = BUNDLED_PREFIX + "stardist_he"
 
 
 def bundled_models() -> dict[str, Path]:
@@ -33,7 +36,7 @@ class ModelUnavailableError(InputError):
 # ---------------------------------------------------------------------------------------------------------------
 _GUIDANCE = (
     "Configure a local StarDist model folder (parameters.segmentation.model: path/to/folder, or a model "
-    f"bundled with the package, e.g. '{BUNDLED_MODEL}'), or use parameters.segmentation.method: watershed, "
+    f"bundled with the package: '{BUNDLED_HE_MODEL}' for H&E RGB, '{BUNDLED_MODEL}' for a nuclear channel), or use parameters.segmentation.method: watershed, "
     "or opt in to a fallback with parameters.segmentation.fallback: watershed."
 )
 

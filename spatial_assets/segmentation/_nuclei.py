@@ -135,6 +135,9 @@ def _run_stardist(img, model, params, info, labels_out, big_pixels, block_size, 
             f"{list(params.norm_percentiles)}; expected an H&E image with nuclei"
         )
     info.update(channel=channel, norm_range=[lo, hi])
+    th = getattr(model, "thresholds", None)
+    info["prob_thresh_used"] = float(params.prob_thresh if params.prob_thresh is not None else th.prob)
+    info["nms_thresh_used"] = float(params.nms_thresh if params.nms_thresh is not None else th.nms)
     normalizer = _normalizer(lo, hi)
     H, W = view.shape[:2]
     axes = "YXC" if channel == "rgb" else "YX"
@@ -142,8 +145,8 @@ def _run_stardist(img, model, params, info, labels_out, big_pixels, block_size, 
     tile = params.tile_size
     kw = dict(
         normalizer=normalizer,
-        prob_thresh=params.prob_thresh,
-        nms_thresh=params.nms_thresh,
+        prob_thresh=info["prob_thresh_used"],
+        nms_thresh=info["nms_thresh_used"],
         scale=scale,
         show_tile_progress=False,
         predict_kwargs={"verbose": 0},

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -12,7 +15,61 @@ from ..io._readers import InputError, scalefactors, validate_spatial
 from ..io._readers import check_image_covers_spots as _check_cover
 from ..params import SegmentationParams
 from ._channels import as_rgb_image
+from ._features import nucleus_features
 from ._nuclei import SegmentationResult, segment_nuclei
+
+log = logging.getLogger(__name__)
+
+# Spots named in the cap warning and the summary.
+N_EXAMPLE_SPOTS = 5
+
+
+class CellCapWarning(UserWarning):
+    """Many spots hold more nuclei than ``max_cells_per_spot``: cells are being dropped."""
+
+
+def cap_report(n_raw: np.ndarray, qc_pass: np.ndarray, names: np.ndarray, cap: int, max_fraction: float) -> dict:
+    """Fraction of QC-passing spots whose nuclei exceed the cap, example spots (most crowded first), warning text.
+
+    Parameters
+    ----------
+    n_raw
+        Nuclei inside each spot, before the cap.
+    qc_pass
+        Spots that passed the UMI QC (only those are capped).
+    names
+        Spot names.
+    cap
+        ``max_cells_per_spot``.
+    max_fraction
+        ``max_capped_fraction``: above it ``cap_warning`` is a message, else None.
+
+    Returns
+    -------
+    dict
+        ``fraction_spots_capped``, ``max_capped_fraction``, ``capped_spots_first`` (up to 5 names with their
+        nuclei counts), ``cap_warning`` (str or None).
+    """
+    over = qc_pass & (n_raw > cap)
+    n_ok = int(qc_pass.sum())
+    frac = float(over.sum() / n_ok) if n_ok else 0.0
+    o = np.flatnonzero(over)
+    o = o[np.argsort(-n_raw[o], kind="stable")][:N_EXAMPLE_SPOTS]
+    examples = [f"{names[i]} ({int(n_raw[i])} nuclei)" for i in o]
+    msg = None
+    if frac > max_fraction:
+        msg = (
+            f"{int(over.sum())} of {n_ok} spots ({frac:.0%}) hold more nuclei than max_cells_per_spot={cap} "
+            f"(threshold max_capped_fraction={max_fraction:.0%}); cells over the cap were dropped, e.g. spots "
+            f"{', '.join(examples)}. The nuclei model probably over-segments this image (check the QC figure, "
+            "parameters.segmentation.model / prob_thresh / scale) or the cap is too low"
+        )
+    return {
+        "fraction_spots_capped": frac,
+        "max_capped_fraction": float(max_fraction),
+        "capped_spots_first": examples,
+        "cap_warning": msg,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -42,9 +99,12 @@ def assign_cells_to_spots(
     """Assign nuclei to the spot whose circle contains the centroid; cap per spot; spot UMI QC.
 
     Returns ``cells`` (index ``<spot>_<k>``, k = 0.. by distance to the spot centre; columns x, y, area, label,
-    spot, spot_distance, spot_n_cells) holding only cells kept (inside a QC-passing spot, within the cap);
-    ``spots`` (index = slide obs names; n_cells_raw = nuclei inside, n_cells = kept, total_umi, qc_pass,
-    qc_reason); and a summary of counts.
+    spot, spot_distance, spot_n_cells, then any other numeric column of ``nuclei``, e.g. nucleus features)
+    holding only cells kept (inside a QC-passing spot, within the cap); ``spots`` (index = slide obs names;
+    n_cells_raw = nuclei inside, n_cells = kept, total_umi, qc_pass, qc_reason); and a summary of counts.
+
+    Warns :class:`CellCapWarning` (and logs) when more than ``params.max_capped_fraction`` of the QC-passing
+    spots exceed ``params.max_cells_per_spot``; the summary then holds the message in ``cap_warning``.
     """
     params = params or SegmentationParams()
     missing = [c for c in ("x", "y") if c not in nuclei.columns]
@@ -86,6 +146,9 @@ def assign_cells_to_spots(
         },
         index=cell_ids,
     )
+    extra = [c for c in nuclei.columns if c not in ("x", "y", "area", "label") and c not in cells.columns]
+    for c in extra:
+        cells[c] = nuclei[c].to_numpy()[kept]
     reason = np.where(low, f"umi<{params.min_umi:g}", np.where(high, f"umi>{params.max_umi:g}", ""))
     spots = pd.DataFrame(
         {
@@ -120,6 +183,10 @@ def assign_cells_to_spots(
         "max_umi": params.max_umi,
         "mean_cells_per_kept_spot": float(n_kept[qc_pass].mean()) if qc_pass.any() else 0.0,
     }
+    summary.update(cap_report(n_raw, qc_pass, names, params.max_cells_per_spot, params.max_capped_fraction))
+    if summary["cap_warning"]:
+        log.warning(summary["cap_warning"])
+        warnings.warn(summary["cap_warning"], CellCapWarning, stacklevel=2)
     return cells, spots, summary
 
 
@@ -131,10 +198,41 @@ def segment_slide(
     labels_out=None,
     **kwargs,
 ) -> tuple[SegmentationResult, pd.DataFrame, pd.DataFrame, dict]:
-    """Check coverage, segment, assign to spots: (result, cells, spots, summary). ``kwargs`` -> segment_nuclei."""
+    """Check coverage, segment, assign to spots, measure the kept cells' nucleus features.
+
+    Parameters
+    ----------
+    image
+        RGB H&E (path, numpy or array-like (H, W, 3)).
+    slide
+        Spots (``obsm['spatial']`` in full-resolution pixels, Visium scalefactors).
+    params
+        Segmentation parameters; ``params.nucleus_features`` adds :data:`FEATURE_COLUMNS` to ``cells``.
+    library_id
+        Key of ``uns['spatial']`` (default: the only one).
+    labels_out
+        Optional pre-allocated (H, W) integer array (zarr) for the labels.
+    **kwargs
+        Passed to :func:`segment_nuclei`.
+
+    Returns
+    -------
+    tuple
+        (SegmentationResult, cells, spots, summary), as :func:`assign_cells_to_spots`.
+
+    Raises
+    ------
+    InputError
+        The image does not cover the spots, or is not an RGB image.
+    """
     params = params or SegmentationParams()
     img = as_rgb_image(image)
     check_image_covers_spots(img.shape, slide)
     res = segment_nuclei(img, params, labels_out=labels_out, **kwargs)
     cells, spots, summary = assign_cells_to_spots(res.nuclei, slide, params, library_id)
+    if params.nucleus_features:
+        feats = nucleus_features(res.labels, img, cells["label"].to_numpy())
+        for c in feats.columns:
+            cells[c] = feats[c].to_numpy()
+        res.info["nucleus_features"] = list(feats.columns)
     return res, cells, spots, summary

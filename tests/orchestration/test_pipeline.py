@@ -110,6 +110,7 @@ def test_lineage_partitions_and_checks_recorded(pipeline):
     for check, asset in [
         ("checkpoint_sample_quality", "score_checkpoint"),
         ("cells_per_spot_in_range", "segmented_slide"),
+        ("few_spots_over_cell_cap", "segmented_slide"),
         ("proportions_sum_to_one", "typed_cells"),
         ("spot_reconstruction", "decomposed_cells"),
         ("subspots_sum_to_spot", "enhanced_subspots"),

@@ -170,7 +170,8 @@ def test_cap_keeps_the_closest_cells():
     a = rng.uniform(0, 2 * np.pi, 40)
     nuclei = pd.DataFrame({"label": np.arange(1, 41), "area": 50, "x": 500 + r * np.cos(a), "y": 400 + r * np.sin(a)})
     slide = _slide([[500, 400]], umi=[5000], diameter=60)
-    cells, spots, summary = seg.assign_cells_to_spots(nuclei, slide, SegmentationParams(max_cells_per_spot=7))
+    with pytest.warns(seg.CellCapWarning, match=r"1 of 1 spots \(100%\)"):
+        cells, spots, summary = seg.assign_cells_to_spots(nuclei, slide, SegmentationParams(max_cells_per_spot=7))
     closest = np.argsort(r)[:7] + 1
     assert cells["label"].tolist() == closest.tolist()
     assert list(cells.index) == [f"s0_{k}" for k in range(7)]
