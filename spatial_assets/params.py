@@ -27,10 +27,11 @@ class SegmentationParams(_Params):
     channel : {"auto", "rgb", "hematoxylin", "gray"}, default "auto"
         Which channel to feed the model ("hematoxylin" = rgb2hed's H channel, "gray" = luminance, "rgb" for a
         3-channel model); "auto" = RGB for a 3-channel model, hematoxylin for a 1-channel model or watershed.
-    prob_thresh : float, default 0.2
-        StarDist object probability threshold, in [0, 1].
-    nms_thresh : float, default 0.1
-        StarDist non-maximum-suppression overlap threshold, in [0, 1].
+    prob_thresh : float or None, default 0.2
+        StarDist object probability threshold, in [0, 1]; None = the model's own (its ``thresholds.json``; the
+        bundled H&E model is meant to run with them).
+    nms_thresh : float or None, default 0.1
+        StarDist non-maximum-suppression overlap threshold, in [0, 1]; None = the model's own.
     norm_percentiles : tuple of float, default (1.0, 99.8)
         Percentiles of the image intensity normalisation.
     scale : float, default 1.0
@@ -40,6 +41,12 @@ class SegmentationParams(_Params):
         Tiled prediction: tile side in pixels (StarDist's ``n_tiles`` is derived from it); at least 256.
     max_cells_per_spot : int, default 20
         Cap on the cells kept per spot.
+    max_capped_fraction : float, default 0.2
+        When more than this fraction of QC-passing spots hold more nuclei than ``max_cells_per_spot``, the step
+        warns and the ``few_spots_over_cell_cap`` check fails (the model usually over-segments then).
+    nucleus_features : bool, default True
+        Measure per-nucleus shape / stain / texture features (``segmentation.FEATURE_COLUMNS``) for the cells
+        table (used by the morphology-aware labels).
     min_umi : float, default 500
         Spots with fewer UMIs fail QC.
     max_umi : float, default 50000
