@@ -15,6 +15,7 @@ from ..constants import UNASSIGNED, Platform
 from .code_versions import code_version
 from .metadata import Report, check_result, name_items
 from .partitions import decomposition_partitions, range_bounds, references_partitions, samples_partitions
+from .preflight import accuracy_warnings
 from .resources import CPU_OP_TAGS, GPU_OP_TAGS, ComputeResource, ProjectResource
 from .retries import run_with_transient_retries, scaled
 
@@ -288,8 +289,11 @@ def score_checkpoint(
         noise_levels=int(len(model.sigmas)),
         decomposition_step=float(model.decomposition_step),
     )
+    t_q = time.time()
+    context.log.info("checkpoint quality: generating pseudo-cells and comparing them with the reference ...")
     try:
         q = generative.checkpoint_quality(model, reference, ref.cell_type_key, params)
+        context.log.info(f"checkpoint quality evaluated in {time.time() - t_q:.0f} s: passed={q.get('passed')}")
     except Exception as e:
         q = {"passed": False, "reason": f"quality evaluation failed: {type(e).__name__}: {e}"}
         context.log.warning(q["reason"])
@@ -368,6 +372,9 @@ def decomposed_cells(
     model = generative.ScoreModel.load(ckpt, device=dev)
     model.check_compatible(cell_type_key=ref.cell_type_key)
     dparams = project.params(sample).decomposition
+    for w in accuracy_warnings(project.params(sample), f"samples.{sample}.parameters"):
+        context.log.warning(w)
+        report.value(parameter_warning=w)
     res = run_with_transient_retries(
         context,
         lambda scale: decomposition.decompose_range(

@@ -249,3 +249,35 @@ def test_failed_checks_name_the_failing_items():
     )
     np.testing.assert_allclose(r.metadata["max_abs_deviation"].value, 0.1, atol=1e-9)
     assert proportions_result(w.iloc[[0, 2]], cells.iloc[:1]).passed
+
+
+def test_coarse_level_stride_is_warned():
+    from spatial_assets.orchestration.preflight import accuracy_warnings
+    from spatial_assets.params import Parameters
+
+    assert accuracy_warnings(Parameters()) == []
+    p = Parameters.model_validate({"decomposition": {"level_stride": 4}, "score_model": {"n_sigmas": 232}})
+    (w,) = accuracy_warnings(p, "samples.demo.parameters")
+    assert w.startswith("samples.demo.parameters.decomposition.level_stride=4: the decomposition anneals over only 58")
+    assert "not usable" in w
+    p = Parameters.model_validate({"decomposition": {"level_stride": 2}})
+    assert "not usable" not in accuracy_warnings(p)[0]  # 116 of 232 levels: warned, not flagged unusable
+
+
+def test_console_summary_prints_failed_checks_with_their_reason():
+    from spatial_assets.orchestration.demo_run import failed_check_lines
+    from spatial_assets.orchestration.metadata import check_result
+
+    @dg.asset
+    def spots_table():
+        return 1
+
+    @dg.asset_check(asset=spots_table, blocking=True)
+    def too_many_cells():
+        return check_result(False, "fine", ["1 spot(s) hold more than max_cells_per_spot=3 cells: 'DDD-1' (9)"])
+
+    inst = dg.DagsterInstance.ephemeral()
+    res = dg.materialize([spots_table, too_many_cells], instance=inst, raise_on_error=False)
+    assert failed_check_lines(inst, res.run_id) == [
+        "spots_table too_many_cells: 1 spot(s) hold more than max_cells_per_spot=3 cells: 'DDD-1' (9)"
+    ]

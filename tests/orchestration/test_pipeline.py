@@ -195,3 +195,19 @@ def test_failed_range_keeps_finished_ranges(pipeline, monkeypatch):
         raise_on_error=False,
     )
     assert res.success and storage.is_complete(target)
+
+
+def test_runs_use_named_jobs_and_up_to_date_stages_are_skipped(pipeline):
+    inst = pipeline["instance"]
+    jobs = {r.job_name for r in inst.get_runs()}
+    assert jobs >= {"reference_job", "sample_job", "decomposition_job", "combine_job"}
+    assert not any(j.startswith("__") for j in jobs), jobs  # never the anonymous __ephemeral_asset_job__
+    from spatial_assets.orchestration.demo_run import materialize_graph
+
+    n_runs = len(inst.get_runs())
+    lines: list[str] = []
+    stages: list[dict] = []
+    timings = materialize_graph(pipeline["cfg"], log=lines.append, stages_out=stages)
+    assert set(timings.values()) == {0.0} and len(inst.get_runs()) == n_runs  # nothing re-ran
+    assert all(s["status"] == "up to date" for s in stages) and len(stages) == len(pipeline["timings"])
+    assert all("up to date (skipped; --force re-runs it)" in line for line in lines)
