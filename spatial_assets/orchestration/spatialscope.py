@@ -392,6 +392,9 @@ def decomposed_cells(
     path = sio.write_anndata(
         res.adata, project.stores.decomposed_range(sample, rkey), info={"spot_range": [start, stop]}
     )
+    if res.adata.n_obs:
+        report.figure("decomposed_maps", lambda: pl.decomposed_maps(slide, res.adata), "spots vs decomposed cells")
+        report.figure("decomposition_summary", lambda: pl.decomposition_summary(res.adata))
     report.value(
         spot_range=f"{start}..{stop - 1}",
         cells=int(res.adata.n_obs),
@@ -458,6 +461,10 @@ def decomposed_cells_by_sample(context: dg.AssetExecutionContext, project: Proje
     combined = decomposition.combine_ranges({k: sio.read_anndata(p) for k, p in done.items()})
     path = sio.write_anndata(combined, project.stores.decomposed(sample))
     report = Report(context.log.warning)
+    if combined.n_obs:
+        slide = sio.read_anndata(project.stores.slide(sample))
+        report.figure("decomposed_maps", lambda: pl.decomposed_maps(slide, combined), "spots vs decomposed cells")
+        report.figure("decomposition_summary", lambda: pl.decomposition_summary(combined))
     report.value(cells=combined.n_obs, spot_ranges=", ".join(done))
     report.store(path)
     return report.result()

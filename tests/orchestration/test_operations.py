@@ -281,3 +281,41 @@ def test_console_summary_prints_failed_checks_with_their_reason():
     assert failed_check_lines(inst, res.run_id) == [
         "spots_table too_many_cells: 1 spot(s) hold more than max_cells_per_spot=3 cells: 'DDD-1' (9)"
     ]
+
+
+def test_decomposed_maps_figure_shows_expressed_markers():
+    import anndata as ad
+    from PIL import Image
+
+    from spatial_assets import pl
+    from tests.helpers import png
+
+    rng = np.random.default_rng(0)
+    n_spots, n_cells = 30, 120
+    genes = ["Hi1", "Hi2", "Low1", "Low2", "Mid"]
+    lam = np.array([50.0, 40.0, 0.01, 0.02, 5.0])
+    slide = ad.AnnData(
+        rng.poisson(lam, (n_spots, 5)).astype(float), obsm={"spatial": rng.uniform(0, 500, (n_spots, 2))}
+    )
+    slide.var_names = genes
+    slide.obs_names = [f"s{i}" for i in range(n_spots)]
+    X = rng.poisson(lam / 4 * rng.uniform(0.2, 2, (n_cells, 1)), (n_cells, 5)).astype(float)
+    cells = ad.AnnData(X)
+    cells.var_names = genes
+    cells.obs = pd.DataFrame(
+        {
+            "x": rng.uniform(0, 500, n_cells),
+            "y": rng.uniform(0, 500, n_cells),
+            "spot": rng.choice(slide.obs_names, n_cells),
+            "replicate_spread": rng.uniform(0, 1, n_cells),
+            "spot_rel_error": rng.uniform(0, 0.5, n_cells),
+        },
+        index=[f"c{i}" for i in range(n_cells)],
+    )
+    picked = pl.pick_markers(cells, 2)
+    assert not set(picked) & {"Low1", "Low2"}  # never a near-zero gene
+    img = np.asarray(Image.open(__import__("io").BytesIO(png(pl.decomposed_maps(slide, cells, n_genes=2)))))
+    assert img.shape[0] > 1.2 * img.shape[1]  # 3 rows (2 genes + uncertainty) of 2 panels: taller than wide
+    assert img[..., :3].std() > 20  # not blank
+    with pytest.raises(ValueError, match="none of the requested genes is in both the slide and the decomposed cells"):
+        pl.decomposed_maps(slide, cells, genes=["Nope"])
