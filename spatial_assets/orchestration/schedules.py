@@ -237,6 +237,6 @@ def build_freshness_checks(max_age_hours: float) -> tuple[list, dg.SensorDefinit
             assets=list(FRESH_OUTPUTS), lower_bound_delta=timedelta(hours=max_age_hours)
         )
         sensor = dg.build_sensor_for_freshness_checks(
-            freshness_checks=checks, name="freshness_checks_sensor", default_status=dg.DefaultSensorStatus.RUNNING
+            freshness_checks=checks, name="freshness_checks_sensor", default_status=dg.DefaultSensorStatus.STOPPED
         )
     return list(checks), sensor
