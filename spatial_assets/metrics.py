@@ -6,7 +6,19 @@ import numpy as np
 
 
 def pearson_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pearson r between matching columns of two (n, G) arrays (NaN where either column is constant)."""
+    """Pearson correlation between matching columns of two arrays.
+
+    Parameters
+    ----------
+    a, b : numpy.ndarray
+        Arrays of the same shape ``(n, G)``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(G,)`` float64 Pearson r of column ``g`` of ``a`` with column ``g`` of ``b``; NaN where either column is
+        constant.
+    """
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     a = a - a.mean(0)

@@ -16,7 +16,37 @@ class _Params(BaseModel):
 
 
 class SegmentationParams(_Params):
-    """SpatialScope step 1 (nuclei segmentation); defaults as SpatialScope / StarDist's command line."""
+    """SpatialScope step 1 (nuclei segmentation); defaults as SpatialScope / StarDist's command line.
+
+    Attributes
+    ----------
+    method : {"stardist", "watershed"}, default "stardist"
+        Segmentation method.
+    model : str, default "2D_versatile_he"
+        StarDist registry name (needs the internet once) or a path to a local StarDist model folder.
+    channel : {"auto", "rgb", "hematoxylin", "gray"}, default "auto"
+        Which channel to feed the model ("hematoxylin" = rgb2hed's H channel, "gray" = luminance, "rgb" for a
+        3-channel model); "auto" = RGB for a 3-channel model, hematoxylin for a 1-channel model or watershed.
+    prob_thresh : float, default 0.2
+        StarDist object probability threshold, in [0, 1].
+    nms_thresh : float, default 0.1
+        StarDist non-maximum-suppression overlap threshold, in [0, 1].
+    norm_percentiles : tuple of float, default (1.0, 99.8)
+        Percentiles of the image intensity normalisation.
+    scale : float, default 1.0
+        Rescale the image by this factor before prediction (StarDist's ``scale``), e.g. when the model was
+        trained on nuclei of another size in pixels; labels come back at the original resolution.
+    tile_size : int, default 2048
+        Tiled prediction: tile side in pixels (StarDist's ``n_tiles`` is derived from it); at least 256.
+    max_cells_per_spot : int, default 20
+        Cap on the cells kept per spot.
+    min_umi : float, default 500
+        Spots with fewer UMIs fail QC.
+    max_umi : float, default 50000
+        Spots with more UMIs fail QC.
+    fallback : {"watershed"} or None, default None
+        Explicit opt-in to fall back to another method when the StarDist model cannot be obtained.
+    """
 
     method: Literal["stardist", "watershed"] = "stardist"
     # "2D_versatile_he" (StarDist registry, needs the internet once) or a path to a local StarDist model folder.
@@ -39,10 +69,72 @@ class SegmentationParams(_Params):
 
 
 class CellTypingParams(_Params):
-    """SpatialScope step 2 (RCTD full mode + Potts labels); defaults as RCTD / SpatialScope."""
+    """SpatialScope step 2 (RCTD full mode + Potts labels); defaults as RCTD / SpatialScope.
+
+    Attributes
+    ----------
+    min_cells_per_type : int, default 25
+        Fewest reference cells a type needs (see ``small_types``).
+    max_cells_per_type : int, default 10000
+        At most this many reference cells per type are used (seeded subsample).
+    gene_cutoff : float, default 0.000125
+        RCTD's expression threshold of the bulk (platform-effect) gene set.
+    fc_cutoff : float, default 0.5
+        RCTD's log fold-change threshold of the bulk gene set.
+    gene_cutoff_reg : float, default 0.0002
+        Expression threshold of the regression (weights) gene set.
+    fc_cutoff_reg : float, default 0.75
+        Log fold-change threshold of the regression gene set.
+    sigma_fit_spots : int, default 1000
+        Spots sigma is fitted on (at least 10).
+    sigma_fit_min_umi : float, default 300
+        Spots with more UMIs are eligible for the sigma fit.
+    nu : float, default 10.0
+        Weight of the Potts prior.
+    n_neighbors : int, default 10
+        Nearest cells of each cell in the Potts graph.
+    max_sweeps : int, default 8
+        Maximum sweeps of iterated conditional modes.
+    doublet_confidence_threshold : float, default 10.0
+        Slide-seq (RCTD doublet mode): log-likelihood margin for a confident type.
+    doublet_threshold : float, default 25.0
+        Slide-seq: log-likelihood margin for calling a doublet rather than a singlet.
+    doublet_offset : float or None, default None
+        Slide-seq: distance (full-resolution pixels) between a doublet bead's two cells; None = a quarter of the
+        median nearest-bead distance.
+    small_types : {"error", "drop", "merge"}, default "error"
+        Reference types with fewer than ``min_cells_per_type`` cells: "error" stops, "drop" removes their cells
+        (a warning names them), "merge" relabels them to their class in ``obs[class_key]``
+        (``references[].class_key``; types still too small after merging are dropped). Applied once, when the
+        reference is registered, so the score model, typing and decomposition share one type list.
+    morphology : {"auto", "on", "off"}, default "auto"
+        Morphology-aware per-cell labels: "auto" uses the nuclei only when a permutation test shows they tell the
+        spot's types apart (else the Potts labels stay); "on": always; "off": never.
+    morphology_features : list of str, default ["nucleus_area", "nucleus_axis_ratio", "nucleus_h_mean"]
+        Per-cell columns of the cells table used as nucleus features (absent columns: morphology not used).
+    morphology_potts_mix : float, default 0.5
+        Prior of a cell's type: ``(1 - a) x RCTD proportions + a x composition of the spot's Potts labels``; 0
+        trusts the weights only, 1 the Potts labels' counts only.
+    morphology_prior_floor : float, default 1e-3
+        Floor of the prior per type: lower = morphology needs more evidence to pick a type the spot lacks.
+    morphology_min_z : float, default 3.0
+        z-score of the morphology gain against its permutation null that "auto" requires.
+    morphology_permutations : int, default 19
+        Shuffled refits of the null (cost: that many extra EM fits).
+    morphology_min_gain : float, default 0.1
+        Least gain over the permutation null (nats per cell) for "auto" to use the nuclei (an effect size).
+    morphology_shrinkage : float, default 10.0
+        Pseudo-cells pulling each type's feature covariance / mean to the pooled ones.
+    morphology_assignment : {"posterior", "sinkhorn"}, default "posterior"
+        "posterior": each cell's most probable type; "sinkhorn": posteriors held to each spot's prior composition.
+    seed : int, default 0
+        Seed of every random step of cell typing.
+    """
 
     min_cells_per_type: int = Field(25, ge=1)
     max_cells_per_type: int = Field(10_000, ge=1)
+    # Fewest genes slide and reference must share (var_names), checked when the slide is registered.
+    min_shared_genes: int = Field(10, ge=1)
     # DE gene selection, RCTD's names: *_reg = the regression (weights) gene set; the others = the bulk
     # (platform-effect) gene set.
     gene_cutoff: float = 0.000125
@@ -97,7 +189,48 @@ class CellTypingParams(_Params):
 
 
 class ScoreModelParams(_Params):
-    """Cell-type-conditioned score model of the reference (SpatialScope's generative prior)."""
+    """Cell-type-conditioned score model of the reference (SpatialScope's generative prior).
+
+    Attributes
+    ----------
+    n_genes : int, default 2000
+        Highly variable genes used when the reference has no ``var['Marker']`` column.
+    max_cells_per_type : int, default 3000
+        Training cells per type at most (seeded subsample).
+    sigma_begin : float, default 100.0
+        Largest noise level of the geometric schedule.
+    sigma_end : float, default 0.01
+        Smallest noise level.
+    n_sigmas : int, default 232
+        Number of noise levels.
+    sampling_step : float, default 6.6e-6
+        Base Langevin step size of unconditional sampling.
+    steps_per_level : int, default 5
+        Langevin steps per noise level (sampling and decomposition).
+    decomposition_step : float or None, default None
+        Decomposition step size; None = SpatialScope's rule (1e-5 when ``sigma_begin > 70``, else 1e-6).
+    hidden : int, default 256
+        Width of the residual MLP (256 keeps a Langevin step of 2,500 cells x 2,000 genes at ~0.1 s on one CPU
+        core).
+    n_blocks : int, default 3
+        Residual FiLM blocks.
+    lr : float, default 1e-4
+        Adam learning rate.
+    batch_size : int, default 256
+        Cells per training step.
+    grad_clip : float, default 1.0
+        Gradient-norm clipping threshold.
+    ema_decay : float, default 0.999
+        Decay of the exponential moving average of the weights (the model used).
+    train_steps : int, default 20000
+        Training steps in all.
+    save_every : int, default 1000
+        Steps between resumable saves of the training state.
+    mixed_precision : bool, default True
+        Mixed precision on CUDA (bfloat16 where supported); ignored on CPU.
+    seed : int, default 0
+        Seed of the cell subsample, initial weights and per-step draws.
+    """
 
     n_genes: int = Field(2000, ge=2)  # used when the reference has no var['Marker'] column
     max_cells_per_type: int = Field(3000, ge=1)
@@ -123,7 +256,25 @@ class ScoreModelParams(_Params):
 
 
 class DecompositionParams(_Params):
-    """SpatialScope step 3 (annealed Langevin decomposition)."""
+    """SpatialScope step 3 (annealed Langevin decomposition).
+
+    Attributes
+    ----------
+    n_replicates : int, default 3
+        Independent Langevin runs per spot (their spread is reported per cell).
+    max_retries : int, default 5
+        Rounds of re-running the spots whose replicates came out non-finite (seeds ``seed + round``).
+    sigma_power : float, default 1.0
+        Weight of the spot likelihood term at level sigma is ``1 / sigma ** sigma_power``.
+    leave_out_genes : list of str, default []
+        Genes hidden from the spot likelihood (leave-genes-out validation / imputation).
+    level_stride : int, default 1
+        Use every k-th noise level only (1 = the whole schedule); for quick demos / tests.
+    batch_cells : int, default 20000
+        Cells per batch of score evaluations.
+    seed : int, default 0
+        Seed of the Langevin noise.
+    """
 
     n_replicates: int = Field(3, ge=1)
     max_retries: int = Field(5, ge=0)
@@ -137,7 +288,45 @@ class DecompositionParams(_Params):
 
 
 class SoScopeParams(_Params):
-    """soScope resolution enhancement."""
+    """soScope resolution enhancement.
+
+    Attributes
+    ----------
+    likelihood : {"nb", "poisson", "gaussian", "joint"}, default "nb"
+        Likelihood of the spot values; "joint" takes the modality of each feature from ``var[modality_key]``.
+    modality_key : str, default "feature_type"
+        For "joint": the var column that tells the modality.
+    protein_likelihood : {"poisson", "gaussian"}, default "poisson"
+        For "joint": the likelihood of the non-RNA modality.
+    n_subspots : int or None, default None
+        Sub-spots per spot; None = from the platform (7 Visium, 9 square grid).
+    hidden : int, default 128
+        Hidden width of the networks.
+    z_dim : int, default 128
+        Latent dimension.
+    heads : int, default 1
+        Attention heads of the graph transformer layers.
+    scale_kernel : float, default 10.0
+        Edge kernel: the median edge distance gets weight ``1 / scale_kernel`` (> 1).
+    vgae_epochs : int, default 400
+        Epochs of the spot-level VGAE pre-training.
+    epochs : int, default 400
+        Epochs of the soScope enhancement.
+    lr_vgae : float, default 1e-3
+        Learning rate of the VGAE.
+    lr : float, default 5e-4
+        Learning rate of the enhancement.
+    n_genes : int or None, default None
+        Enhance only the most variable features (variance of log1p of library-normalised values); None = all.
+    image_features : {"squidpy", "none"}, default "squidpy"
+        Image features of the sub-spots (squidpy's image features of the patches), or none.
+    cnn_weights : str or None, default None
+        Path of SmallCNN weights for CNN image embeddings instead.
+    negative_edges_per_edge : int, default 1
+        Random sub-spot pairs (negative edges) drawn per image-graph edge in each epoch's image regulariser.
+    seed : int, default 0
+        Seed of training.
+    """
 
     likelihood: Literal["nb", "poisson", "gaussian", "joint"] = "nb"
     # For "joint": which var column tells the modality, and the likelihood of the non-RNA modality.
@@ -160,6 +349,22 @@ class SoScopeParams(_Params):
 
 
 class Parameters(_Params):
+    """All stage parameters: the ``parameters:`` section of ``dagster_project.yaml``.
+
+    Attributes
+    ----------
+    segmentation : SegmentationParams
+        Nuclei segmentation.
+    cell_typing : CellTypingParams
+        Cell typing.
+    score_model : ScoreModelParams
+        Score model of each reference.
+    decomposition : DecompositionParams
+        Langevin decomposition.
+    soscope : SoScopeParams
+        soScope enhancement.
+    """
+
     segmentation: SegmentationParams = Field(default_factory=SegmentationParams)
     cell_typing: CellTypingParams = Field(default_factory=CellTypingParams)
     score_model: ScoreModelParams = Field(default_factory=ScoreModelParams)

@@ -10,9 +10,10 @@ Pipeline of :func:`identify_cell_types`:
 3. sigma of the Poisson-lognormal likelihood (RCTD's search), then non-negative weights for every spot;
 4. per-cell labels: each cell of a spot takes one of the spot's candidate types so as to minimise
    -log P(spot counts | sum of its cells' profiles x spot weight total x nUMI / n cells)
-   + (nu / 2) x sum over cells of the fraction of the cell's k nearest cells (symmetrised) with another label. Iterated conditional modes over random
-   pairs of cells of a spot (pairs chosen jointly over candidate pairs, single cells over candidates), all spots
-   of one colour class of the spot-contact graph at once, up to ``max_sweeps`` sweeps, sigma refitted after each;
+   + (nu / 2) x sum over cells of the fraction of the cell's k nearest cells (symmetrised) with another label.
+   Iterated conditional modes over random pairs of cells of a spot (pairs chosen jointly over candidate pairs,
+   single cells over candidates), all spots of one colour class of the spot-contact graph at once, up to
+   ``max_sweeps`` sweeps, sigma refitted after each;
 5. confidence of a cell: softmax of minus the energies of its candidate labels with all other labels fixed;
 6. morphology-aware labels (:func:`morphology_labels`), when the cells table carries nucleus features
    (``CellTypingParams.morphology_features``) and they tell the spot's types apart (a permutation test): per-type
@@ -23,9 +24,6 @@ The reference's final type list comes from :func:`prepare_reference_types` (``sm
 or merge into the reference's class column); spots that cannot be fitted (zero counts, no informative counts,
 all-zero or non-finite weights) are skipped with their reason and their cells flagged, never labelled.
 :func:`evaluate_typing` scores labels against truth (accuracy, macro-F1, composition, calibration).
-
-
-
 
 RCTD's doublet mode for Slide-seq beads: :func:`classify_beads`.
 """

@@ -46,14 +46,20 @@ SPOT_CLASSES = ("reject", "singlet", "doublet_certain", "doublet_uncertain")
 class DoubletResult:
     """Output of :func:`classify_beads`.
 
-    ``beads``: one row per bead (index = bead names): spot_class (categorical, RCTD's levels), first_type,
-    second_type, first_class / second_class (True where only the type's class is certain, as RCTD),
-    weight_first / weight_second (the best pair's weights, normalised), min_score (best pair's negative
-    log-likelihood), singlet_score (RCTD's, of the confident type), best_singlet_score (best candidate alone),
-    doublet_evidence (best_singlet_score - min_score: the log-likelihood gain of a second type), n_candidates,
-    confidence_first / confidence_second (see
-    :func:`classify_beads`), converged_full / converged_pair. ``pair_scores``: long table (bead, type1, type2,
-    score) of every pair fitted. ``info``: counts per class, thresholds, rows fitted, timings.
+    Attributes
+    ----------
+    beads : pandas.DataFrame
+        One row per bead (index = bead names): ``spot_class`` (categorical, RCTD's levels :data:`SPOT_CLASSES`),
+        ``first_type``, ``second_type``, ``first_class`` / ``second_class`` (True where only the type's class is
+        certain, as RCTD), ``weight_first`` / ``weight_second`` (the best pair's weights, normalised),
+        ``min_score`` (best pair's negative log-likelihood), ``singlet_score`` (RCTD's, of the confident type),
+        ``best_singlet_score`` (best candidate alone), ``doublet_evidence`` (``best_singlet_score - min_score``:
+        the log-likelihood gain of a second type), ``n_candidates``, ``confidence_first`` /
+        ``confidence_second``, ``converged_full`` / ``converged_pair``.
+    pair_scores : pandas.DataFrame
+        Long table (``bead``, ``type1``, ``type2``, ``score``) of every pair fitted.
+    info : dict
+        Counts per class, thresholds, rows fitted, timings.
     """
 
     beads: pd.DataFrame
@@ -79,12 +85,41 @@ def fit_subset_weights(
 ) -> WeightFit:
     """Non-negative weights of a few given types per fit (RCTD's ``decompose_sparse``, ``constrain = FALSE``).
 
-    ``counts`` beads x genes, ``numi`` per-bead library sizes, ``profiles`` genes x types (platform-corrected),
-    ``types`` (R, m) type indices per fit, -1 = unused slot; ``rows`` (R,) the bead of each fit (default: fit r is
-    bead r). Maximises sum_g log P(y_g | nUMI x sum_j w_j profile_{g, types_j}) by the same batched Newton steps as
-    :func:`spatial_assets.celltyping.fit_spot_weights` (PSD Hessian, exact bound-constrained QP, Armijo search), but with
-    per-fit (m x G) profile blocks, so memory is R x m x G per chunk, never R x K x K. Start: equal weights 1/m
-    (RCTD's initial ``doublet_mat`` of 0.5). ``max_iter`` 25 as RCTD's score mode.
+    Maximises ``sum_g log P(y_g | nUMI x sum_j w_j profile_{g, types_j})`` by the same batched Newton steps as
+    :func:`fit_spot_weights` (PSD Hessian, exact bound-constrained QP, Armijo search), but with per-fit (m x G)
+    profile blocks, so memory is R x m x G per chunk, never R x K x K. Start: equal weights 1/m (RCTD's initial
+    ``doublet_mat`` of 0.5).
+
+    Parameters
+    ----------
+    counts : array-like or scipy.sparse matrix
+        Beads x genes counts.
+    numi : numpy.ndarray
+        ``(beads,)`` library sizes.
+    profiles : numpy.ndarray
+        ``(genes, K)`` platform-corrected profiles.
+    types : numpy.ndarray
+        ``(R, m)`` type indices per fit, -1 = unused slot (each fit needs at least one type).
+    sigma : float or PoissonLognormal
+        The lognormal standard deviation, or a likelihood object.
+    rows : numpy.ndarray, optional
+        ``(R,)`` bead of each fit; default fit r is bead r.
+    max_iter : int, default 25
+        Newton iterations (RCTD's score mode).
+    min_change : float, default 1e-3
+        Stopping threshold on the L2 change of a fit's weights.
+    chunk : int, default 4096
+        Fits per batch.
+
+    Returns
+    -------
+    WeightFit
+        ``(R, m)`` weights, negative log-likelihoods, iterations and convergence flags.
+
+    Raises
+    ------
+    CellTypingInputError
+        If shapes disagree, type or bead indices are out of range, or a fit has no type.
     """
     lik = sigma if isinstance(sigma, PoissonLognormal) else get_likelihood(float(sigma))
     Y = _dense(counts)
@@ -184,18 +219,58 @@ def classify_beads(
     bead_names: Sequence[str] | None = None,
     chunk: int = 4096,
 ) -> DoubletResult:
-    """RCTD doublet mode on every bead at once: spot class, first and second type, scores (see module docstring).
+    """RCTD doublet mode on every bead at once: spot class, first and second type, scores.
 
-    ``counts`` beads x genes (integer counts on the regression genes), ``numi`` bead library sizes (all genes),
-    ``profiles`` genes x types (platform-corrected), ``sigma`` the fitted lognormal sd. ``weights``: full-mode raw
-    weights (beads x types) if already fitted (else fitted here), ``converged`` their flags. ``type_class``: the
-    class of each type (a mapping type -> class or a sequence aligned with ``type_names``; RCTD's ``class_df``;
-    default: each type is its own class). ``max_candidates``: keep at most this many candidates per bead (highest
-    weights; None = all above the threshold, as RCTD).
-
-    Confidence (an addition to RCTD's flags): with pair scores s, the probability that a type is in the bead,
-    sum over pairs containing it of exp(-(s - min s)) / sum over all pairs; for singlets, the softmax of minus the
+    As RCTD's ``process_bead_doublet`` (``constrain = FALSE``), batched: candidates from the full-mode weights
+    (weight > ``initial_weight_thresh``, at least two), every candidate alone and every candidate pair fitted in one
+    batched solve (:func:`fit_subset_weights`), then RCTD's confidence rule (a type is confident when every pair
+    within ``confidence_threshold`` of the best contains it, or a type of its class) and singlet rule.
+    Confidence (an addition to RCTD's flags): with pair scores s, the probability that a type is in the bead, sum
+    over pairs containing it of ``exp(-(s - min s))`` / sum over all pairs; for singlets, the softmax of minus the
     candidates' singlet scores.
+
+    Parameters
+    ----------
+    counts : array-like or scipy.sparse matrix
+        Beads x genes integer counts on the regression genes.
+    numi : numpy.ndarray
+        ``(beads,)`` library sizes (all genes).
+    profiles : numpy.ndarray
+        ``(genes, K)`` platform-corrected profiles.
+    sigma : float or PoissonLognormal
+        The fitted lognormal standard deviation, or a likelihood object.
+    type_names : sequence of str
+        The K types (at least 2).
+    weights : numpy.ndarray, optional
+        ``(beads, K)`` full-mode raw weights if already fitted (else fitted here).
+    converged : numpy.ndarray, optional
+        ``(beads,)`` their convergence flags.
+    type_class : mapping or sequence of str, optional
+        Class of each type (type -> class, or a sequence aligned with ``type_names``; RCTD's ``class_df``);
+        default: each type is its own class.
+    confidence_threshold : float, default 10.0
+        Score margin within which every pair must contain a type for it to be confident.
+    doublet_threshold : float, default 25.0
+        A bead is a singlet when its confident type's singlet score is within this of the best pair's.
+    initial_weight_thresh : float, default 0.01
+        Full-mode weight above which a type is a candidate (at least two candidates per bead).
+    max_candidates : int, optional
+        Keep at most this many candidates per bead (highest weights; None = all above the threshold, as RCTD).
+    bead_names : sequence of str, optional
+        Index of the result; default ``bead0``, ``bead1``, ...
+    chunk : int, default 4096
+        Fits per batch.
+
+    Returns
+    -------
+    DoubletResult
+        Per-bead calls, pair scores and info.
+
+    Raises
+    ------
+    CellTypingInputError
+        If shapes disagree with ``counts`` / ``type_names``, there are fewer than 2 types, or ``type_class``
+        misses types.
     """
     t0 = time.perf_counter()
     lik = sigma if isinstance(sigma, PoissonLognormal) else get_likelihood(float(sigma))

@@ -16,7 +16,20 @@ CONFIDENCE_COLUMNS = {"final": "confidence", "potts": "potts_confidence"}
 
 
 def macro_f1(truth: np.ndarray, pred: np.ndarray) -> float:
-    """Macro-averaged F1 over the true classes (a class never predicted scores 0)."""
+    """Macro-averaged F1 over the true classes (a class never predicted scores 0).
+
+    Parameters
+    ----------
+    truth : numpy.ndarray
+        ``(n,)`` true labels (compared as strings).
+    pred : numpy.ndarray
+        ``(n,)`` predicted labels.
+
+    Returns
+    -------
+    float
+        Mean over the classes present in ``truth`` of their F1; NaN when ``truth`` is empty.
+    """
     truth, pred = np.asarray(truth).astype(str), np.asarray(pred).astype(str)
     classes = np.unique(truth)
     f1 = []
@@ -28,7 +41,22 @@ def macro_f1(truth: np.ndarray, pred: np.ndarray) -> float:
 
 
 def composition_rmse(spot: np.ndarray, labels: np.ndarray, truth: np.ndarray) -> float:
-    """RMSE between the per-spot fractions of the labels and of the true types (spots x all types seen)."""
+    """RMSE between the per-spot fractions of the labels and of the true types.
+
+    Parameters
+    ----------
+    spot : numpy.ndarray
+        ``(n,)`` spot of each cell.
+    labels : numpy.ndarray
+        ``(n,)`` predicted label of each cell.
+    truth : numpy.ndarray
+        ``(n,)`` true type of each cell.
+
+    Returns
+    -------
+    float
+        Root mean square difference over the spots x (all types seen in either) table of fractions.
+    """
     types = np.unique(np.concatenate([np.asarray(labels).astype(str), np.asarray(truth).astype(str)]))
     spots, s = np.unique(np.asarray(spot).astype(str), return_inverse=True)
     K = len(types)
@@ -49,13 +77,44 @@ def evaluate_typing(
     confidence_columns: dict | None = None,
     n_bins: int = 10,
 ) -> dict:
-    """Metrics of a typing result against the truth.
+    """Metrics of a typing result against the truth, for every label column side by side.
 
-    ``cells``: the result's cells table (index = cell id; label columns as :data:`LABEL_COLUMNS`, those present
-    are scored); ``truth``: true cells indexed by the same ids with ``spot`` and the type column ``level``;
-    ``weights``: spots x types proportions (optional). Cells present in both are scored; unassigned labels count
-    as wrong. Returns per label column accuracy, macro_f1 and composition_rmse (spots of the scored cells), the
-    proportions RMSE, and for each confidence column a reliability table (records) and ECE.
+    Cells present in both tables are scored; unassigned labels count as wrong. Per label column (final labels,
+    Potts labels, the spot's top type: :data:`LABEL_COLUMNS`, those present): accuracy, macro-F1 and the RMSE of
+    the per-spot compositions of the scored cells; per confidence column: a reliability table and the expected
+    calibration error (:func:`reliability_table`); with ``weights``, the RMSE of the spot proportions against the
+    true per-spot composition.
+
+    Parameters
+    ----------
+    cells : pandas.DataFrame
+        The result's cells table (index = cell id; label and confidence columns).
+    truth : pandas.DataFrame
+        True cells indexed by the same ids, with ``spot`` and the type column ``level``.
+    level : str
+        Column of ``truth`` with the true types (e.g. ``"cell_type"`` or ``"cell_class"``).
+    weights : pandas.DataFrame, optional
+        Spots x types proportions.
+    label_columns : dict, optional
+        ``{name: column}`` of labels to score; default :data:`LABEL_COLUMNS`.
+    confidence_columns : dict, optional
+        ``{name: column}`` of confidences (``name`` as in ``label_columns``); default
+        :data:`CONFIDENCE_COLUMNS`.
+    n_bins : int, default 10
+        Bins of the reliability tables.
+
+    Returns
+    -------
+    dict
+        ``n_cells``, ``n_cells_truth``, ``n_unassigned``, ``majority_rate`` (the accuracy of always guessing the
+        commonest type), ``<name>.accuracy`` / ``.macro_f1`` / ``.composition_rmse`` per label column,
+        ``<name>.ece`` / ``.mean_confidence`` / ``.reliability`` (records) per confidence column, and with
+        ``weights`` ``proportions_rmse`` and ``n_spots``.
+
+    Raises
+    ------
+    ValueError
+        If ``truth`` lacks ``spot`` or ``level``, or the tables share no cell id.
     """
     label_columns = label_columns or LABEL_COLUMNS
     confidence_columns = confidence_columns or CONFIDENCE_COLUMNS

@@ -31,15 +31,32 @@ from ._reference_types import prepare_reference_types
 class CellTypingResult:
     """Output of :func:`identify_cell_types`.
 
-    ``cells``: indexed by cell id; x, y, spot, cell_type, confidence, initial_type (the spot's top type),
-    n_candidates, skip_reason ('' for labelled cells, else 'outside every spot' / 'spot skipped: <reason>'),
-    potts_type / potts_confidence (the Potts labels, equal to cell_type / confidence unless morphology was used)
-    ('unassigned' / NaN for cells of skipped spots or outside every spot). ``weights``: fitted spots x
-    types, RCTD weights normalised to proportions (rows sum to 1); ``weights_raw``: unnormalised. ``platform_effect``:
-    Series 'estimated_be' over all genes shared by slide and reference. ``profiles``: reference per-type mean of
-    per-cell-normalised expression, shared genes x types (before the platform effect). ``genes_used``: the
-    regression genes of the likelihood. ``info``: counts, skipped spots with reasons, sigma fit, sweeps, seed,
-    timings, ``reference_types`` (the small-types report), ``morphology`` (used or why not, the gate, EM).
+    Attributes
+    ----------
+    cells : pandas.DataFrame
+        Indexed by cell id: ``x``, ``y``, ``spot``, ``cell_type``, ``confidence``, ``initial_type`` (the spot's top
+        type), ``n_candidates``, ``skip_reason`` ('' for labelled cells, else 'outside every spot' / 'spot skipped:
+        <reason>'), ``potts_type`` / ``potts_confidence`` (the Potts labels, equal to ``cell_type`` /
+        ``confidence`` unless morphology was used); 'unassigned' / NaN for cells of skipped spots or outside every
+        spot. In doublet mode: one or two cells per bead (:func:`spatial_assets.platforms.cells_from_beads`).
+    weights : pandas.DataFrame
+        Fitted spots x types RCTD weights normalised to proportions (rows sum to 1).
+    weights_raw : pandas.DataFrame
+        The same, unnormalised.
+    platform_effect : pandas.Series
+        ``estimated_be`` over all genes shared by slide and reference.
+    profiles : pandas.DataFrame
+        Reference per-type mean of per-cell-normalised expression, shared genes x types (before the platform
+        effect).
+    genes_used : list
+        The regression genes of the likelihood.
+    sigma : float
+        Final sigma of the Poisson-lognormal likelihood.
+    info : dict
+        Counts, skipped spots with reasons, sigma fit, sweeps, seed, timings, ``reference_types`` (the small-types
+        report), ``morphology`` (used or why not, the gate, EM).
+    beads : pandas.DataFrame or None
+        Doublet mode: RCTD's per-bead calls (:func:`classify_beads`); None in full mode.
     """
 
     cells: pd.DataFrame
@@ -55,7 +72,18 @@ class CellTypingResult:
 
 # ------------------------------------------------------------------------------------------------ entry point
 def weights_unusable(W: np.ndarray) -> np.ndarray:
-    """Per spot, why its fitted weights cannot be used ('' = usable): non-finite values or all zero."""
+    """Per spot, why its fitted weights cannot be used.
+
+    Parameters
+    ----------
+    W : numpy.ndarray
+        ``(n_spots, K)`` fitted weights.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n_spots,)`` object array: '' (usable), 'non-finite weights' or 'all-zero weights'.
+    """
     W = np.asarray(W, dtype=np.float64)
     finite = np.isfinite(W).all(1)
     tot = np.where(finite, np.abs(np.where(np.isfinite(W), W, 0)).sum(1), 0.0)
@@ -90,25 +118,62 @@ def identify_cell_types(
     mode: str = "full",
     class_key: str | None = None,
 ) -> CellTypingResult:
-    """Cell types of the segmented cells of ``slide`` from ``reference`` (SpatialScope step 2; RCTD full + Potts).
+    """Cell types of the segmented cells of a slide from a reference (SpatialScope step 2; RCTD full + Potts).
 
-    ``slide``: spots x genes, raw counts in X; ``reference``: cells x genes, counts (log1p accepted) in X, types
-    in ``obs[cell_type_key]``, optional boolean ``var['Marker']``; ``cells``: indexed by cell id, columns x, y,
-    spot (slide obs name; '' or NaN = outside every spot). Extra knobs: ``min_shared_genes`` (fewest shared genes
-    accepted), ``min_obs`` (RCTD's MIN_OBS: slide counts a gene needs), ``min_sigma_fit_spots`` (below this many
-    spots with UMI > ``sigma_fit_min_umi``, sigma is fitted on the highest-UMI spots instead, and info says so),
-    ``refit_sigma`` (refit sigma between Potts sweeps, as SpatialScope).
+    See :mod:`spatial_assets.celltyping` for the pipeline: reference profiles and DE genes, platform effect, sigma
+    of the Poisson-lognormal likelihood, non-negative weights for every spot (RCTD full mode, Cable et al. 2022),
+    then per-cell labels by a Potts model solved by iterated conditional modes, and morphology-aware labels when the
+    cells carry nucleus features that tell the spot's types apart. The reference's types are fixed first by
+    :func:`prepare_reference_types`; spots that cannot be fitted are skipped with their reason and their cells
+    flagged. 3D: when ``cells`` has a ``z`` column (same unit as x and y, e.g. stacked slices in micrometres), the
+    Potts neighbours are the nearest cells in (x, y, z).
 
-    3D: when ``cells`` has a ``z`` column (same unit as x and y, e.g. stacked slices in micrometres), the Potts
-    neighbours are the nearest cells in (x, y, z).
+    Parameters
+    ----------
+    slide : anndata.AnnData
+        Spots x genes, raw counts in ``X``.
+    reference : anndata.AnnData
+        Cells x genes, counts (log1p accepted) in ``X``, types in ``obs[cell_type_key]``, optional boolean
+        ``var['Marker']``.
+    cell_type_key : str
+        Column of ``reference.obs`` with the cell types.
+    cells : pandas.DataFrame
+        Indexed by unique cell id, columns ``x``, ``y`` (finite), ``spot`` (slide obs name; '' or NaN = outside
+        every spot), optional ``z`` and the nucleus feature columns of ``params.morphology_features``.
+    params : spatial_assets.params.CellTypingParams, optional
+        Default ``CellTypingParams()``.
+    max_cells_per_spot : int, default 20
+        Cap on the cells per spot of the Potts model.
+    min_shared_genes : int, default 10
+        Fewest genes shared by slide and reference accepted.
+    min_obs : float, default 3
+        RCTD's MIN_OBS: slide counts a gene needs to be used.
+    min_sigma_fit_spots : int, default 20
+        Below this many spots with UMI > ``params.sigma_fit_min_umi``, sigma is fitted on the highest-UMI spots
+        instead (and ``info`` says so).
+    refit_sigma : bool, default True
+        Refit sigma between Potts sweeps, as SpatialScope.
+    mode : {"full", "doublet"}, default "full"
+        ``"doublet"`` (Slide-seq beads): RCTD's doublet mode instead of the Potts labels -- each bead is a
+        singlet, a certain or uncertain doublet, or rejected (:func:`classify_beads` with
+        ``params.doublet_confidence_threshold`` / ``params.doublet_threshold``); ``cells`` then only supplies bead
+        heights (``z``), and the output cells are one per singlet and two per doublet, ``params.doublet_offset``
+        apart (:func:`spatial_assets.platforms.cells_from_beads`).
+    class_key : str, optional
+        Column of ``reference.obs`` with coarser classes (doublet mode's type classes; small-types merging).
 
-    ``mode="doublet"`` (Slide-seq beads): RCTD's doublet mode instead of the Potts labels -- each spot (bead) is a
-    singlet, a certain or uncertain doublet, or rejected (:func:`spatial_assets.celltyping.classify_beads`, with
-    ``params.doublet_confidence_threshold`` / ``params.doublet_threshold``, and type classes from
-    ``reference.obs[class_key]`` if given);
-    ``cells`` then only supplies bead heights (``z``); the output cells are one per singlet bead and two per
-    doublet bead, ``params.doublet_offset`` apart (:func:`spatial_assets.platforms.cells_from_beads`), rejected beads have
-    none; ``result.beads`` holds the calls.
+    Returns
+    -------
+    CellTypingResult
+        Labels, weights, platform effect, profiles and info (``beads`` in doublet mode).
+
+    Raises
+    ------
+    CellTypingInputError
+        On bad input, naming it: unknown ``mode``; non-AnnData inputs; missing type or class column; a cells
+        table without ``x``, ``y``, ``spot``, with duplicate ids, non-finite positions or unknown spots; fewer than
+        2 types or ``min_shared_genes`` shared genes; no spot with counts on the informative genes or with usable
+        weights. :class:`SmallTypesError` (a subclass) from the small-types policy.
     """
     if mode not in ("full", "doublet"):
         raise CellTypingInputError(f"mode: expected 'full' or 'doublet', found '{mode}'")

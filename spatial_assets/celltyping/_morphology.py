@@ -118,9 +118,29 @@ def measure_nucleus_features(labels, image, label_ids=None, block_rows: int | No
 
 # ------------------------------------------------------------------------------------------------ model
 def standardise_features(F: np.ndarray, names) -> tuple[np.ndarray, dict]:
-    """log of strictly positive columns, then (x - median) / sd per column; NaN rows stay NaN.
+    """Standardise nucleus features: log of strictly positive columns, then (x - median) / sd per column.
 
-    Returns (Z, transform) with transform = {features, log, centre, scale} (plain lists, for the info)."""
+    Rows with a NaN stay NaN; the median and sd are computed over the rows finite in every column.
+
+    Parameters
+    ----------
+    F : numpy.ndarray
+        ``(n, d)`` raw features.
+    names : sequence of str
+        The ``d`` feature names (for messages and the transform record).
+
+    Returns
+    -------
+    Z : numpy.ndarray
+        ``(n, d)`` standardised features.
+    transform : dict
+        ``features``, ``log`` (per column), ``centre``, ``scale`` (plain lists, for the info).
+
+    Raises
+    ------
+    MorphologyInputError
+        If fewer than 10 cells have finite values for all features, or a feature is constant.
+    """
     F = np.asarray(F, dtype=np.float64)
     ok = np.isfinite(F).all(1)
     if ok.sum() < 10:
@@ -151,7 +171,19 @@ def standardise_features(F: np.ndarray, names) -> tuple[np.ndarray, dict]:
 
 @dataclass
 class MorphologyModel:
-    """Per-type Gaussian of standardised nucleus features: means (K, d), covariances (K, d, d)."""
+    """Per-type Gaussians of standardised nucleus features (fitted by :func:`fit_morphology_model`).
+
+    Attributes
+    ----------
+    means : numpy.ndarray
+        ``(K, d)`` mean per type.
+    covs : numpy.ndarray
+        ``(K, d, d)`` covariance per type (shrunk towards the pooled one).
+    n_iter : int
+        EM iterations run.
+    loglik_per_cell : list of float
+        Mean log-likelihood per cell after each iteration.
+    """
 
     means: np.ndarray
     covs: np.ndarray
@@ -159,7 +191,20 @@ class MorphologyModel:
     loglik_per_cell: list
 
     def loglik(self, Z: np.ndarray, chunk: int = 20_000) -> np.ndarray:
-        """log N(z_c; mu_k, S_k) for every cell and type, (n, K); cells chunked (memory chunk x K x d)."""
+        """Log density of every cell's features under every type's Gaussian.
+
+        Parameters
+        ----------
+        Z : numpy.ndarray
+            ``(n, d)`` standardised features.
+        chunk : int, default 20000
+            Cells per chunk (memory ``chunk x K x d``).
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(n, K)`` ``log N(z_c; mu_k, S_k)``.
+        """
         K, d = self.means.shape
         L = np.linalg.cholesky(self.covs)
         logdet = 2 * np.log(np.diagonal(L, axis1=1, axis2=2)).sum(1)
@@ -197,9 +242,32 @@ def _m_step(Z: np.ndarray, R: np.ndarray, shrinkage: float, mu0: np.ndarray, S0:
 def fit_morphology_model(
     Z: np.ndarray, log_prior: np.ndarray, *, n_iter: int = 100, tol: float = 1e-6, shrinkage: float = 10.0
 ) -> tuple[MorphologyModel, np.ndarray]:
-    """EM for the per-type Gaussians given per-cell log prior type probabilities (n, K). Returns (model,
-    posteriors). Starts from the prior as responsibilities; stops when the mean log-likelihood per cell changes
-    by less than ``tol``."""
+    """EM for the per-type nucleus Gaussians given per-cell prior type probabilities.
+
+    Starts from the prior as responsibilities; M-step: weighted means and covariances, each shrunk towards the
+    pooled mean / covariance with ``shrinkage`` pseudo-cells; E-step: posteriors ``~ prior x N(z; mu_k, S_k)``.
+    Stops when the mean log-likelihood per cell changes by less than ``tol``.
+
+    Parameters
+    ----------
+    Z : numpy.ndarray
+        ``(n, d)`` standardised features (finite).
+    log_prior : numpy.ndarray
+        ``(n, K)`` log prior type probabilities of each cell (e.g. from its spot's composition).
+    n_iter : int, default 100
+        Maximum EM iterations.
+    tol : float, default 1e-6
+        Convergence tolerance on the mean log-likelihood per cell.
+    shrinkage : float, default 10.0
+        Pseudo-cells pulling each type's mean and covariance to the pooled ones.
+
+    Returns
+    -------
+    model : MorphologyModel
+        The fitted Gaussians.
+    posterior : numpy.ndarray
+        ``(n, K)`` posterior type probabilities of the cells.
+    """
     mu0 = Z.mean(0)
     S0 = np.cov(Z.T).reshape(Z.shape[1], Z.shape[1])
     R, _ = _softmax_rows(log_prior)
@@ -231,13 +299,35 @@ def _fit_gain(Z: np.ndarray, log_prior: np.ndarray, **fit_kw) -> float:
 def morphology_gain(
     Z: np.ndarray, log_prior: np.ndarray, *, n_permutations: int = 19, seed: int = 0, max_cells: int = 5_000, **fit_kw
 ) -> dict:
-    """Evidence that nuclei depend on the spots' types: the in-sample gain (:func:`_fit_gain`) against its
-    permutation null (features shuffled across cells, the model refitted each time; the null of a slide whose
-    nuclei say nothing about the type). Fitting on shuffled features overfits exactly as much as on the real ones,
-    so the comparison is fair at any number of cells or types. At most ``max_cells`` cells (seeded subsample:
-    the gain is a mean per cell, and 5,000 cells already put nuclei that differ by type at z > 20).
-    Returns the observed gain (nats / cell), the null's mean and sd, z = (observed - mean) / sd, and the
-    permutation p-value (1 + #null >= observed) / (1 + n_permutations)."""
+    """Evidence that nuclei depend on the spots' types: the in-sample gain against its permutation null.
+
+    The gain is the mean per cell of ``log sum_k pi_sk N(z; k) - log sum_k pibar_k N(z; k)`` for the model fitted
+    by EM (``pibar``: the mean prior, i.e. the same Gaussians without the spot's information). The null refits the
+    model on features shuffled across cells (a slide whose nuclei say nothing about the type); shuffled fits
+    overfit exactly as much as the real one, so the comparison is fair at any number of cells or types.
+
+    Parameters
+    ----------
+    Z : numpy.ndarray
+        ``(n, d)`` standardised features (finite).
+    log_prior : numpy.ndarray
+        ``(n, K)`` log prior type probabilities.
+    n_permutations : int, default 19
+        Shuffled refits of the null.
+    seed : int, default 0
+        Seed of the subsample and the permutations (recorded).
+    max_cells : int, default 5000
+        At most this many cells (seeded subsample; 5,000 cells already put nuclei that differ by type at z > 20).
+    **fit_kw
+        Passed on to :func:`fit_morphology_model` (``n_iter``, ``tol``, ``shrinkage``).
+
+    Returns
+    -------
+    dict
+        ``mean`` (observed gain, nats per cell), ``null_mean``, ``null_sd``, ``z`` = (observed - null mean) /
+        null sd, ``p_value`` = (1 + #null >= observed) / (1 + n_permutations), ``n_cells``, ``n_permutations``,
+        ``seed``.
+    """
     rng = np.random.default_rng(seed)
     n = len(Z)
     if n > max_cells:
@@ -262,9 +352,28 @@ def morphology_gain(
 def sinkhorn_posteriors(
     loglik: np.ndarray, log_prior: np.ndarray, cell_spot: np.ndarray, n_iter: int = 200
 ) -> np.ndarray:
-    """Posteriors constrained to each spot's expected composition: q_ck ~ exp(loglik_ck) v_sk with row sums 1 and
-    column sums per spot n_s pi_sk (pi_s = exp(log_prior) of the spot's cells). Batched Sinkhorn over all spots
-    (segment sums), the entropic relaxation of assigning each spot's cells to its type slots."""
+    """Posteriors constrained to each spot's expected composition (batched Sinkhorn over all spots).
+
+    ``q_ck ~ exp(loglik_ck) v_sk`` with row sums 1 and, per spot, column sums ``n_s pi_sk`` (``pi_s`` =
+    ``exp(log_prior)`` of the spot's cells): the entropic relaxation of assigning each spot's cells to its type
+    slots. Segment sums over spots; no per-spot loop.
+
+    Parameters
+    ----------
+    loglik : numpy.ndarray
+        ``(n, K)`` log-likelihood of each cell's features under each type.
+    log_prior : numpy.ndarray
+        ``(n, K)`` log prior of each cell (the same row for all cells of a spot).
+    cell_spot : numpy.ndarray
+        ``(n,)`` spot index of each cell (0..B-1).
+    n_iter : int, default 200
+        Sinkhorn iterations.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n, K)`` constrained posteriors (rows sum to 1).
+    """
     cs = np.asarray(cell_spot, dtype=np.int64)
     B = int(cs.max()) + 1 if len(cs) else 0
     K = loglik.shape[1]
@@ -287,8 +396,23 @@ def sinkhorn_posteriors(
 # ------------------------------------------------------------------------------------------------ labelling
 @dataclass
 class MorphologyResult:
-    """Output of :func:`morphology_labels`: labels / confidence (type indices, posterior of the label), whether
-    morphology was used, the posteriors (n, K; None when not used), the model and an info dict (gate, EM)."""
+    """Output of :func:`morphology_labels`.
+
+    Attributes
+    ----------
+    labels : numpy.ndarray
+        ``(n,)`` type index of each cell (the Potts labels when morphology was not used).
+    confidence : numpy.ndarray
+        ``(n,)`` posterior probability of the label (the Potts confidence when not used).
+    used : bool
+        Whether the morphology labels were used.
+    posterior : numpy.ndarray or None
+        ``(n, K)`` posteriors (NaN rows for cells without features); None when not used.
+    model : MorphologyModel or None
+        The fitted Gaussians; None when not used.
+    info : dict
+        Mode, features, transform, the gate (:func:`morphology_gain`), EM history, reason when not used, timing.
+    """
 
     labels: np.ndarray
     confidence: np.ndarray
@@ -317,14 +441,60 @@ def morphology_labels(
     n_permutations: int = 19,
     min_gain: float = 0.1,
 ) -> MorphologyResult:
-    """Morphology-aware labels for cells (see the module docstring).
+    """Morphology-aware labels for the cells of the fitted spots (learning from label proportions).
 
-    ``features`` (n, d) raw nucleus features (NaN allowed: such cells keep their Potts label), ``cell_spot`` the
-    spot row of each cell in ``weights`` (spots x types, RCTD proportions), ``potts_labels`` /
-    ``potts_confidence`` the current labels. ``mode``: "auto" (use morphology when the permutation gate passes),
-    "on" (always), "off". Returns a :class:`MorphologyResult`; when morphology is not used, labels and
-    confidence are the Potts ones. ``assignment="sinkhorn"``: labels from :func:`sinkhorn_posteriors` (each
-    spot's label counts held to its prior composition) instead of the free posteriors.
+    Per-type nucleus Gaussians are learnt by EM across the slide with each cell's prior
+    ``(1 - potts_mix) x RCTD proportions + potts_mix x composition of the spot's Potts labels`` (floored at
+    ``prior_floor``); a cell's label is its posterior mode and its confidence that posterior. A permutation gate
+    (:func:`morphology_gain`) decides whether the nuclei tell the spot's types apart (see
+    :mod:`spatial_assets.celltyping`); otherwise the Potts labels stay.
+
+    Parameters
+    ----------
+    features : numpy.ndarray
+        ``(n, d)`` raw nucleus features (NaN allowed: such cells keep their Potts label).
+    feature_names : sequence of str
+        The ``d`` feature names.
+    cell_spot : numpy.ndarray
+        ``(n,)`` row of each cell's spot in ``weights``.
+    weights : numpy.ndarray
+        ``(B, K)`` spot proportions (RCTD weights).
+    potts_labels : numpy.ndarray
+        ``(n,)`` current type index of each cell.
+    potts_confidence : numpy.ndarray
+        ``(n,)`` current confidence.
+    mode : {"auto", "on", "off"}, default "auto"
+        "auto": use morphology when the gate passes; "on": always; "off": never.
+    potts_mix : float, default 0.5
+        Weight ``a`` of the Potts composition in the prior, in [0, 1].
+    prior_floor : float, default 1e-3
+        Floor of the prior per type.
+    min_z : float, default 3.0
+        z-score of the gain against the null that "auto" requires.
+    shrinkage : float, default 10.0
+        Pseudo-cells pulling each type's Gaussian to the pooled one.
+    n_iter : int, default 100
+        Maximum EM iterations.
+    seed : int, default 0
+        Seed of the gate (recorded).
+    assignment : {"posterior", "sinkhorn"}, default "posterior"
+        Labels from the free posteriors, or from :func:`sinkhorn_posteriors` (each spot's label counts held to its
+        prior composition).
+    n_permutations : int, default 19
+        Shuffled refits of the gate's null.
+    min_gain : float, default 0.1
+        Least gain over the null's mean (nats per cell) for "auto".
+
+    Returns
+    -------
+    MorphologyResult
+        Labels, confidences, whether morphology was used, posteriors, model and info.
+
+    Raises
+    ------
+    MorphologyInputError
+        If ``mode``, ``assignment`` or ``potts_mix`` is invalid, ``features`` has the wrong number of rows, or the
+        features cannot be standardised (:func:`standardise_features`).
     """
     if mode not in ("auto", "on", "off"):
         raise MorphologyInputError(f"morphology mode: expected 'auto', 'on' or 'off', found '{mode}'")
@@ -396,9 +566,28 @@ def morphology_labels(
 
 
 def reliability_table(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 10) -> tuple[pd.DataFrame, float]:
-    """Reliability of per-cell confidences: equal-width bins of confidence, per bin the number of cells, mean
-    confidence and observed accuracy; and the expected calibration error (cell-weighted mean |accuracy -
-    confidence|). NaN confidences are left out."""
+    """Reliability of per-cell confidences, and the expected calibration error.
+
+    Equal-width bins of confidence over [0, 1]; per bin the number of cells, mean confidence and observed accuracy.
+    NaN confidences are left out.
+
+    Parameters
+    ----------
+    confidence : numpy.ndarray
+        ``(n,)`` confidence of each label, in [0, 1].
+    correct : numpy.ndarray
+        ``(n,)`` whether each label is right.
+    n_bins : int, default 10
+        Number of bins.
+
+    Returns
+    -------
+    table : pandas.DataFrame
+        One row per bin: ``bin_low``, ``bin_high``, ``n_cells``, ``mean_confidence``, ``accuracy`` (NaN for empty
+        bins).
+    ece : float
+        Cell-weighted mean of ``|accuracy - confidence|`` over the bins.
+    """
     c = np.asarray(confidence, dtype=float)
     y = np.asarray(correct, dtype=bool)
     ok = np.isfinite(c)

@@ -18,8 +18,24 @@ from ._rctd import (
 
 @dataclass
 class PottsResult:
-    """Output of :func:`potts_labels`: per-cell labels / initial labels (type indices), confidence, the spots'
-    candidate masks, final sigma and an info dict (sweeps, changes per sweep, sigma per sweep, colours)."""
+    """Output of :func:`potts_labels`.
+
+    Attributes
+    ----------
+    labels : numpy.ndarray
+        ``(n,)`` final type index of each cell.
+    initial : numpy.ndarray
+        ``(n,)`` initial type index (the spot's top type).
+    confidence : numpy.ndarray
+        ``(n,)`` softmax of minus the energies of the cell's candidate labels, all other labels fixed (1 for cells
+        of single-candidate spots).
+    candidates : numpy.ndarray
+        ``(B, K)`` boolean candidate types of each spot.
+    sigma : float
+        Final sigma of the likelihood.
+    info : dict
+        Sweeps, labels changed per sweep, sigma per sweep, colour classes, candidates, neighbours, seed, seconds.
+    """
 
     labels: np.ndarray
     initial: np.ndarray
@@ -31,7 +47,21 @@ class PottsResult:
 
 # ------------------------------------------------------------------------------------------------ graphs
 def knn_graph(xy: np.ndarray, k: int) -> sp.csr_matrix:
-    """Symmetric 0/1 adjacency (CSR) joining each point to its ``k`` nearest others (KD-tree; linear memory)."""
+    """Symmetric 0/1 adjacency joining each point to its ``k`` nearest others (KD-tree; linear memory).
+
+    Parameters
+    ----------
+    xy : numpy.ndarray
+        ``(n, d)`` coordinates (any dimension).
+    k : int
+        Nearest neighbours per point (capped at ``n - 1``).
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        ``(n, n)`` float64 adjacency, symmetrised (an edge when either point is among the other's ``k``
+        nearest), zero diagonal; empty for ``n < 2`` or ``k < 1``.
+    """
     xy = np.asarray(xy, dtype=float)
     n = len(xy)
     if n < 2 or k < 1:
@@ -49,9 +79,26 @@ def knn_graph(xy: np.ndarray, k: int) -> sp.csr_matrix:
 
 
 def colour_spots(A: sp.csr_matrix, cell_spot: np.ndarray, n_spots: int, seed: int = 0) -> np.ndarray:
-    """Colour classes of spots such that no two spots of a class have neighbouring cells (graph ``A``).
+    """Colour classes of spots such that no two spots of a class have neighbouring cells.
 
-    Repeated random-priority maximal independent sets (Luby), vectorised with sparse products.
+    Repeated random-priority maximal independent sets (Luby's algorithm) on the spot-contact graph, vectorised with
+    sparse products; spots of one class can then be updated at once.
+
+    Parameters
+    ----------
+    A : scipy.sparse.csr_matrix
+        ``(n, n)`` cell adjacency (:func:`knn_graph`).
+    cell_spot : numpy.ndarray
+        ``(n,)`` spot index of each cell.
+    n_spots : int
+        Number of spots.
+    seed : int, default 0
+        Seed of the priorities.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n_spots,)`` int64 colour of each spot (0..C-1).
     """
     coo = A.tocoo()
     a, b = cell_spot[coo.row], cell_spot[coo.col]
@@ -107,10 +154,49 @@ def potts_labels(
 ) -> PottsResult:
     """Per-cell type labels within spots: SpatialScope's likelihood + Potts energy minimised by batched ICM.
 
-    ``counts`` spots x genes (informative genes), ``numi`` spot library sizes, ``weights`` spots x types (raw RCTD
-    weights), ``profiles`` genes x types (platform-corrected), ``cell_spot`` the spot row of each cell,
-    ``cell_xy`` cell positions (n, 2), or (n, 3) with z in the same unit for Potts neighbours in 3D. Candidates of a spot: w_k > min(sum w / (2 m), sum w / 5) (and its top type), m
-    the largest number of cells in a spot, capped at ``max_cells_per_spot``. ``sigma_spots``: spots used to refit sigma after each sweep (default: all spots with cells).
+    Each cell of a spot takes one of the spot's candidate types so as to minimise -log P(spot counts | sum of its
+    cells' profiles x spot weight total x nUMI / n cells) + (nu / 2) x the fraction of the cell's k nearest cells
+    (symmetrised, degree-normalised) with another label. Iterated conditional modes over random pairs of cells of a
+    spot (pairs chosen jointly over candidate pairs), all spots of one colour class (:func:`colour_spots`) at once,
+    up to ``max_sweeps`` sweeps, sigma refitted after each. Candidates of a spot: ``w_k > min(sum w / (2 m), sum w
+    / 5)`` and its top type, ``m`` the largest number of cells in a spot capped at ``max_cells_per_spot``. Cells
+    start at their spot's top type.
+
+    Parameters
+    ----------
+    counts : numpy.ndarray
+        ``(B, G)`` spot counts on the informative genes.
+    numi : numpy.ndarray
+        ``(B,)`` spot library sizes.
+    weights : numpy.ndarray
+        ``(B, K)`` raw RCTD weights.
+    profiles : numpy.ndarray
+        ``(G, K)`` platform-corrected type profiles.
+    cell_spot : numpy.ndarray
+        ``(n,)`` spot row of each cell.
+    cell_xy : numpy.ndarray
+        ``(n, 2)`` cell positions, or ``(n, 3)`` with z in the same unit for Potts neighbours in 3D.
+    sigma : float
+        Initial sigma of the Poisson-lognormal likelihood.
+    nu : float, default 10.0
+        Weight of the Potts term.
+    n_neighbors : int, default 10
+        Nearest cells of each cell in the Potts graph.
+    max_sweeps : int, default 8
+        Maximum ICM sweeps (stops early when nothing changes).
+    max_cells_per_spot : int, default 20
+        Cap of ``m`` in the candidate rule.
+    seed : int, default 0
+        Seed of the move order and colouring (recorded).
+    sigma_spots : numpy.ndarray, optional
+        Spots used to refit sigma after each sweep (default: all spots with cells).
+    refit_sigma : bool, default True
+        Refit sigma after each sweep.
+
+    Returns
+    -------
+    PottsResult
+        Labels, initial labels, confidences, candidates, final sigma and info.
     """
     t0 = time.perf_counter()
     Y = np.ascontiguousarray(counts, dtype=np.float64)

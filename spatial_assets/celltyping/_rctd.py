@@ -64,10 +64,29 @@ class CellTypingInputError(ValueError):
 
 # ------------------------------------------------------------------------------------------------ input scale
 def maybe_expm1(X, name: str) -> tuple[sp.csr_matrix, bool]:
-    """Return X as float64 CSR, exponentiated back (expm1) when it looks like log1p data.
+    """The matrix as float64 CSR, exponentiated back (expm1) when it looks like log1p data.
 
     Rule (SpatialScope): a matrix whose maximum is < 30 is log1p data -- applied only when it also holds
     non-integer values, so a shallow raw-count matrix (integers, max < 30) is not misread as log data.
+
+    Parameters
+    ----------
+    X : array-like or scipy.sparse matrix
+        Counts or log1p data.
+    name : str
+        Name of the input in error messages (e.g. ``"reference.X"``).
+
+    Returns
+    -------
+    X : scipy.sparse.csr_matrix
+        Linear-scale float64 matrix.
+    was_log1p : bool
+        Whether it was exponentiated back.
+
+    Raises
+    ------
+    CellTypingInputError
+        If ``X`` holds non-finite or negative values.
     """
     X = sp.csr_matrix(X, dtype=np.float64)
     if X.nnz and not np.all(np.isfinite(X.data)):
@@ -86,7 +105,26 @@ def maybe_expm1(X, name: str) -> tuple[sp.csr_matrix, bool]:
 def as_counts(X, name: str, atol: float = 1e-3) -> tuple[sp.csr_matrix, bool]:
     """Raw integer counts as float64 CSR (log1p input exponentiated back first); non-integers raise.
 
-    Returns (counts, was_log1p).
+    Parameters
+    ----------
+    X : array-like or scipy.sparse matrix
+        Counts or log1p data.
+    name : str
+        Name of the input in error messages.
+    atol : float, default 1e-3
+        Largest distance to an integer accepted (values are then rounded).
+
+    Returns
+    -------
+    counts : scipy.sparse.csr_matrix
+        Integer-valued float64 counts (explicit zeros removed).
+    was_log1p : bool
+        Whether the input was log1p data.
+
+    Raises
+    ------
+    CellTypingInputError
+        If values are non-finite, negative, or not integers (after exponentiating log1p data back).
     """
     X, was_log = maybe_expm1(X, name)
     if X.nnz:
@@ -261,11 +299,29 @@ def _mixture_rows(
 class PoissonLognormal:
     """log P(y | lambda) for y ~ Poisson(lambda e^eps), eps ~ N(0, sigma^2), with d/dlambda and d2/dlambda2.
 
-    Values for integer y <= ``max_table_count`` and lambda in [lambda_min, lambda_max] come from a table on a
-    log-lambda grid (``points_per_unit`` nodes per unit of ln lambda) interpolated by cubic Hermite splines that use
-    the exact derivatives (log P with its slope, and likewise its first and second derivatives); other entries
-    are computed directly by adaptive Gauss-Hermite quadrature (``n_quad`` nodes). lambda below lambda_min is
-    clamped to it. Rows of the table are built on demand, for the counts present in the data.
+    RCTD's likelihood (Cable et al. 2022). Values for integer ``y <= max_table_count`` and lambda in
+    [``lambda_min``, ``lambda_max``] come from a table on a log-lambda grid (``points_per_unit`` nodes per unit of
+    ln lambda) interpolated by cubic Hermite splines that use the exact derivatives; other entries are computed
+    directly by adaptive Gauss-Hermite quadrature (``n_quad`` nodes). lambda below ``lambda_min`` is clamped to
+    it. Rows of the table are built on demand, for the counts present in the data.
+
+    Parameters
+    ----------
+    sigma : float
+        Standard deviation of the lognormal noise (> 0).
+    max_table_count : int, default 255
+        Largest count tabulated.
+    lambda_min, lambda_max : float, default 1e-5, 1e5
+        Range of the table in lambda.
+    points_per_unit : int, default 16
+        Table nodes per unit of ln lambda.
+    n_quad : int, default 40
+        Gauss-Hermite nodes.
+
+    Raises
+    ------
+    CellTypingInputError
+        If ``sigma`` is not positive.
     """
 
     def __init__(
@@ -319,14 +375,54 @@ class PoissonLognormal:
         return y, lam, shape
 
     def logpmf(self, y, lam) -> np.ndarray:
-        """log P(y | lambda), elementwise (broadcast); y integer-valued."""
+        """log P(y | lambda), elementwise (broadcast).
+
+        Parameters
+        ----------
+        y : array-like
+            Integer-valued counts (>= 0).
+        lam : array-like
+            Expected counts lambda (finite), broadcast against ``y``.
+
+        Returns
+        -------
+        numpy.ndarray
+            log P of the broadcast shape.
+
+        Raises
+        ------
+        CellTypingInputError
+            If a count is negative or a lambda is not finite.
+        """
         y, lam, shape = self._prep(y, lam)
         lp = np.empty_like(y)
         _eval_flat(y, lam, *self._args(), False, lp, lp, lp)
         return lp.reshape(shape)
 
     def derivatives(self, y, lam) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(log P, d logP / d lambda, d2 logP / d lambda2), elementwise."""
+        """log P and its first and second derivatives in lambda, elementwise (broadcast).
+
+        Parameters
+        ----------
+        y : array-like
+            Integer-valued counts (>= 0).
+        lam : array-like
+            Expected counts lambda (finite).
+
+        Returns
+        -------
+        logp : numpy.ndarray
+            log P(y | lambda).
+        d1 : numpy.ndarray
+            d log P / d lambda.
+        d2 : numpy.ndarray
+            d2 log P / d lambda2.
+
+        Raises
+        ------
+        CellTypingInputError
+            If a count is negative or a lambda is not finite.
+        """
         y, lam, shape = self._prep(y, lam)
         lp, d1, d2 = np.empty_like(y), np.empty_like(y), np.empty_like(y)
         _eval_flat(y, lam, *self._args(), True, lp, d1, d2)
@@ -335,7 +431,24 @@ class PoissonLognormal:
     def sum_logpmf_scaled(
         self, y: np.ndarray, lam: np.ndarray, mults: np.ndarray, min_lambda: float = 0.0
     ) -> np.ndarray:
-        """sum_j log P(y_j | max(lam_j x m, min_lambda)) for each multiplier m (one pass, no temporaries)."""
+        """``sum_j log P(y_j | max(lam_j x m, min_lambda))`` for each multiplier m, in one pass without temporaries.
+
+        Parameters
+        ----------
+        y : numpy.ndarray
+            Counts.
+        lam : numpy.ndarray
+            Predictions, same shape.
+        mults : numpy.ndarray
+            ``(M,)`` multipliers of the predictions.
+        min_lambda : float, default 0.0
+            Floor of the scaled predictions.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(M,)`` summed log-likelihoods.
+        """
         y, lam, _ = self._prep(y, lam)
         mults = np.ascontiguousarray(mults, dtype=np.float64)
         out = np.zeros((64, len(mults)))
@@ -354,8 +467,35 @@ class PoissonLognormal:
         scale: np.ndarray,
         min_lambda: float = 0.0,
     ) -> np.ndarray:
-        """For rows r: -sum_g log P(Y[spot_r, g] | max(scale[spot_r] (base[base_row_r] + PT[k1_r] + PT[k2_r]),
-        min_lambda)) with PT[k2] left out where k2 < 0. ``Y`` (spots, G), ``base`` (M, G), ``PT`` (types, G)."""
+        """Negative log-likelihood of spot counts under candidate label rows (the Potts energies' data term).
+
+        For rows r: ``-sum_g log P(Y[spot_r, g] | max(scale[spot_r] (base[base_row_r] + PT[k1_r] + PT[k2_r]),
+        min_lambda))``, with ``PT[k2]`` left out where ``k2 < 0``.
+
+        Parameters
+        ----------
+        Y : numpy.ndarray
+            ``(spots, G)`` counts.
+        spot : numpy.ndarray
+            ``(R,)`` spot of each row.
+        base : numpy.ndarray
+            ``(M, G)`` profile sums of the other cells of each move.
+        base_row : numpy.ndarray
+            ``(R,)`` row of ``base`` of each row.
+        PT : numpy.ndarray
+            ``(types, G)`` profiles.
+        k1, k2 : numpy.ndarray
+            ``(R,)`` candidate types of the moved cell(s); ``k2 < 0`` for single-cell moves.
+        scale : numpy.ndarray
+            ``(spots,)`` scale of each spot's prediction.
+        min_lambda : float, default 0.0
+            Floor of the predictions.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(R,)`` negative log-likelihoods.
+        """
         Y = np.ascontiguousarray(Y, dtype=np.float64)
         self._ensure_rows(Y.reshape(-1))
         out = np.empty(len(spot))
@@ -375,23 +515,59 @@ class PoissonLognormal:
         return out
 
     def direct(self, y: float, lam: float) -> tuple[float, float, float]:
-        """(log P, d1, d2) at one entry by quadrature, bypassing the table (for checks)."""
+        """log P and its derivatives at one entry by quadrature, bypassing the table (for checks).
+
+        Parameters
+        ----------
+        y : float
+            Count.
+        lam : float
+            Expected count (> 0).
+
+        Returns
+        -------
+        tuple of float
+            ``(log P, d log P / d lambda, d2 log P / d lambda2)``.
+        """
         lp, a, b, _ = _agh_scalar(float(y), math.log(lam), self.sigma, self._nodes, self._logw)
         return lp, a / lam, (b - a) / lam**2
 
 
 @lru_cache(maxsize=48)
 def get_likelihood(sigma: float) -> PoissonLognormal:
-    """The cached :class:`PoissonLognormal` for ``sigma`` (rounded to 1e-6)."""
+    """The cached :class:`PoissonLognormal` for ``sigma`` (rounded to 1e-6).
+
+    Parameters
+    ----------
+    sigma : float
+        Lognormal standard deviation.
+
+    Returns
+    -------
+    PoissonLognormal
+        A shared instance (its table grows as counts are met).
+    """
     return PoissonLognormal(round(float(sigma), 6))
 
 
 # ------------------------------------------------------------------------------------------------ profiles, genes
 def reference_profiles(counts: sp.csr_matrix, types: np.ndarray, type_names: Sequence[str]) -> np.ndarray:
-    """Per-type mean of per-cell-normalised expression (counts / cell total), genes x types.
+    """Per-type mean of per-cell-normalised expression (counts / cell total).
 
-    ``counts`` cells x genes (all reference genes, so each row's total is the cell's library size); ``types``
-    integer codes into ``type_names``.
+    Parameters
+    ----------
+    counts : scipy.sparse.csr_matrix
+        Cells x genes counts on all reference genes (so each row's total is the cell's library size; no empty
+        cell).
+    types : numpy.ndarray
+        ``(n_cells,)`` integer codes into ``type_names``.
+    type_names : sequence of str
+        The K types.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(genes, K)`` profiles.
     """
     counts = sp.csr_matrix(counts, dtype=np.float64)
     lib = np.asarray(counts.sum(1)).ravel()
@@ -411,11 +587,33 @@ def de_genes(
     min_obs: float = 3,
     candidates: np.ndarray | None = None,
 ) -> np.ndarray:
-    """RCTD's informative genes: boolean mask over ``genes``.
+    """RCTD's informative genes, as a boolean mask over ``genes``.
 
-    A gene is kept when, for some type, log(p_type + 1e-9) - log(mean of the other types + 1e-9) > fc_thresh and
-    p_type > expr_thresh, it has >= ``min_obs`` counts on the whole slide, it is not mitochondrial ('mt-'), and
-    (when given) ``candidates`` is True for it (the reference's var['Marker']).
+    A gene is kept when, for some type, ``log(p_type + 1e-9) - log(mean of the other types + 1e-9) > fc_thresh``
+    and ``p_type > expr_thresh``, it has at least ``min_obs`` counts on the whole slide, it is not mitochondrial
+    ("mt-"), and (when given) ``candidates`` is True for it (the reference's ``var['Marker']``).
+
+    Parameters
+    ----------
+    profiles : numpy.ndarray
+        ``(G, K)`` reference profiles.
+    genes : sequence of str
+        The G gene names.
+    bulk_counts : numpy.ndarray
+        ``(G,)`` total counts of each gene on the slide.
+    fc_thresh : float
+        Log fold-change threshold.
+    expr_thresh : float
+        Expression threshold on the profile.
+    min_obs : float, default 3
+        RCTD's MIN_OBS.
+    candidates : numpy.ndarray, optional
+        ``(G,)`` booleans restricting the genes.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(G,)`` boolean mask.
     """
     eps = 1e-9
     k = profiles.shape[1]
@@ -432,12 +630,21 @@ def de_genes(
 # ------------------------------------------------------------------------------------------------ platform effect
 @dataclass
 class PlatformEffect:
-    """Gene-wise platform effect between reference and slide.
+    """Gene-wise platform effect between reference and slide (:func:`fit_platform_effect`).
 
-    ``ratio``: observed bulk / fitted bulk per gene (the factor RCTD multiplies profiles by); ``estimated_be``:
-    ratio x (mean slide spot UMI / mean reference cell UMI) (SpatialScope's var column; NaN where the reference
-    never expresses the gene); ``bulk_weights``: the fitted bulk mixture (raw, per type); ``proportions``: the
-    same normalised to sum 1.
+    Attributes
+    ----------
+    ratio : pandas.Series
+        Observed bulk / fitted bulk per gene (the factor RCTD multiplies profiles by).
+    estimated_be : pandas.Series
+        ``ratio x (mean slide spot UMI / mean reference cell UMI)`` (SpatialScope's var column; NaN where the
+        reference never expresses the gene).
+    bulk_weights : pandas.Series
+        The fitted bulk mixture (raw, per type).
+    proportions : pandas.Series
+        The same normalised to sum 1.
+    info : dict
+        ``n_bulk_genes``, ``library_size_ratio``, ``mean_slide_umi``, ``mean_reference_umi``.
     """
 
     ratio: pd.Series
@@ -480,9 +687,35 @@ def fit_platform_effect(
 ) -> PlatformEffect:
     """Fit the pooled slide as a mixture of type profiles (RCTD ``fitBulk``) and return the gene-wise effect.
 
-    ``slide_counts`` spots x ``genes`` raw counts; ``profiles`` genes x types (reference per-type normalised
-    means, rows indexed by gene and covering ``genes``); ``bulk_genes`` the genes the bulk mixture is fitted on;
-    ``slide_umi`` per-spot library sizes (default: row sums of ``slide_counts``).
+    Non-negative mixture weights minimise the squared log difference between the slide's pooled counts and
+    ``total UMI x profiles @ w`` on the bulk genes (L-BFGS-B); the per-gene ratio of observed to fitted bulk is the
+    platform effect.
+
+    Parameters
+    ----------
+    slide_counts : array-like or scipy.sparse matrix
+        Spots x ``genes`` raw counts.
+    genes : sequence of str
+        The slide genes (columns of ``slide_counts``).
+    profiles : pandas.DataFrame
+        Genes x types reference per-type normalised means, indexed by gene and covering ``genes``.
+    bulk_genes : sequence of str
+        The genes the bulk mixture is fitted on (a subset of ``genes``, each with counts on the slide).
+    reference_mean_umi : float
+        Mean library size of the reference cells.
+    slide_umi : numpy.ndarray, optional
+        Per-spot library sizes; default the row sums of ``slide_counts``.
+
+    Returns
+    -------
+    PlatformEffect
+        Ratios, ``estimated_be``, bulk weights and proportions.
+
+    Raises
+    ------
+    CellTypingInputError
+        If the shapes disagree, profiles miss slide genes, the slide has no counts, or ``bulk_genes`` is empty,
+        not a subset of the slide genes, or holds genes without counts.
     """
     genes = pd.Index([str(g) for g in genes])
     X = sp.csr_matrix(slide_counts, dtype=np.float64)
@@ -631,10 +864,26 @@ def _nnqp_kernel(H, c, allowed, max_iter, out):
 
 
 def nnqp(H: np.ndarray, c: np.ndarray, allowed: np.ndarray | None = None, max_iter: int | None = None) -> np.ndarray:
-    """Batched min 0.5 z'Hz - c'z s.t. z >= 0 (z = 0 where not ``allowed``); H (B, K, K) positive definite.
+    """Batched non-negative quadratic programs: ``min 0.5 z'Hz - c'z`` subject to ``z >= 0``.
 
     Active-set method of Lawson-Hanson in the normal-equation form of Bro & de Jong (fast NNLS), one compiled
     solver per batch element, run in parallel.
+
+    Parameters
+    ----------
+    H : numpy.ndarray
+        ``(B, K, K)`` positive-definite matrices.
+    c : numpy.ndarray
+        ``(B, K)`` linear terms.
+    allowed : numpy.ndarray, optional
+        ``(B, K)`` booleans; ``z`` is fixed at 0 where False. Default: all allowed.
+    max_iter : int, optional
+        Iteration cap per problem; default ``3 K + 10``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(B, K)`` solutions.
     """
     H = np.ascontiguousarray(H, dtype=np.float64)
     c = np.ascontiguousarray(c, dtype=np.float64)
@@ -665,8 +914,19 @@ def _make_pd(H: np.ndarray, rel: float = 1e-8) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ spot weights
 @dataclass
 class WeightFit:
-    """Result of :func:`fit_spot_weights`: weights (spots x types, raw, not normalised), per-spot negative
-    log-likelihood, Newton iterations used and convergence flags."""
+    """Result of :func:`fit_spot_weights`.
+
+    Attributes
+    ----------
+    weights : numpy.ndarray
+        ``(spots, K)`` raw (not normalised) non-negative weights.
+    nll : numpy.ndarray
+        ``(spots,)`` negative log-likelihood at the weights.
+    n_iter : numpy.ndarray
+        ``(spots,)`` Newton iterations used.
+    converged : numpy.ndarray
+        ``(spots,)`` whether each spot met the stopping rule.
+    """
 
     weights: np.ndarray
     nll: np.ndarray
@@ -689,14 +949,44 @@ def fit_spot_weights(
     min_change: float = 1e-3,
     chunk: int = 1024,
 ) -> WeightFit:
-    """Per-spot non-negative type weights w maximising sum_g log P(y_g | nUMI x sum_k w_k profile_gk) (RCTD full mode).
+    """Per-spot non-negative type weights by maximum likelihood (RCTD full mode), all spots at once.
 
-    ``counts`` spots x genes (integer counts on the informative genes), ``numi`` per-spot library sizes (all
-    genes), ``profiles`` genes x types (platform-corrected), ``sigma`` the lognormal sd (or a likelihood object),
-    ``allowed_types_mask`` spots x types booleans (weights of other types are fixed at 0; e.g. RCTD's doublet mode
-    fits pairs). Each iteration: gradient and PSD-projected Hessian of the negative log-likelihood, the
-    bound-constrained quadratic model solved exactly (:func:`nnqp`), Armijo backtracking on the true likelihood.
-    A spot stops when its weights change by less than ``min_change`` (L2), as RCTD.
+    Maximises ``sum_g log P(y_g | nUMI x sum_k w_k profile_gk)`` under the Poisson-lognormal likelihood. Each
+    iteration: gradient and PSD-projected Hessian of the negative log-likelihood, the bound-constrained quadratic
+    model solved exactly (:func:`nnqp`), Armijo backtracking on the true likelihood. A spot stops when its weights
+    change by less than ``min_change`` (L2), as RCTD. Spots are processed in chunks, batched within.
+
+    Parameters
+    ----------
+    counts : array-like or scipy.sparse matrix
+        Spots x genes integer counts on the informative genes.
+    numi : numpy.ndarray
+        ``(spots,)`` library sizes (all genes).
+    profiles : numpy.ndarray
+        ``(genes, K)`` platform-corrected profiles.
+    sigma : float or PoissonLognormal
+        The lognormal standard deviation, or a likelihood object.
+    allowed_types_mask : numpy.ndarray, optional
+        ``(spots, K)`` booleans; weights of other types are fixed at 0 (e.g. RCTD's doublet mode fits pairs).
+    init : numpy.ndarray, optional
+        ``(spots, K)`` starting weights; default uniform over the allowed types.
+    max_iter : int, default 50
+        Newton iterations per spot.
+    min_change : float, default 1e-3
+        Stopping threshold on the L2 change of a spot's weights.
+    chunk : int, default 1024
+        Spots per batch.
+
+    Returns
+    -------
+    WeightFit
+        Weights, negative log-likelihoods, iterations and convergence flags.
+
+    Raises
+    ------
+    CellTypingInputError
+        If the shapes of ``profiles``, ``numi`` or ``allowed_types_mask`` disagree with ``counts``, or a spot has
+        no allowed type.
     """
     lik = sigma if isinstance(sigma, PoissonLognormal) else get_likelihood(float(sigma))
     Y = _dense(counts)
@@ -780,9 +1070,33 @@ def projected_newton_step(
 ):
     """One batched projected Newton step for non-negative weights, with Armijo backtracking per row.
 
-    ``H`` (B, K, K) Hessians and ``grad`` (B, K) gradients of the objective at ``w`` (B, K); ``allowed`` (B, K) masks
-    the types a row may use; ``f0`` (B,) the objective at ``w``; ``objective_at(rows, w_rows)`` evaluates the
-    objective of the given rows at new weights. Returns (new weights, objective, accepted, step length).
+    Parameters
+    ----------
+    H : numpy.ndarray
+        ``(B, K, K)`` Hessians of the objective at ``w`` (made positive definite here).
+    grad : numpy.ndarray
+        ``(B, K)`` gradients at ``w``.
+    w : numpy.ndarray
+        ``(B, K)`` current weights.
+    allowed : numpy.ndarray
+        ``(B, K)`` types each row may use.
+    f0 : numpy.ndarray
+        ``(B,)`` objective at ``w``.
+    objective_at : callable
+        ``objective_at(rows, w_rows)`` evaluates the objective of the given rows at new weights.
+    max_halvings : int, default 12
+        Step halvings before a row's step is rejected.
+
+    Returns
+    -------
+    w_new : numpy.ndarray
+        ``(B, K)`` new weights (unchanged for rejected rows).
+    f_new : numpy.ndarray
+        ``(B,)`` objective at ``w_new``.
+    accepted : numpy.ndarray
+        ``(B,)`` whether a step was accepted.
+    change : numpy.ndarray
+        ``(B,)`` L2 norm of the weight change.
     """
     am = allowed[:, :, None] & allowed[:, None, :]
     H = _make_pd(np.where(am, H, np.eye(w.shape[1])))
@@ -812,13 +1126,40 @@ def projected_newton_step(
 def choose_sigma(
     counts, prediction, sigma: float, seed: int = 0, max_entries: int = 250_000, window: int = 8
 ) -> tuple[float, dict]:
-    """RCTD's ``chooseSigma``: the grid sigma within +-``window`` steps of ``sigma`` minimising the negative
-    log-likelihood of the counts given the predictions, each prediction scaled by the best of 0.8..1.2.
+    """RCTD's ``chooseSigma``: the grid sigma near ``sigma`` minimising the negative log-likelihood of the counts.
 
-    The grid is descended step by step from ``sigma`` (same answer as RCTD's exhaustive window when the score is
-    unimodal there, at 3 evaluations instead of 17 once sigma has settled). ``counts`` and ``prediction`` have the
-    same shape; entries are pooled, up to ``max_entries`` sampled with ``seed`` (RCTD: 1,000,000; 250,000 pins
-    sigma to its 0.01-0.02 grid step at a quarter of the cost). Returns (sigma, {sigma: score evaluated}).
+    Each prediction is scaled by the best of 0.8..1.2. The grid (:data:`SIGMA_GRID`) is descended step by step
+    from ``sigma`` within +-``window`` steps (same answer as RCTD's exhaustive window when the score is unimodal
+    there, at 3 evaluations instead of 17 once sigma has settled). Entries are pooled, up to ``max_entries``
+    sampled with ``seed`` (RCTD: 1,000,000; 250,000 pins sigma to its 0.01-0.02 grid step at a quarter of the
+    cost).
+
+    Parameters
+    ----------
+    counts : array-like
+        Observed counts.
+    prediction : array-like
+        Predicted counts, same number of entries (floored at 1e-4).
+    sigma : float
+        Current sigma (start of the descent).
+    seed : int, default 0
+        Seed of the entry subsample.
+    max_entries : int, default 250000
+        Entries used at most.
+    window : int, default 8
+        Grid steps searched on either side.
+
+    Returns
+    -------
+    sigma : float
+        The chosen grid value.
+    scores : dict of float to float
+        Negative log-likelihood of every sigma evaluated.
+
+    Raises
+    ------
+    CellTypingInputError
+        If ``counts`` and ``prediction`` have different numbers of entries.
     """
     Y = _dense(counts).reshape(-1)
     X = np.maximum(_dense(prediction).reshape(-1), MIN_LAMBDA)
@@ -847,7 +1188,19 @@ def choose_sigma(
 
 @dataclass
 class SigmaFit:
-    """Result of :func:`fit_sigma`: chosen sigma, the sigma after each epoch, the spots used and their weights."""
+    """Result of :func:`fit_sigma`.
+
+    Attributes
+    ----------
+    sigma : float
+        The chosen sigma.
+    history : list of float
+        Sigma after each epoch (starting value first).
+    spots : numpy.ndarray
+        Row indices of the spots used.
+    weights : numpy.ndarray
+        ``(len(spots), K)`` their weights at the last epoch.
+    """
 
     sigma: float
     history: list
@@ -858,8 +1211,30 @@ class SigmaFit:
 def fit_sigma(
     counts, numi, profiles, spots: np.ndarray, sigma0: float = 1.0, n_epochs: int = 8, seed: int = 0
 ) -> SigmaFit:
-    """RCTD's ``choose_sigma_c``: alternate weight fits on ``spots`` (row indices) and :func:`choose_sigma` until
-    sigma repeats (at most ``n_epochs``)."""
+    """RCTD's ``choose_sigma_c``: alternate weight fits and :func:`choose_sigma` until sigma repeats.
+
+    Parameters
+    ----------
+    counts : array-like or scipy.sparse matrix
+        Spots x genes counts on the informative genes.
+    numi : numpy.ndarray
+        ``(spots,)`` library sizes.
+    profiles : numpy.ndarray
+        ``(genes, K)`` platform-corrected profiles.
+    spots : numpy.ndarray
+        Row indices of the spots to fit on.
+    sigma0 : float, default 1.0
+        Starting sigma (snapped to the grid).
+    n_epochs : int, default 8
+        Maximum epochs.
+    seed : int, default 0
+        Seed of :func:`choose_sigma`'s subsample (plus the epoch).
+
+    Returns
+    -------
+    SigmaFit
+        The chosen sigma, its history, the spots and their weights.
+    """
     Y = _dense(counts)[np.asarray(spots)]
     nu = np.asarray(numi, dtype=float)[spots]
     sigma = float(SIGMA_GRID[int(np.argmin(np.abs(SIGMA_GRID - sigma0)))])

@@ -54,14 +54,43 @@ def prepare_reference_types(
     policy: str | None = None,
     min_cells_per_type: int | None = None,
 ) -> tuple[ad.AnnData, dict]:
-    """Apply the small-types policy to ``reference``; returns (reference with the final types, report).
+    """Apply the small-types policy to a reference, once, before anything is trained.
 
-    ``params``: a :class:`spatial_assets.params.CellTypingParams` (its ``small_types``, ``min_cells_per_type``
-    ); ``class_key``: the reference's coarser class column (``references[].class_key``), needed by "merge";
-    ``policy`` / ``min_cells_per_type`` override the params. The
-    report (plain types): policy, min_cells_per_type, small_types {type: cells}, merged {type: class}, dropped
-    {type: cells}, n_cells_dropped, final_types {type: cells}, messages. The returned reference is ``reference``
-    itself when nothing changes, else a copy.
+    Types with fewer than ``min_cells_per_type`` usable cells (with a label and some counts) are handled by the
+    policy: ``"error"`` stops naming them; ``"drop"`` removes their cells (with a :class:`SmallTypesWarning`);
+    ``"merge"`` relabels them to the class most of their cells have in ``obs[class_key]`` (RCTD's ``class_df``
+    rule), then drops groups still too small. Pure: the input is not modified; the original labels are kept in
+    ``obs[<cell_type_key>_original]``.
+
+    Parameters
+    ----------
+    reference : anndata.AnnData
+        Cells x genes counts with the types in ``obs``.
+    cell_type_key : str
+        Column of ``reference.obs`` with the cell types.
+    params : spatial_assets.params.CellTypingParams, optional
+        Its ``small_types`` and ``min_cells_per_type`` are used; default ``CellTypingParams()``.
+    class_key : str, optional
+        The reference's coarser class column (``references[].class_key``), needed by "merge".
+    policy : {"error", "drop", "merge"}, optional
+        Overrides ``params.small_types``.
+    min_cells_per_type : int, optional
+        Overrides ``params.min_cells_per_type``.
+
+    Returns
+    -------
+    reference : anndata.AnnData
+        ``reference`` itself when no type is small, else a copy with the final types.
+    report : dict
+        Plain types: ``policy``, ``min_cells_per_type``, ``class_key``, ``small_types`` {type: cells},
+        ``merged`` {type: class}, ``dropped`` {type: cells}, ``n_cells_dropped``, ``final_types`` {type: cells},
+        ``messages``.
+
+    Raises
+    ------
+    SmallTypesError
+        If the policy is unknown, the reference is not an AnnData or lacks the type column, there are small types
+        and the policy is "error", "merge" has no class column, or fewer than 2 types remain.
     """
     from ..params import CellTypingParams
 

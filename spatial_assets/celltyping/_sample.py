@@ -21,10 +21,37 @@ def typing_inputs(
     spots: pd.DataFrame | None = None,
     platform: str | Platform = Platform.VISIUM,
 ) -> tuple[ad.AnnData, pd.DataFrame, dict]:
-    """The spots and cells cell typing sees: spots failing segmentation QC (``spots['qc_pass']``) are dropped
-    with their cells; imaging counts (often volume-normalised) are rounded to integers for RCTD.
+    """The spots and cells cell typing sees.
 
-    Returns ``(slide, cells, info)``; ``info`` counts what was dropped or rounded.
+    Spots failing segmentation QC (``spots['qc_pass']``) are dropped with their cells; imaging (MERFISH) counts,
+    often volume-normalised, are rounded to integers for RCTD (:func:`spatial_assets.platforms.integer_counts`).
+
+    Parameters
+    ----------
+    slide : anndata.AnnData
+        Spots x genes counts.
+    cells : pandas.DataFrame
+        Cells table with ``spot``.
+    spots : pandas.DataFrame, optional
+        Segmentation's spots table (indexed by spot, with ``qc_pass``); without it no spot is dropped.
+    platform : str or spatial_assets.constants.Platform, default "visium"
+        The slide's platform.
+
+    Returns
+    -------
+    slide : anndata.AnnData
+        The kept spots (a copy when spots were dropped or counts rounded).
+    cells : pandas.DataFrame
+        The cells of the kept spots.
+    info : dict
+        ``spots_in``, ``spots_qc_dropped`` (with a QC table) and ``rounding`` (MERFISH).
+
+    Raises
+    ------
+    CellTypingInputError
+        If slide spots have no row in the spots table (the segmented slide is out of date).
+    ValueError
+        If ``platform`` is not a known platform.
     """
     platform = Platform(platform)
     info: dict = {"spots_in": int(slide.n_obs)}
@@ -63,7 +90,43 @@ def type_sample(
     class_key: str | None = None,
     max_cells_per_spot: int = 20,
 ) -> CellTypingResult:
-    """Cell types of one sample: RCTD full mode + Potts labels, or RCTD doublet mode on Slide-seq beads."""
+    """Cell types of one sample: RCTD full mode + Potts labels, or RCTD doublet mode on Slide-seq beads.
+
+    SpatialScope step 2 (:func:`identify_cell_types`): ``mode="doublet"`` with ``class_key`` on Slide-seq,
+    ``mode="full"`` on every other platform.
+
+    Parameters
+    ----------
+    slide : anndata.AnnData
+        Spots x genes raw counts with ``obsm['spatial']``.
+    reference : anndata.AnnData
+        Cells x genes counts with the types in ``obs[cell_type_key]``.
+    cell_type_key : str
+        Column of ``reference.obs`` with the cell types.
+    cells : pandas.DataFrame
+        Segmented cells indexed by cell id, columns ``x``, ``y``, ``spot`` (optional ``z`` and nucleus
+        features).
+    params : spatial_assets.params.CellTypingParams, optional
+        Default ``CellTypingParams()``.
+    platform : str or spatial_assets.constants.Platform, default "visium"
+        The slide's platform.
+    class_key : str, optional
+        Reference class column (doublet mode's type classes; small-types merging).
+    max_cells_per_spot : int, default 20
+        Cap on the cells per spot.
+
+    Returns
+    -------
+    CellTypingResult
+        Labels, weights, platform effect, profiles and info.
+
+    Raises
+    ------
+    CellTypingInputError
+        On bad input (see :func:`identify_cell_types`).
+    ValueError
+        If ``platform`` is not a known platform.
+    """
     platform = Platform(platform)
     return identify_cell_types(
         slide,
@@ -88,14 +151,44 @@ def type_slice_jointly(
     class_key: str | None = None,
     max_cells_per_spot: int = 20,
 ) -> tuple[CellTypingResult, dict]:
-    """One slice of a group of aligned slices, typed jointly with all of them: the slides are stacked in
-    micrometres with their heights ``z_um``, so the Potts neighbours are found in 3D; only slice ``name``'s cells
-    and spots are returned (with its own pixel coordinates), and ``info`` describes the group.
+    """One slice of a group of aligned slices, typed jointly with all of them.
+
+    The slides are stacked in micrometres with their heights ``z_um`` (:func:`spatial_assets.platforms.stack_slices`),
+    so the Potts neighbours are found in 3D; only slice ``name``'s cells and spots are returned, with its own
+    pixel coordinates (:func:`spatial_assets.platforms.unstack_result`).
+
+    Parameters
+    ----------
+    name : str
+        The slice to return.
+    slices : mapping of str to (anndata.AnnData, pandas.DataFrame)
+        Every slice of the group: name -> (slide, cells).
+    z_um : mapping of str to float
+        Height of each slice in micrometres.
+    platforms : mapping of str to str or Platform
+        Platform of each slice; all must be the same.
+    reference : anndata.AnnData
+        Cells x genes counts with the types in ``obs[cell_type_key]``.
+    cell_type_key : str
+        Column of ``reference.obs`` with the cell types.
+    params : spatial_assets.params.CellTypingParams, optional
+        Default ``CellTypingParams()``.
+    class_key : str, optional
+        Reference class column.
+    max_cells_per_spot : int, default 20
+        Cap on the cells per spot.
+
+    Returns
+    -------
+    result : CellTypingResult
+        The typing of slice ``name``.
+    info : dict
+        ``slices`` (the group), ``z_um`` and ``um_per_px`` of the slice, ``cells_all_slices``.
 
     Raises
     ------
     CellTypingInputError
-        The slices of the group are of different platforms.
+        If the slices of the group are of different platforms, or on bad input to the typing.
     """
     kinds = {n: Platform(p) for n, p in platforms.items()}
     other = sorted({k.value for k in kinds.values()} - {kinds[name].value})

@@ -73,6 +73,28 @@ def cell_class_of(cluster: str) -> str:
 
 @dataclass(frozen=True)
 class DemoPaths:
+    """The files of a demo (or realistic) slide folder.
+
+    Attributes
+    ----------
+    out_dir : pathlib.Path
+        The folder.
+    slide : pathlib.Path
+        ``slide.h5ad``: spots x genes counts, Visium-style ``obsm['spatial']`` / ``uns['spatial']``.
+    image : pathlib.Path
+        ``he.tif``: the H&E-like RGB image (tiled TIFF).
+    reference : pathlib.Path
+        ``reference.h5ad``: single-cell reference, raw counts, ``obs`` ``cell_type`` and ``cell_class``.
+    truth_cells : pathlib.Path
+        ``truth_cells.h5ad``: the tissue cells' true counts, positions, spot, sub-spot and types.
+    truth_subspots : pathlib.Path
+        ``truth_subspots.h5ad``: the true counts of every sub-spot.
+    nuclei_labels : pathlib.Path
+        ``nuclei_labels.tif``: the true nucleus label image (label of tissue cell i = i + 1).
+    info : pathlib.Path
+        ``demo_info.json``: generator arguments and summary figures.
+    """
+
     out_dir: Path
     slide: Path
     image: Path
@@ -84,6 +106,18 @@ class DemoPaths:
 
     @classmethod
     def at(cls, out_dir: str | os.PathLike) -> DemoPaths:
+        """The paths of the demo files inside ``out_dir`` (nothing is read or created).
+
+        Parameters
+        ----------
+        out_dir : str or os.PathLike
+            The demo folder.
+
+        Returns
+        -------
+        DemoPaths
+            Its file paths.
+        """
         d = Path(out_dir)
         return cls(
             d,
@@ -125,10 +159,49 @@ def build_demo(
     um_per_px: float = 0.8,
     source: str | os.PathLike | None = None,
 ) -> DemoPaths:
-    """Build the demo slide with ground truth into ``out_dir`` (atomically: the folder appears whole or not at all).
+    """Build the demo slide with ground truth into ``out_dir``, atomically.
 
-    ``crop_um = (x0, y0, x1, y1)`` keeps only cells inside that window (micrometres, after shifting the tissue to
-    start at a 60-um margin), for small, fast test slides. Same arguments -> identical files.
+    The valid, de-duplicated osmFISH cortex cells (Codeluppi et al. 2018; 33 genes, real positions and counts) are
+    split at random (seeded) into a reference half and a tissue half; the tissue cells are binned into Visium's
+    55-um spots (100-um hexagonal lattice) and 7 sub-spots per spot, and an H&E-like image is rendered with a
+    nucleus per tissue cell (:func:`render_he`), so every stage has ground truth. The folder appears whole or not at
+    all; the same arguments give identical files.
+
+    Parameters
+    ----------
+    out_dir : str or os.PathLike
+        Folder to create (replaced atomically if it exists).
+    seed : int, default 0
+        Seed of the split and of the rendering (recorded in ``demo_info.json``).
+    crop_um : tuple of float, optional
+        ``(x0, y0, x1, y1)``: keep only the cells inside this window (micrometres, after shifting the tissue to
+        start at a 60-um margin), for small, fast test slides. Default: the whole tissue.
+    um_per_px : float, default 0.8
+        Micrometres per full-resolution pixel of the rendered image.
+    source : str or os.PathLike, optional
+        The osmFISH h5ad; default the copy shipped in the package.
+
+    Returns
+    -------
+    DemoPaths
+        The paths of the files written.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the source file is missing.
+    ValueError
+        If the source lacks an expected ``obs`` column, or the crop keeps fewer than 20 cells.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import anndata as ad
+    >>> from spatial_assets.datasets import build_demo
+    >>> paths = build_demo(tempfile.mkdtemp() + "/demo", seed=0, crop_um=(0.0, 1200.0, 900.0, 2100.0))
+    >>> slide = ad.read_h5ad(paths.slide)
+    >>> slide.n_vars
+    33
     """
     out_dir = Path(out_dir)
     rng = np.random.default_rng(seed)
@@ -373,7 +446,28 @@ def layout_slide(
 
 
 def ensure_demo(out_dir: str | os.PathLike, seed: int = 0, crop_um=None, um_per_px: float = 0.8) -> DemoPaths:
-    """Build the demo unless ``out_dir`` already holds one built with the same arguments."""
+    """Build the demo unless ``out_dir`` already holds one built with the same arguments.
+
+    The existing folder is reused when its ``demo_info.json`` records the same seed, crop, resolution and generator
+    version and the slide, image and reference files exist; otherwise :func:`build_demo` runs (with the packaged
+    source).
+
+    Parameters
+    ----------
+    out_dir : str or os.PathLike
+        The demo folder.
+    seed : int, default 0
+        As for :func:`build_demo`.
+    crop_um : tuple of float, optional
+        As for :func:`build_demo`.
+    um_per_px : float, default 0.8
+        As for :func:`build_demo`.
+
+    Returns
+    -------
+    DemoPaths
+        The paths of the demo files.
+    """
     paths = DemoPaths.at(out_dir)
     if paths.info.exists():
         info = json.loads(paths.info.read_text())
@@ -397,11 +491,35 @@ def render_he(
     ratio: np.ndarray | None = None,
     strength: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Render an H&E-like RGB image with an elliptical, hematoxylin-dark nucleus per centre; and its label image.
+    """Render an H&E-like RGB image with an elliptical, hematoxylin-dark nucleus per centre, and its label image.
 
-    Vectorised: every nucleus is a stamp evaluated on one (n, S, S) grid and scattered in a single assignment.
-    Label of nucleus i is i + 1 (0 = background). ``ratio`` (minor / major axis, (n,)) and ``strength``
-    (hematoxylin density, (n,)) are drawn at random (0.65-1.0 and 0.75-1.25) unless given, e.g. per cell type.
+    Vectorised: every nucleus is a stamp evaluated on one ``(n, S, S)`` grid and scattered in a single
+    assignment. Nuclei are randomly oriented ellipses of area about ``pi r^2``, their major semi-axis capped at
+    0.48 x the distance to the nearest centre (at least 1.5 px) so neighbours do not overlap. Stains follow
+    Beer-Lambert with typical H&E stain vectors: hematoxylin in the nuclei (with chromatin texture), a textured
+    eosin background, and pixel noise.
+
+    Parameters
+    ----------
+    centres_px : numpy.ndarray
+        ``(n, 2)`` nucleus centres (x, y) in pixels.
+    radii_px : numpy.ndarray
+        ``(n,)`` equivalent nucleus radii in pixels.
+    shape : tuple of int
+        ``(H, W)`` of the image.
+    rng : numpy.random.Generator
+        Source of all random draws (orientation, texture, noise, and ``ratio`` / ``strength`` when not given).
+    ratio : numpy.ndarray, optional
+        ``(n,)`` minor / major axis ratio of each nucleus; default uniform in 0.65..1.0.
+    strength : numpy.ndarray, optional
+        ``(n,)`` hematoxylin density of each nucleus; default uniform in 0.75..1.25.
+
+    Returns
+    -------
+    image : numpy.ndarray
+        ``(H, W, 3)`` uint8 RGB image.
+    labels : numpy.ndarray
+        ``(H, W)`` int32 labels: nucleus ``i`` is ``i + 1``, 0 is background.
     """
     H, W = shape
     n = len(centres_px)

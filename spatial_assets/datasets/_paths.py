@@ -7,9 +7,24 @@ from pathlib import Path
 
 
 def data_path(*parts: str) -> Path:
-    """Path of a file shipped in ``spatial_assets/datasets/data`` (e.g. ``data_path("osmfish-sscortex", "x.h5ad")``).
+    """Path of a file shipped in ``spatial_assets/datasets/data``.
 
-    Raises FileNotFoundError naming the file when the package was installed without its data.
+    Found with :mod:`importlib.resources`, so installed (non-editable) packages work too.
+
+    Parameters
+    ----------
+    *parts : str
+        Path components below the data folder, e.g. ``data_path("osmfish-sscortex", "x.h5ad")``.
+
+    Returns
+    -------
+    pathlib.Path
+        The file's path.
+
+    Raises
+    ------
+    FileNotFoundError
+        Naming the file, when the package was installed without its data.
     """
     p = Path(str(files("spatial_assets.datasets").joinpath("data", *parts)))
     if not p.exists():

@@ -143,10 +143,35 @@ def _thin(counts: sp.csr_matrix, capture: np.ndarray, rng: np.random.Generator) 
 def nucleus_morphology(
     cell_class: np.ndarray, rng: np.random.Generator, mode: str = "by_type"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-cell nucleus (radius um, minor/major ratio, hematoxylin strength) from its class.
+    """Per-cell nucleus radius, shape and darkness drawn from its class (:data:`NUCLEUS_MORPHOLOGY`).
 
-    ``mode="uniform"`` draws the same values, then shuffles them across cells: the marginal distribution is
-    unchanged but the nucleus says nothing about the type.
+    Radius ~ N(mean, sd) clipped to 2.2..7.5 um, minor / major ratio uniform in the class's range, hematoxylin
+    strength = the class's mean x exp(N(0, 0.08^2)) clipped to 0.4..1.8. ``mode="uniform"`` draws the same values,
+    then shuffles them across cells: the marginal distribution is unchanged but the nucleus says nothing about the
+    type.
+
+    Parameters
+    ----------
+    cell_class : numpy.ndarray
+        ``(n,)`` MOp class of each cell (keys of :data:`NUCLEUS_MORPHOLOGY`).
+    rng : numpy.random.Generator
+        Source of the draws.
+    mode : {"by_type", "uniform"}, default "by_type"
+        Whether the nucleus follows the class.
+
+    Returns
+    -------
+    radius_um : numpy.ndarray
+        ``(n,)`` equivalent nucleus radius in micrometres.
+    ratio : numpy.ndarray
+        ``(n,)`` minor / major axis ratio.
+    strength : numpy.ndarray
+        ``(n,)`` hematoxylin strength.
+
+    Raises
+    ------
+    ValueError
+        If ``mode`` is unknown or a class has no morphology.
     """
     if mode not in ("by_type", "uniform"):
         raise ValueError(f"morphology: expected 'by_type' or 'uniform', got {mode!r}")
@@ -178,11 +203,64 @@ def build_realistic_slide(
     osmfish_source: str | os.PathLike | None = None,
     mop_source: str | os.PathLike | None = None,
 ) -> DemoPaths:
-    """Build a realistic Visium-like slide with ground truth into ``out_dir`` (atomically).
+    """Build a realistic Visium-like slide with ground truth into ``out_dir``, atomically.
 
-    ``crop_um = (x0, y0, x1, y1)``: keep the cells inside this window (micrometres of the shrunk tissue, which starts
-    at a 60-um margin) for small test slides. The reference (``reference.h5ad``: raw counts, ``cell_type`` = 44
-    subtypes, ``cell_class`` = 12 classes) is disjoint from the tissue cells.
+    Real BICCN MOp scRNA-seq cells (500 genes, 44 subtypes in 12 classes) are placed at the real osmFISH cortex cell
+    positions (shrunk so that 55-um spots hold ``cells_per_spot`` cells on average): each position gets a MOp class
+    from its osmFISH cluster (:data:`OSMFISH_TO_MOP_CLASS`), a subtype from a seeded Dirichlet preference of the
+    cluster, and a cell of that subtype from the tissue pool (the MOp cells not in the reference). Counts are
+    binomially thinned with a per-gene capture rate (the platform effect); spots, sub-spots and the H&E-like image
+    follow the demo. The reference is disjoint from the tissue cells. Same arguments -> identical files.
+
+    Parameters
+    ----------
+    out_dir : str or os.PathLike
+        Folder to create (replaced atomically if it exists).
+    seed : int, default 0
+        Seed of every random step (recorded).
+    cells_per_spot : float, default 6.5
+        Target mean number of cells per occupied spot (> 0).
+    morphology : {"by_type", "uniform"}, default "by_type"
+        Nuclei follow the class (:data:`NUCLEUS_MORPHOLOGY`), or carry the same values shuffled across cells.
+    um_per_px : float, default 0.8
+        Micrometres per full-resolution pixel of the image.
+    capture_mean : float, default 0.6
+        Mean per-gene capture rate, in (0, 1].
+    capture_sd : float, default 0.35
+        Log-normal spread of the capture rates across genes (rates clipped to 0.02..1).
+    crop_um : tuple of float, optional
+        ``(x0, y0, x1, y1)``: keep the cells inside this window (micrometres of the shrunk tissue, which starts at a
+        60-um margin) for small test slides.
+    subtype_concentration : float, default 2.0
+        Concentration of the Dirichlet around the pool's subtype frequencies (lower = clusters prefer fewer
+        subtypes).
+    osmfish_source : str or os.PathLike, optional
+        The osmFISH h5ad; default the packaged copy.
+    mop_source : str or os.PathLike, optional
+        The MOp reference h5ad; default the packaged copy.
+
+    Returns
+    -------
+    DemoPaths
+        The paths of the files written (as for :func:`build_demo`; ``truth_cells.obs`` also has ``cell_class``,
+        ``mop_cell``, ``osmfish_cell``, ``osmfish_cluster``, ``nucleus_ratio``, ``nucleus_strength``).
+
+    Raises
+    ------
+    ValueError
+        If ``cells_per_spot`` or ``capture_mean`` is out of range, a source lacks a column or maps no class, the
+        crop keeps fewer than 20 cells, or ``morphology`` is unknown.
+    FileNotFoundError
+        If a source file is missing.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import anndata as ad
+    >>> from spatial_assets.datasets import build_realistic_slide
+    >>> paths = build_realistic_slide(tempfile.mkdtemp() + "/slide", seed=3, crop_um=(0.0, 600.0, 700.0, 1300.0))
+    >>> ad.read_h5ad(paths.reference).obs["cell_type"].nunique()
+    44
     """
     if cells_per_spot <= 0:
         raise ValueError(f"cells_per_spot: expected > 0, got {cells_per_spot}")

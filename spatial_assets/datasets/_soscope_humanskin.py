@@ -11,7 +11,26 @@ def read_soscope_humanskin(folder, counts_file: str = "original_count.csv") -> a
     """Spots x features AnnData of soScope's human-skin Spatial-CITE-seq files (square grid, no image).
 
     Proteins are the ADT features (name ends with a 15-nt barcode, e.g. ``CD71.CCGTGTTCCTCATTA``); the rest are
-    genes. ``var['feature_type']`` is 'protein' / 'rna'; ``obsm['spatial']`` = (imagecol, imagerow) pixels.
+    genes.
+
+    Parameters
+    ----------
+    folder : str or pathlib.Path
+        Folder holding ``counts_file`` and ``position_with_center.csv`` (soScope's layout).
+    counts_file : str, default "original_count.csv"
+        Spots x features counts CSV (first column: spot barcode).
+
+    Returns
+    -------
+    anndata.AnnData
+        Spots x features (float32 ``X``), ``obs`` ``row`` / ``col`` (grid indices), ``var['feature_type']``
+        ("protein" / "rna"), ``var['name']`` (barcode suffix removed), ``obsm['spatial']`` = (imagecol,
+        imagerow) pixels.
+
+    Raises
+    ------
+    ValueError
+        If spots of the counts file have no position (the message names the position file).
     """
     from pathlib import Path
 

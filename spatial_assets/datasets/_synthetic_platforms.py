@@ -28,21 +28,59 @@ def simulate_beads(
     pair_by: str = "type",
     seed: int = 0,
 ) -> tuple[ad.AnnData, pd.DataFrame]:
-    """A Slide-seq-like bead set whose beads are real cells: a singlet bead holds one cell, a doublet bead two
-    neighbouring cells of different types (the second one's counts binomially thinned by a factor drawn from
-    ``second_fraction``; (1, 1) = the plain sum).
+    """A Slide-seq-like bead set whose beads are real cells, with the truth.
 
-    ``cells``: real cells x genes (raw counts), ``obs`` with positions (x_um, y_um, or x, y in px times
-    ``um_per_px``) and ``type_key``. About ``doublet_fraction`` of the beads are doublets: anchor cells pair with
-    their nearest cell of another type within ``max_pair_distance_um`` (each cell used once; conflicts resolved in
-    random order, so the realised fraction is a bit lower and reported). ``n_beads``: keep a random subset. Beads
-    sit at the cell (singlet) or the pair's midpoint, coordinates in micrometres (microns_per_pixel 1).
-    ``pair_by="class"``: doublet partners must differ in class (``class_key``), not only in type.
-    ``random_positions``: for cells without positions (dissociated scRNA-seq), scatter them uniformly at random at
-    the density of a tissue section (one cell per 15 x 15 um), so doublet partners are random cells of another type.
+    A singlet bead holds one cell, a doublet bead two neighbouring cells of different types (the second one's
+    counts binomially thinned by a factor drawn uniformly from ``second_fraction``; (1, 1) = the plain sum).
+    About ``doublet_fraction`` of the beads are doublets: anchor cells pair with their nearest non-anchor cell of
+    another type (or class) within ``max_pair_distance_um`` among their 24 nearest cells (each cell used once;
+    conflicts resolved in random order, so the realised fraction is a bit lower and is recorded in
+    ``uns['simulation']``). Beads sit at the cell (singlet) or at the pair's midpoint, in micrometres
+    (``microns_per_pixel`` 1); beads are shuffled and those without counts dropped.
 
-    Returns (slide AnnData beads x genes with obsm['spatial'] and Visium-style scale factors, truth DataFrame
-    indexed by bead: n_cells, type1, type2 ('' for singlets), class1, class2, cell1, cell2, second_fraction).
+    Parameters
+    ----------
+    cells : anndata.AnnData
+        Real cells x genes raw counts, ``obs`` with positions (``x_um``, ``y_um``, or ``x``, ``y`` in px times
+        ``um_per_px``) and ``type_key``.
+    type_key : str, default "cell_type"
+        Column of ``cells.obs`` with the cell types.
+    doublet_fraction : float, default 0.35
+        Target fraction of doublet beads, ``0 <= f < 1``.
+    max_pair_distance_um : float, default 30.0
+        Largest distance between a doublet's two cells.
+    n_beads : int, optional
+        Keep a random subset of this many beads (default: all).
+    second_fraction : tuple of float, default (1.0, 1.0)
+        Range ``(lo, hi)``, ``0 < lo <= hi <= 1``, of the fraction of the second cell's counts kept.
+    bead_diameter_um : float, default 10.0
+        Bead diameter, written as ``spot_diameter_fullres``.
+    um_per_px : float, optional
+        Micrometres per pixel of ``obs`` ``x``, ``y`` (default 1).
+    class_key : str or None, default "cell_class"
+        Column of coarser classes recorded in the truth (types stand in when absent).
+    random_positions : bool, default False
+        For cells without positions (dissociated scRNA-seq): scatter them uniformly at the density of a tissue
+        section (one cell per 15 x 15 um), so doublet partners are random cells of another type.
+    pair_by : {"type", "class"}, default "type"
+        Doublet partners must differ in type, or in class (``class_key``).
+    seed : int, default 0
+        Seed of the simulation (recorded).
+
+    Returns
+    -------
+    slide : anndata.AnnData
+        Beads x genes (float32 CSR), ``obsm['spatial']`` (um), Visium-style ``uns['spatial']`` scale factors and
+        ``uns['simulation']``.
+    truth : pandas.DataFrame
+        Indexed by bead: ``n_cells``, ``type1``, ``type2`` ('' for singlets), ``class1``, ``class2``, ``cell1``,
+        ``cell2``, ``second_fraction``.
+
+    Raises
+    ------
+    PlatformInputError
+        If ``type_key`` is not a column, ``doublet_fraction`` / ``second_fraction`` / ``pair_by`` are out of range,
+        or positions are missing.
     """
     if type_key not in cells.obs:
         raise PlatformInputError(f"cells.obs: no cell-type column '{type_key}' (found {list(cells.obs.columns)})")
@@ -148,11 +186,35 @@ def simulate_imaging_sample(
     cell_diameter_um: float = 10.0,
     seed: int = 0,
 ) -> tuple[ad.AnnData, list[str]]:
-    """An imaging-based sample from real cells: every cell is a spot measured on a gene subset.
+    """An imaging-based (MERFISH-like) sample from real cells: every cell is a spot measured on a gene subset.
 
-    ``cells``: cells x genes raw counts with ``obs`` x, y (px, times ``um_per_px`` = micrometres); either
-    ``measured_genes`` or ``n_measured`` (a seeded random panel). Returns (slide: cells x measured genes, obs names =
-    cell ids, obsm['spatial'] = (x, y) px, scale factors with microns_per_pixel; the held-out genes).
+    Parameters
+    ----------
+    cells : anndata.AnnData
+        Cells x genes raw counts with ``obs`` ``x``, ``y`` (pixels).
+    n_measured : int, optional
+        Size of a seeded random panel, ``1 <= n < n_genes``; used when ``measured_genes`` is None.
+    measured_genes : sequence of str, optional
+        The measured panel (takes precedence over ``n_measured``).
+    um_per_px : float, default 1.0
+        Micrometres per pixel of ``x``, ``y``.
+    cell_diameter_um : float, default 10.0
+        Cell diameter, written as ``spot_diameter_fullres`` (in pixels).
+    seed : int, default 0
+        Seed of the random panel (recorded).
+
+    Returns
+    -------
+    slide : anndata.AnnData
+        Cells x measured genes (CSR float32), obs names = cell ids, ``obsm['spatial']`` = (x, y) px, scale
+        factors with ``microns_per_pixel``, ``uns['simulation']``.
+    held_out : list of str
+        The genes not measured (to be imputed).
+
+    Raises
+    ------
+    PlatformInputError
+        If neither a valid ``n_measured`` nor known ``measured_genes`` is given, or ``obs`` lacks ``x`` / ``y``.
     """
     genes = pd.Index(cells.var_names.astype(str))
     if measured_genes is None:

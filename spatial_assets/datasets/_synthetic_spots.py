@@ -15,10 +15,30 @@ from ..celltyping._potts import _starts
 def extend_genes(
     reference: ad.AnnData, cell_type_key: str, n_genes: int, seed: int = 0, type_sd: float = 0.7
 ) -> ad.AnnData:
-    """Reference with simulated extra genes up to ``n_genes`` (documented simulation, for scale tests).
+    """Reference with simulated extra genes up to ``n_genes`` (a documented simulation, for scale tests).
 
-    Each extra gene copies a random real gene and multiplies its counts by a per-type factor exp(N(0, type_sd^2))
-    (Poisson-resampled per cell), so it keeps real cell-to-cell variability and gets new type differences.
+    Each extra gene (named ``sim<i>_<source gene>``) copies a random real gene and multiplies its counts by a
+    per-type factor ``exp(N(0, type_sd^2))`` (Poisson-resampled per cell), so it keeps real cell-to-cell
+    variability and gets new type differences.
+
+    Parameters
+    ----------
+    reference : anndata.AnnData
+        Cells x genes raw counts.
+    cell_type_key : str
+        Column of ``reference.obs`` with the cell types.
+    n_genes : int
+        Number of genes of the result; at most the reference's count just keeps its first ``n_genes`` genes.
+    seed : int, default 0
+        Seed of the simulation.
+    type_sd : float, default 0.7
+        Standard deviation of the log per-type factors.
+
+    Returns
+    -------
+    anndata.AnnData
+        Cells x ``n_genes``: the real genes first, then the simulated ones (CSR float64), with the reference's
+        ``obs``; with ``n_genes`` at most the reference's count, a copy of its first ``n_genes`` genes.
     """
     X = sp.csr_matrix(reference.X, dtype=np.float64)
     G = X.shape[1]
@@ -55,14 +75,50 @@ def simulate_slide(
     pitch: float = 100.0,
     diameter: float = 55.0,
 ) -> tuple[ad.AnnData, pd.DataFrame, pd.DataFrame, pd.Series]:
-    """Visium-like slide whose spots sum real cells of ``pool`` (cells x genes counts, types in obs).
+    """Visium-like slide whose spots sum real cells of a reference pool, with the truth.
 
     Spots on a hexagonal lattice (``pitch``, coordinates in um = px); each spot holds 1..``max_cells`` cells
     (Poisson ``mean_cells``) at uniform positions in its ``diameter`` disk. Types are spatially coherent: the
     plane is cut into Voronoi domains, each with a dominant type (probability ``dominant``) and a secondary one
     (the rest), so spots on domain borders hold spatially segregated types. A cell's expression is a random real
     cell of its type; spot counts ~ Poisson(sum of its cells' counts x f_g) with a gene-wise platform effect
-    f_g = exp(N(0, platform_sd^2)). Returns (slide, cells, true proportions, f).
+    ``f_g = exp(N(0, platform_sd^2))``.
+
+    Parameters
+    ----------
+    pool : anndata.AnnData
+        Real cells x genes raw counts with their types in ``obs``.
+    cell_type_key : str
+        Column of ``pool.obs`` with the cell types.
+    n_spots : int
+        Number of spots.
+    mean_cells : float, default 5.0
+        Poisson mean of the number of cells per spot (at least 1).
+    max_cells : int, default 20
+        Cap on the cells per spot.
+    n_domains : int, optional
+        Number of Voronoi domains; default ``max(4, n_spots // 12)``.
+    dominant : float, default 0.75
+        Probability that a cell takes its domain's dominant type.
+    platform_sd : float, default 0.3
+        Standard deviation of the log platform effect per gene.
+    seed : int, default 0
+        Seed of the simulation.
+    pitch : float, default 100.0
+        Spot centre-to-centre distance (um = px).
+    diameter : float, default 55.0
+        Spot diameter (um = px).
+
+    Returns
+    -------
+    slide : anndata.AnnData
+        Spots x genes counts (CSR float32), ``obs`` ``array_row`` / ``array_col``, ``obsm['spatial']``.
+    cells : pandas.DataFrame
+        Indexed by ``<spot>_<k>``, columns ``x``, ``y``, ``spot``, ``true_type``.
+    proportions : pandas.DataFrame
+        Spots x types true cell fractions.
+    platform_factor : pandas.Series
+        The per-gene platform effect ``f``.
     """
     from ..geometry import hex_lattice
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import anndata as ad
+import numpy as np
 import pandas as pd
 
 from ..constants import UNASSIGNED, Platform
@@ -49,18 +50,73 @@ def decompose_range(
     return res
 
 
-def combine_ranges(ranges: Mapping[str, ad.AnnData]) -> ad.AnnData:
-    """All decomposed spot ranges of a sample (``{range key: AnnData}``) in one AnnData of every cell, in range
-    order; ``uns['spot_ranges']`` lists the keys. Raises ValueError if a cell id appears in two ranges."""
+def combine_ranges(
+    ranges: Mapping[str, ad.AnnData],
+    *,
+    expected_ranges: Sequence[str] | None = None,
+    slide: ad.AnnData | None = None,
+    source: str = "decomposed ranges",
+) -> ad.AnnData:
+    """All decomposed spot ranges of a sample in one AnnData of every cell, in range order.
+
+    Parameters
+    ----------
+    ranges
+        ``{range key: AnnData}`` of the finished ranges.
+    expected_ranges
+        The range keys of the current partition scheme: every one must be given, no other.
+    slide
+        The sample's slide: every cell's ``obs['spot']`` must be one of its spots.
+    source
+        Where the ranges come from, for the messages.
+
+    Returns
+    -------
+    anndata.AnnData
+        ``uns['spot_ranges']`` lists the keys, ``uns['cells_per_range']`` the cells of each.
+
+    Raises
+    ------
+    ValueError
+        Ranges are missing or unexpected, a cell id appears in two ranges, a spot's cells are split over two
+        ranges (ranges of different partition schemes), or a cell's spot is not in the slide.
+    """
     keys = sorted(ranges)
+    if expected_ranges is not None:
+        want = sorted(map(str, expected_ranges))
+        missing = [k for k in want if k not in ranges]
+        extra = [k for k in keys if k not in set(want)]
+        if missing or extra:
+            raise ValueError(
+                f"{source}: spot ranges {keys} do not match the current partition scheme ({len(want)} ranges "
+                f"{want[0]}..{want[-1]}): missing {missing}, unexpected {extra}; materialize decomposed_cells "
+                "for the missing ranges first"
+            )
     parts = [ranges[k] for k in keys if ranges[k].n_obs]
     combined = ad.concat(parts, merge="same", uns_merge=None) if parts else ad.AnnData()
     if combined.n_obs and combined.obs_names.has_duplicates:
         dup = combined.obs_names[combined.obs_names.duplicated()]
         raise ValueError(
-            f"decomposed ranges {keys}: {len(dup)} cell ids appear in more than one range (e.g. "
-            f"{list(dup[:3])}); the ranges come from different partition schemes"
+            f"{source}: {len(dup)} cell ids appear in more than one of the ranges {keys} (e.g. "
+            f"{list(dup[:3])}); expected unique cell ids (the ranges come from different partition schemes)"
         )
+    if combined.n_obs and "spot" in combined.obs:
+        spot = combined.obs["spot"].astype(str).to_numpy()
+        owner = np.repeat(np.arange(len(parts)), [p.n_obs for p in parts])
+        df = pd.DataFrame({"spot": spot, "owner": owner}).drop_duplicates()
+        split = df["spot"][df["spot"].duplicated()].unique()
+        if len(split):
+            raise ValueError(
+                f"{source}: the cells of {len(split)} spots are split over several ranges (e.g. {list(split[:3])}); "
+                "expected each spot in exactly one range (ranges of different partition schemes)"
+            )
+        if slide is not None:
+            unknown = np.unique(spot[~np.isin(spot, np.asarray(slide.obs_names, dtype=str))])
+            if len(unknown):
+                raise ValueError(
+                    f"{source}: cells of {len(unknown)} spots not in the slide (e.g. {list(unknown[:3])}); "
+                    "expected every cell's obs['spot'] among the slide's obs_names (stale ranges of another slide?)"
+                )
     combined.uns["spot_ranges"] = keys
     combined.uns["cells_per_range"] = {k: int(ranges[k].n_obs) for k in keys}
     return combined

@@ -36,7 +36,7 @@ from ._evaluation import (
     zero_inflated_samples,
 )
 from ._gaussian import GaussianScoreModel
-from ._model import CONFIG_FILE, MODEL_FILE, STATE_FILE, CheckpointMismatch, ScoreModel
+from ._model import CONFIG_FILE, MODEL_FILE, STATE_FILE, CheckpointFileError, CheckpointMismatch, ScoreModel
 from ._network import ScoreNet
 from ._training import fit_score_model, train_score_model
 
@@ -45,6 +45,7 @@ __all__ = [
     "LOG_INPUT_MAX",
     "MODEL_FILE",
     "STATE_FILE",
+    "CheckpointFileError",
     "CheckpointMismatch",
     "GaussianScoreModel",
     "ScoreModel",

@@ -22,7 +22,39 @@ _VAR_FLOOR = 1e-6
 
 @dataclass
 class TrainingData:
-    """Log1p-normalised reference cells on the selected genes, with their types (what the network is fit on)."""
+    """Log1p-normalised reference cells on the selected genes, with their types (what the network is fit on).
+
+    Built by :func:`prepare_training_data`.
+
+    Attributes
+    ----------
+    x : numpy.ndarray
+        ``(n, G)`` float32 log1p of the per-cell-normalised counts.
+    type_idx : numpy.ndarray
+        ``(n,)`` int64 index of each cell's type into ``cell_types``.
+    genes : list of str
+        The ``G`` selected genes, in the reference's order.
+    cell_types : list of str
+        The ``T`` cell types, sorted.
+    cell_type_key : str
+        Column of the reference's ``obs`` the types came from.
+    type_means : numpy.ndarray
+        ``(T, G)`` float32 mean of ``x`` per type.
+    target_sum : float
+        Library size every cell was normalised to (over all its genes).
+    ref_library_size : float
+        Mean library size of the cells on the selected genes (linear scale, after normalisation).
+    fingerprint : str
+        :func:`reference_fingerprint` of the reference.
+    seed : int
+        Seed of the per-type cell subsample.
+    input_was_log : bool, default False
+        Whether the reference held log1p data (maximum below :data:`LOG_INPUT_MAX`), exponentiated back.
+    gene_selection : str, default "all"
+        How the genes were chosen: ``"marker"`` (``var['Marker']``), ``"hvg"``, ``"all"`` or ``"given"``.
+    cell_names : numpy.ndarray
+        ``(n,)`` obs names of the cells kept (empty when unknown).
+    """
 
     x: np.ndarray  # (n, G) float32, log1p(normalised counts)
     type_idx: np.ndarray  # (n,) int64 into cell_types
@@ -44,7 +76,13 @@ class TrainingData:
         return self.x - self.type_means[self.type_idx]
 
     def type_variances(self) -> np.ndarray:
-        """(T, G) per-type, per-gene variance of the residual (floored), via segment sums."""
+        """Per-type, per-gene variance of the residual ``x - type_means[type_idx]``, via segment sums.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(T, G)`` float32 variances, floored at 1e-6.
+        """
         t = len(self.cell_types)
         r = self.residual.astype(np.float64)
         counts = np.bincount(self.type_idx, minlength=t).astype(np.float64)
@@ -53,8 +91,19 @@ class TrainingData:
         return np.maximum(ss / np.maximum(counts, 1)[:, None], _VAR_FLOOR).astype(np.float32)
 
     def zero_inflated_stats(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(T, G) per type and gene: fraction of cells with zero expression, mean and variance (floored) of the
-        residual of the expressing cells (segment sums; types without expressing cells get mean 0, floor var)."""
+        """Per-type, per-gene statistics of a zero-inflated model of the residual.
+
+        Segment sums over cells; types without expressing cells get mean 0 and the floor variance.
+
+        Returns
+        -------
+        pi : numpy.ndarray
+            ``(T, G)`` float32 fraction of cells with zero expression.
+        mean : numpy.ndarray
+            ``(T, G)`` float32 mean of the residual of the expressing cells.
+        var : numpy.ndarray
+            ``(T, G)`` float32 variance of the residual of the expressing cells, floored at 1e-6.
+        """
         t = len(self.cell_types)
         ind = sp.csr_matrix((np.ones(len(self.x)), (self.type_idx, np.arange(len(self.x)))), shape=(t, len(self.x)))
         counts = np.bincount(self.type_idx, minlength=t).astype(np.float64)[:, None]
@@ -67,7 +116,14 @@ class TrainingData:
         return (pi.astype(np.float32), mean.astype(np.float32), np.maximum(var, _VAR_FLOOR).astype(np.float32))
 
     def net_stats(self) -> dict[str, torch.Tensor]:
-        """The per-type tables the network is built with (type means, variances, zero-inflation statistics)."""
+        """The per-type tables the network is built with.
+
+        Returns
+        -------
+        dict of str to torch.Tensor
+            ``type_means``, ``type_var`` (:meth:`type_variances`), ``zi_pi``, ``zi_mean``, ``zi_var``
+            (:meth:`zero_inflated_stats`), each ``(T, G)``.
+        """
         pi, m, v = self.zero_inflated_stats()
         return {
             "type_means": torch.from_numpy(self.type_means),
@@ -98,7 +154,27 @@ def _type_labels(reference: AnnData, cell_type_key: str, what: str = "reference"
 
 
 def reference_fingerprint(reference: AnnData, cell_type_key: str) -> str:
-    """sha256 over the reference's shape, genes, cell-type labels and count-matrix data."""
+    """sha256 over the reference's shape, genes, cell-type labels and count-matrix data.
+
+    A checkpoint records it, so a model trained on another reference is detected.
+
+    Parameters
+    ----------
+    reference : anndata.AnnData
+        Cells x genes reference.
+    cell_type_key : str
+        Column of ``reference.obs`` with the cell types.
+
+    Returns
+    -------
+    str
+        Hex digest.
+
+    Raises
+    ------
+    ValueError
+        If ``cell_type_key`` is not a column of ``reference.obs``.
+    """
     labels = _type_labels(reference, cell_type_key)
     h = hashlib.sha256()
     h.update(f"shape={reference.shape[0]}x{reference.shape[1]}\n".encode())
@@ -137,7 +213,30 @@ def _normalise_log(lin: sp.csr_matrix, target_sum: float) -> sp.csr_matrix:
 
 
 def log_normalise(reference: AnnData, genes: Sequence[str], target_sum: float) -> np.ndarray:
-    """log1p of ``reference`` normalised per cell (over all its genes) to ``target_sum``, on ``genes`` (dense)."""
+    """log1p of the reference normalised per cell (over all its genes) to ``target_sum``, on ``genes``.
+
+    Log1p input (maximum below :data:`LOG_INPUT_MAX`) is exponentiated back first, as in
+    :func:`prepare_training_data`.
+
+    Parameters
+    ----------
+    reference : anndata.AnnData
+        Cells x genes counts (or log1p data).
+    genes : sequence of str
+        Genes to return, in this order.
+    target_sum : float
+        Library size each cell is normalised to.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n_cells, len(genes))`` dense float32 array.
+
+    Raises
+    ------
+    ValueError
+        If genes are missing from the reference, or ``X`` holds negative or non-finite values.
+    """
     missing = [g for g in genes if g not in set(reference.var_names)]
     if missing:
         raise ValueError(f"reference lacks {len(missing)} of the {len(genes)} genes: {missing[:10]}")
@@ -163,13 +262,40 @@ def prepare_training_data(
     target_sum: float | None = None,
     genes: Sequence[str] | None = None,
 ) -> TrainingData:
-    """Select cells (<= max_cells_per_type per type, seeded) and genes, normalise, log1p, compute type means.
+    """Select cells and genes of a reference, normalise, log1p, and compute the type means.
 
-    Genes: ``genes`` if given, else the reference's boolean ``var['Marker']`` column when present, else the
-    ``params.n_genes`` most highly variable genes (scanpy, flavor 'seurat', on the log data), capped at the number
-    of genes. Each cell is normalised over all of its genes to ``target_sum`` (default: the median library size of
-    the selected cells, as scanpy's ``normalize_total``), then restricted to the genes and log1p-transformed.
-    Cells with a missing label or an empty library are dropped.
+    Cells: at most ``params.max_cells_per_type`` per type (seeded subsample); cells with a missing label or an
+    empty library are dropped. Genes: ``genes`` if given, else the reference's boolean ``var['Marker']`` column
+    when present, else the ``params.n_genes`` most highly variable genes (scanpy, flavor "seurat", on the log data;
+    all genes when there are no more than ``n_genes``). Each cell is normalised over all of its genes to
+    ``target_sum``, then restricted to the genes and log1p-transformed. Log1p input (maximum below
+    :data:`LOG_INPUT_MAX`) is exponentiated back first.
+
+    Parameters
+    ----------
+    reference : anndata.AnnData
+        Cells x genes raw counts (or log1p data) with the types in ``obs``.
+    cell_type_key : str
+        Column of ``reference.obs`` with the cell types.
+    params : spatial_assets.params.ScoreModelParams
+        Uses ``max_cells_per_type``, ``n_genes`` and ``seed``.
+    target_sum : float, optional
+        Library size each cell is normalised to; default the median library size of the selected cells (as
+        scanpy's ``normalize_total``).
+    genes : sequence of str, optional
+        Use exactly these genes.
+
+    Returns
+    -------
+    TrainingData
+        The training cells, genes, types and type means.
+
+    Raises
+    ------
+    ValueError
+        If the reference is empty or has no usable cell, the type column is missing, ``X`` holds negative or
+        non-finite values, given genes are missing, ``var['Marker']`` is not boolean or marks fewer than 2 genes,
+        or ``target_sum`` is not positive.
     """
     if reference.n_obs == 0 or reference.n_vars == 0:
         raise ValueError(f"reference is empty: shape {reference.shape}, expected cells x genes")

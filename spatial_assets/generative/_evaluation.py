@@ -14,7 +14,27 @@ from ._model import ScoreModel
 
 
 def heldout_log_data(model: ScoreModel, reference: AnnData) -> tuple[np.ndarray, np.ndarray]:
-    """Held-out reference cells as the model sees them: (log1p data on model genes, type index; -1 = unknown)."""
+    """Held-out reference cells as the model sees them.
+
+    Parameters
+    ----------
+    model : ScoreModel
+        The trained model (its genes, types, type key and ``target_sum`` are used).
+    reference : anndata.AnnData
+        Held-out cells x genes (raw counts or log1p), with ``obs[model.cell_type_key]``.
+
+    Returns
+    -------
+    x : numpy.ndarray
+        ``(n, G)`` float32 log1p data on the model's genes (:func:`log_normalise`).
+    type_idx : numpy.ndarray
+        ``(n,)`` int64 index into ``model.cell_types``; -1 for types the model does not know.
+
+    Raises
+    ------
+    ValueError
+        If the type column or model genes are missing from ``reference``.
+    """
     labels = _type_labels(reference, model.cell_type_key).astype(str).to_numpy()
     x = log_normalise(reference, model.genes, model.target_sum)
     idx = pd.Categorical(labels, categories=model.cell_types).codes.astype(np.int64)
@@ -22,7 +42,22 @@ def heldout_log_data(model: ScoreModel, reference: AnnData) -> tuple[np.ndarray,
 
 
 def diagonal_gaussian_samples(data: TrainingData, type_idx: np.ndarray, seed: int = 0) -> np.ndarray:
-    """Baseline pseudo-cells: per-type, per-gene Gaussian fit on the training data, clipped at 0 (log1p scale)."""
+    """Baseline pseudo-cells: per-type, per-gene Gaussian fit on the training data, clipped at 0 (log1p scale).
+
+    Parameters
+    ----------
+    data : TrainingData
+        Training data giving the type means and residual variances.
+    type_idx : numpy.ndarray
+        ``(m,)`` type index of each pseudo-cell.
+    seed : int, default 0
+        Seed of the draws.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(m, G)`` float32 samples.
+    """
     rng = np.random.default_rng(seed)
     sd = np.sqrt(data.type_variances())
     z = rng.standard_normal((len(type_idx), data.x.shape[1])).astype(np.float32)
@@ -30,8 +65,25 @@ def diagonal_gaussian_samples(data: TrainingData, type_idx: np.ndarray, seed: in
 
 
 def zero_inflated_samples(data: TrainingData, type_idx: np.ndarray, seed: int = 0) -> np.ndarray:
-    """Baseline pseudo-cells with independent genes: per type and gene, zero with the observed dropout fraction,
-    else Gaussian with the expressing cells' mean and variance (clipped at 0)."""
+    """Baseline pseudo-cells with independent zero-inflated genes.
+
+    Per type and gene: zero with the observed dropout fraction, else Gaussian with the expressing cells' mean and
+    variance, clipped at 0 (log1p scale) (:meth:`TrainingData.zero_inflated_stats`).
+
+    Parameters
+    ----------
+    data : TrainingData
+        Training data giving the per-type statistics.
+    type_idx : numpy.ndarray
+        ``(m,)`` type index of each pseudo-cell.
+    seed : int, default 0
+        Seed of the draws.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(m, G)`` float32 samples.
+    """
     rng = np.random.default_rng(seed)
     pi, m, v = data.zero_inflated_stats()
     shape = (len(type_idx), data.x.shape[1])
@@ -46,7 +98,32 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def two_sample_auc(real: np.ndarray, fake: np.ndarray, k: int = 15, seed: int = 0, folds: int = 5) -> float:
-    """Cross-validated kNN classifier AUC of real vs fake rows (0.5 = indistinguishable, 1 = separable)."""
+    """Cross-validated kNN classifier AUC of real vs fake rows (0.5 = indistinguishable, 1 = separable).
+
+    A k-nearest-neighbour classifier (scikit-learn) is trained to tell the two samples apart, with stratified
+    ``folds``-fold cross-validated predicted probabilities; the ROC AUC of those is returned.
+
+    Parameters
+    ----------
+    real, fake : numpy.ndarray
+        ``(n, d)`` and ``(m, d)`` samples in the same space (e.g. PCA coordinates).
+    k : int, default 15
+        Neighbours (reduced when the samples are small).
+    seed : int, default 0
+        Seed of the fold split.
+    folds : int, default 5
+        Cross-validation folds (at most the smaller sample's size).
+
+    Returns
+    -------
+    float
+        The AUC.
+
+    Raises
+    ------
+    ValueError
+        If either sample has fewer than 2 rows.
+    """
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.neighbors import KNeighborsClassifier
@@ -95,18 +172,53 @@ def evaluate_samples(
     n_pcs: int = 30,
     return_samples: bool = False,
 ) -> dict:
-    """Compare generated pseudo-cells with held-out reference cells, per type.
+    """Compare generated pseudo-cells with held-out reference cells, per type, beside baselines.
 
-    ``heldout_x``: an AnnData of held-out reference cells (raw counts / log1p, normalised as the model's
-    reference), or a (n, G) log1p array on the model's genes with ``heldout_type_idx``. For each type with at least
-    ``min_cells`` held-out cells, up to ``n_per_type`` of them are compared with as many samples: Pearson
-    correlation over genes of the means and of the variances, and a kNN two-sample classifier AUC in the PCA space
-    (``n_pcs``, fit on the held-out cells). Summaries are weighted by the held-out counts. With ``train_data``
-    the same metrics are given for two baselines with independent genes (``diag_gaussian``: per-type diagonal
-    Gaussian, the default network's analytic part; ``zi_independent``: zero-inflated per gene) and for real
-    training cells (``train_cells``: the floor of what is achievable with that many cells). ``return_samples``
-    adds the arrays ``samples`` (generated), ``real`` (the compared held-out cells) and ``type_idx`` (their
-    types).
+    For each type with at least ``min_cells`` held-out cells, up to ``n_per_type`` of them are compared with as many
+    samples of the model: Pearson correlation over genes of the means and of the variances, and a kNN two-sample
+    classifier AUC (:func:`two_sample_auc`) in a PCA space (``n_pcs`` components, fit on the held-out cells).
+    Summaries are weighted by the held-out counts. With ``train_data`` the same metrics are given for two
+    baselines with independent genes (``diag_gaussian``: the per-type diagonal Gaussian, the default network's
+    analytic part; ``zi_independent``: zero-inflated per gene) and for real training cells (``train_cells``: the
+    floor of what is achievable with that many cells).
+
+    Parameters
+    ----------
+    model : ScoreModel
+        The trained score model.
+    heldout_x : anndata.AnnData or numpy.ndarray
+        Held-out reference cells (raw counts / log1p, normalised as the model's reference), or an ``(n, G)``
+        log1p array on the model's genes.
+    heldout_type_idx : numpy.ndarray, optional
+        ``(n,)`` type index into ``model.cell_types``; required when ``heldout_x`` is an array.
+    n_per_type : int, default 200
+        Cells compared per type.
+    seed : int, default 0
+        Seed of the subsample, the sampler and the baselines (recorded).
+    level_stride : int, default 1
+        Use every ``level_stride``-th noise level when sampling (faster, coarser).
+    train_data : TrainingData, optional
+        The model's training data, for the baselines; must have the model's genes and types.
+    min_cells : int, default 10
+        Types with fewer held-out cells are left out.
+    n_pcs : int, default 30
+        PCA components of the AUC space.
+    return_samples : bool, default False
+        Also return the arrays ``samples`` (generated), ``real`` (the compared held-out cells) and ``type_idx``.
+
+    Returns
+    -------
+    dict
+        ``model`` (``mean_corr``, ``var_corr``, ``auc``, ``per_type``), ``n_cells``, ``n_types``,
+        ``nonfinite_fraction`` (non-finite samples, zeroed before scoring), ``sample_seconds``, ``seed``,
+        ``level_stride``; with ``train_data`` also ``diag_gaussian``, ``zi_independent`` and ``train_cells`` in the
+        same form.
+
+    Raises
+    ------
+    ValueError
+        If the held-out data has the wrong shape or no type indices, no type has ``min_cells`` cells, or
+        ``train_data`` does not match the model.
     """
     from sklearn.decomposition import PCA
 
@@ -179,13 +291,39 @@ def checkpoint_quality(
     level_stride: int = 1,
     min_cells: int = 3,
 ) -> dict:
-    """Is a trained checkpoint worth using? Its generated pseudo-cells against the reference cells, beside the
-    per-type diagonal Gaussian (the network's analytic part, i.e. what training must improve on).
+    """Whether a trained checkpoint is worth using: its pseudo-cells against the reference's, beside the Gaussian.
 
-    Passes when the two-sample kNN AUC is at most the Gaussian's + ``margin`` and the per-type mean correlation
-    at least the Gaussian's - ``margin``. Returns the figures (``auc``, ``mean_corr``, ``var_corr`` and their
-    ``gaussian_`` counterparts), ``passed``, ``reason`` (what failed, with the values and the rule), the cells
-    compared, and ``samples`` / ``real`` / ``type_idx`` arrays for a figure (not JSON: drop before saving).
+    The baseline is the per-type diagonal Gaussian (the network's analytic part, i.e. what training must improve
+    on). Passes when the two-sample kNN AUC is at most the Gaussian's + ``margin`` and the per-type mean
+    correlation at least the Gaussian's - ``margin`` (:func:`evaluate_samples` on the reference cells).
+
+    Parameters
+    ----------
+    model : ScoreModel
+        The trained model.
+    reference : anndata.AnnData
+        Reference cells x genes (raw counts), with ``obs[cell_type_key]``.
+    cell_type_key : str
+        Column of ``reference.obs`` with the cell types.
+    params : spatial_assets.params.ScoreModelParams
+        Parameters of the model's training data (cells per type, seed).
+    n_per_type : int, default 100
+        Cells compared per type.
+    seed : int, default 0
+        Seed of the comparison (recorded).
+    margin : float, default 0.05
+        Tolerance of the pass rule.
+    level_stride : int, default 1
+        Noise-level stride of the sampler.
+    min_cells : int, default 3
+        Types with fewer cells are left out.
+
+    Returns
+    -------
+    dict
+        ``auc``, ``mean_corr``, ``var_corr`` and their ``gaussian_`` counterparts, ``n_cells``, ``level_stride``,
+        ``seed``, ``margin``, ``against``, ``passed``, ``reason`` (what failed, with the values and the rule), and
+        the ``samples`` / ``real`` / ``type_idx`` arrays for a figure (not JSON: drop them before saving).
     """
     train = prepare_training_data(reference, cell_type_key, params, genes=model.genes, target_sum=model.target_sum)
     q = evaluate_samples(

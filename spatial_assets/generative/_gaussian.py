@@ -17,7 +17,43 @@ import torch
 class GaussianScoreModel:
     """Analytic prior with the score-model interface: log1p expression of a type-t cell = mu_t + N(0, diag(s_t^2)).
 
-    The score of the residual perturbed with noise sigma is exact: ``-x / (s_t^2 + sigma^2)``.
+    The score of the residual perturbed with noise sigma is exact: ``-x / (s_t^2 + sigma^2)``. Used by tests,
+    benchmarks and usable as a network-free prior of the decomposition (same attributes as :class:`ScoreModel`:
+    ``genes``, ``cell_types``, ``cell_type_key``, ``type_means``, ``sigmas``, ``sampling_step``,
+    ``decomposition_step``, ``steps_per_level``, ``ref_library_size``, ``target_sum``).
+
+    Parameters
+    ----------
+    genes : sequence of str
+        The ``G`` genes.
+    cell_types : sequence of str
+        The ``T`` cell types.
+    type_means : array-like
+        ``(T, G)`` per-type mean of log1p expression.
+    type_sd : array-like
+        Standard deviations: a scalar, ``(T,)`` per type, or ``(T, G)``.
+    sigmas : array-like, optional
+        Noise levels of the schedule, largest first; default 232 geometric levels from 100 to 0.01.
+    cell_type_key : str, default "cell_type"
+        Reference column the types come from.
+    ref_library_size : float, optional
+        Mean library size of the reference on the genes; default from the type means (sum of ``expm1``).
+    target_sum : float, optional
+        Library size the reference was normalised to; default ``ref_library_size``.
+    decomposition_step : float, optional
+        Langevin step size of the decomposition; default 1e-5 when the largest sigma exceeds 70, else 1e-6 (as
+        for :class:`ScoreModel`).
+    sampling_step : float, default 6.6e-6
+        Langevin step size of unconditional sampling.
+    steps_per_level : int, default 5
+        Langevin steps per noise level.
+    device : str or torch.device, default "cpu"
+        Device of the tensors.
+
+    Raises
+    ------
+    ValueError
+        If ``type_means`` / ``type_sd`` do not broadcast to ``(T, G)``.
     """
 
     def __init__(
@@ -65,11 +101,41 @@ class GaussianScoreModel:
         self.target_sum = float(target_sum if target_sum is not None else self.ref_library_size)
 
     def score(self, x: torch.Tensor, type_idx: torch.Tensor, sigma: float) -> torch.Tensor:
-        """Exact score of the noised residual: ``-x / (s_type^2 + sigma^2)``."""
+        """Exact score of the noised residual: ``-x / (s_type^2 + sigma^2)``.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            ``(n, G)`` residuals (log1p expression minus the type mean).
+        type_idx : torch.Tensor
+            ``(n,)`` long type index of each row.
+        sigma : float
+            Noise level.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(n, G)`` score.
+        """
         return x / self.type_var.index_select(0, type_idx).add(float(sigma) ** 2).neg_()
 
     def check_compatible(self, reference=None, cell_type_key=None, genes=None) -> None:
-        """Raise ValueError naming what differs between this model and a reference / key / gene list."""
+        """Check that this model fits a reference, a cell-type column and a gene list.
+
+        Parameters
+        ----------
+        reference : anndata.AnnData, optional
+            Must have the type column and no type the model lacks.
+        cell_type_key : str, optional
+            Must equal the model's ``cell_type_key``.
+        genes : sequence of str, optional
+            Must contain every gene of the model.
+
+        Raises
+        ------
+        ValueError
+            Naming what differs.
+        """
         if cell_type_key is not None and cell_type_key != self.cell_type_key:
             raise ValueError(f"score model: cell-type column is '{self.cell_type_key}', asked for '{cell_type_key}'")
         if genes is not None:
@@ -97,7 +163,32 @@ class GaussianScoreModel:
     ) -> GaussianScoreModel:
         """Fit per-type means and per-gene standard deviations of log1p(normalised counts) of a reference.
 
-        ``target_sum`` None keeps raw counts (log1p of counts); else each cell is normalised to that total first.
+        Standard deviations are unbiased (n - 1) and floored at ``min_sd``.
+
+        Parameters
+        ----------
+        reference : anndata.AnnData
+            Cells x genes raw counts with the types in ``obs``.
+        cell_type_key : str, default "cell_type"
+            Column of ``reference.obs`` with the cell types.
+        genes : sequence of str, optional
+            Restrict to these genes (default: all).
+        target_sum : float, optional
+            Normalise each cell to this total before log1p; None keeps raw counts (log1p of counts).
+        min_sd : float, default 0.05
+            Floor of the standard deviations.
+        **kwargs
+            Passed on to the constructor (``sigmas``, step sizes, ``device``, ...).
+
+        Returns
+        -------
+        GaussianScoreModel
+            The fitted model.
+
+        Raises
+        ------
+        ValueError
+            If ``cell_type_key`` is not a column of ``reference.obs``.
         """
         if cell_type_key not in reference.obs:
             raise ValueError(f"reference.obs has no column '{cell_type_key}' (columns: {list(reference.obs)})")

@@ -48,6 +48,10 @@ _TRAIN_KEYS = (
 )
 
 
+class CheckpointFileError(ValueError):
+    """A score checkpoint's file is corrupt, truncated, of the wrong kind (a pickle) or from another save."""
+
+
 class CheckpointMismatch(ValueError):
     """A score checkpoint does not match the reference / genes / cell-type column it is used with."""
 
@@ -78,7 +82,22 @@ def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metad
 
 
 class ScoreModel:
-    """A trained score network with its reference metadata; inference uses the EMA weights in eval mode."""
+    """A trained score network with its reference metadata; inference uses the EMA weights in eval mode.
+
+    Usually obtained from :func:`train_score_model` or :meth:`ScoreModel.load`. Attributes read from the config:
+    ``genes``, ``cell_types``, ``cell_type_key``, ``sampling_step``, ``decomposition_step``, ``steps_per_level``,
+    ``target_sum``, ``ref_library_size``, ``fingerprint``, ``train_step``, ``seed``; ``sigmas`` is the geometric
+    noise schedule and ``type_means`` the per-type means (on ``device``).
+
+    Parameters
+    ----------
+    net : ScoreNet
+        The network (put in eval mode).
+    config : dict
+        The checkpoint's ``config.json`` content (genes, cell types, schedule, architecture, training, ...).
+    device : str or torch.device, default "cpu"
+        Device to run on.
+    """
 
     def __init__(self, net: ScoreNet, config: dict, device: str | torch.device = "cpu"):
         self.net = net.eval()
@@ -100,8 +119,25 @@ class ScoreModel:
         self.to(device)
 
     def set_precision(self, dtype: Literal["float32", "bfloat16", "float16"] = "float32") -> ScoreModel:
-        """Run the network's matmuls under ``torch.autocast`` in ``dtype`` ("float32" = off). bfloat16 is ~2x
-        faster on CPUs with AVX512-BF16 / AMX and on GPUs; the analytic Gaussian part stays float32."""
+        """Run the network's matmuls under ``torch.autocast`` in ``dtype``.
+
+        bfloat16 is ~2x faster on CPUs with AVX512-BF16 / AMX and on GPUs; the analytic Gaussian part stays float32.
+
+        Parameters
+        ----------
+        dtype : {"float32", "bfloat16", "float16"}, default "float32"
+            Autocast precision; "float32" turns autocast off.
+
+        Returns
+        -------
+        ScoreModel
+            ``self``.
+
+        Raises
+        ------
+        ValueError
+            If ``dtype`` is not one of the three.
+        """
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be 'float32', 'bfloat16' or 'float16', found {dtype!r}")
         self.autocast_dtype = None if dtype == "float32" else getattr(torch, dtype)
@@ -109,6 +145,18 @@ class ScoreModel:
 
     # -- basic -------------------------------------------------------------------------------------------------
     def to(self, device) -> ScoreModel:
+        """Move the network and the schedule to a device.
+
+        Parameters
+        ----------
+        device : str or torch.device
+            Target device.
+
+        Returns
+        -------
+        ScoreModel
+            ``self``.
+        """
         self.device = torch.device(device)
         self.net.to(self.device)
         self.type_means = self.net.type_means
@@ -136,7 +184,27 @@ class ScoreModel:
         return type_idx
 
     def score(self, x: torch.Tensor, type_idx: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
-        """Score (grad log p_sigma(x | type)) of residuals x (n, G); sigma scalar or (n,). No grad, EMA weights."""
+        """Score (grad log p_sigma(x | type)) of residuals; no gradient, EMA weights.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            ``(n, G)`` residuals (log1p expression minus the type mean) on the model's genes.
+        type_idx : torch.Tensor
+            ``(n,)`` type index into ``cell_types``.
+        sigma : float or torch.Tensor
+            A scalar noise level, or ``(n,)`` per-row levels.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(n, G)`` score (the network's ``sigma * score`` divided by sigma).
+
+        Raises
+        ------
+        ValueError
+            If shapes disagree, a type index is out of range, or ``sigma`` has neither 1 nor ``n`` entries.
+        """
         x = torch.as_tensor(x, device=self.device, dtype=torch.float32)
         type_idx = self._check_inputs(x, type_idx)
         sig = torch.as_tensor(sigma, device=self.device, dtype=torch.float32)
@@ -166,11 +234,37 @@ class ScoreModel:
         step: float | None = None,
         batch_size: int = 20_000,
     ) -> torch.Tensor:
-        """Annealed Langevin pseudo-cells of the given types: (n, G) log1p expression (residual + mu_type).
+        """Annealed Langevin pseudo-cells of the given types (SpatialScope's / NCSN's sampler).
 
-        Per level sigma (every ``level_stride``-th of the schedule): eta = step (sigma / sigma_end)^2, then
-        ``steps_per_level`` times x += eta score + sqrt(2 eta) noise; finally x += sigma_end^2 score. x starts at
-        N(0, I) as in SpatialScope. Seeded: the same seed and inputs give the same output on the same device.
+        Per level sigma (every ``level_stride``-th of the schedule): ``eta = step (sigma / sigma_end)^2``, then
+        ``steps_per_level`` times ``x += eta score + sqrt(2 eta) noise``; finally ``x += sigma_end^2 score``
+        (denoising). x starts at N(0, I) as in SpatialScope. Seeded: the same seed and inputs give the same output on
+        the same device.
+
+        Parameters
+        ----------
+        type_idx : torch.Tensor
+            ``(n,)`` type index of each pseudo-cell.
+        seed : int, default 0
+            Seed of the initial state and the noise.
+        level_stride : int, default 1
+            Use every ``level_stride``-th noise level (faster, coarser); at least 1.
+        steps_per_level : int, optional
+            Langevin steps per level; default the checkpoint's ``steps_per_level``.
+        step : float, optional
+            Base step size; default the checkpoint's ``sampling_step``.
+        batch_size : int, default 20000
+            Cells sampled at once.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(n, G)`` log1p expression (residual + type mean).
+
+        Raises
+        ------
+        ValueError
+            If a type index is out of range or ``level_stride < 1``.
         """
         type_idx = self._check_inputs(None, type_idx)
         if level_stride < 1:
@@ -197,7 +291,16 @@ class ScoreModel:
 
     # -- checkpoint I/O ----------------------------------------------------------------------------------------
     def save(self, path) -> None:
-        """Write ``path/model.safetensors`` (EMA weights, type means, type variances) and ``path/config.json``."""
+        """Write the checkpoint: ``path/model.safetensors`` (EMA weights and buffers) and ``path/config.json``.
+
+        Each file is written atomically; the safetensors metadata records the step and the reference fingerprint so
+        :meth:`load` detects files of different saves.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            Checkpoint folder (created if needed).
+        """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         meta = {
@@ -211,37 +314,95 @@ class ScoreModel:
 
     @classmethod
     def load(cls, path, device="cpu") -> ScoreModel:
-        """Load a folder written by :meth:`save` (safetensors + JSON only; nothing is unpickled)."""
+        """Load a folder written by :meth:`save` (safetensors + JSON only; nothing is unpickled).
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            Checkpoint folder.
+        device : str or torch.device, default "cpu"
+            Device to load onto.
+
+        Returns
+        -------
+        ScoreModel
+            The model.
+
+        Raises
+        ------
+        FileNotFoundError
+            The folder or one of its files is missing (or a file is given where the folder was expected).
+        CheckpointFileError
+            A file is corrupt or truncated, ``model.safetensors`` is a pickle / ``torch.save`` file, or the two
+            files belong to different saves; the message names the file.
+        """
         path = Path(path)
+        if path.is_file():
+            raise FileNotFoundError(
+                f"score checkpoint {path}: is a file; expected the checkpoint folder holding {MODEL_FILE} + {CONFIG_FILE}"
+            )
         for f in (MODEL_FILE, CONFIG_FILE):
             if not (path / f).is_file():
                 raise FileNotFoundError(f"score checkpoint {path} lacks {f} (expected {MODEL_FILE} + {CONFIG_FILE})")
-        config = json.loads((path / CONFIG_FILE).read_text())
-        if config.get("format") != "spatial_assets.score_model":
-            raise ValueError(
-                f"{path / CONFIG_FILE}: format is {config.get('format')!r}, expected 'spatial_assets.score_model'"
+        try:
+            config = json.loads((path / CONFIG_FILE).read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CheckpointFileError(f"{path / CONFIG_FILE}: not valid JSON (truncated?) ({e})") from None
+        if not isinstance(config, dict) or config.get("format") != "spatial_assets.score_model":
+            got = config.get("format") if isinstance(config, dict) else type(config).__name__
+            raise CheckpointFileError(f"{path / CONFIG_FILE}: format is {got!r}, expected 'spatial_assets.score_model'")
+        mfile = path / MODEL_FILE
+        head = mfile.read_bytes()[:4] if mfile.stat().st_size else b""
+        if head[:1] == b"\x80" or head[:2] == b"PK":
+            raise CheckpointFileError(
+                f"{mfile}: is a pickle / torch.save file, not safetensors; expected safetensors weights "
+                "(pickles are never loaded: unpickling can run arbitrary code). Re-materialize score_checkpoint"
             )
-        with safe_open(str(path / MODEL_FILE), framework="pt") as fh:
-            meta = fh.metadata() or {}
-        if meta.get("train_step") != str(config["train_step"]) or meta.get("fingerprint") != config["fingerprint"]:
-            raise ValueError(
+        try:
+            with safe_open(str(mfile), framework="pt") as fh:
+                meta = fh.metadata() or {}
+            state = load_file(str(mfile), device="cpu")
+        except Exception as e:
+            raise CheckpointFileError(
+                f"{mfile}: could not be read as safetensors (truncated or corrupt?) ({type(e).__name__}: {str(e)[:200]}); "
+                "re-materialize score_checkpoint"
+            ) from None
+        if meta.get("train_step") != str(config.get("train_step")) or meta.get("fingerprint") != config.get(
+            "fingerprint"
+        ):
+            raise CheckpointFileError(
                 f"{path}: {MODEL_FILE} (step {meta.get('train_step')}) and {CONFIG_FILE} (step "
-                f"{config['train_step']}) belong to different saves"
+                f"{config.get('train_step')}) belong to different saves"
             )
-        state = load_file(str(path / MODEL_FILE), device="cpu")
-        net = _build_net(config, {k: state[k] for k in ScoreNet.STATS})
-        net.load_state_dict(state)
+        try:
+            net = _build_net(config, {k: state[k] for k in ScoreNet.STATS})
+            net.load_state_dict(state)
+        except (KeyError, RuntimeError) as e:
+            raise CheckpointFileError(
+                f"{mfile}: weights do not match {CONFIG_FILE}'s architecture ({type(e).__name__}: {str(e)[:200]})"
+            ) from None
         return cls(net, config, device=device)
 
     # -- compatibility -----------------------------------------------------------------------------------------
     def check_compatible(
         self, reference: AnnData | None = None, cell_type_key: str | None = None, genes: Sequence[str] | None = None
     ) -> None:
-        """Raise :class:`CheckpointMismatch` naming every difference with the given reference / column / genes.
+        """Check that the checkpoint fits a reference, a cell-type column and a gene list.
 
-        ``genes``: the genes the caller feeds, in order; they must equal the checkpoint's genes.
-        ``reference``: must contain the checkpoint's genes, its cell-type column with the same set of types, and
-        have the fingerprint the checkpoint was trained on.
+        Parameters
+        ----------
+        reference : anndata.AnnData, optional
+            Must contain the checkpoint's genes and its cell-type column with the same set of types, and have the
+            fingerprint the checkpoint was trained on (:func:`reference_fingerprint`).
+        cell_type_key : str, optional
+            Must equal the checkpoint's ``cell_type_key``.
+        genes : sequence of str, optional
+            The genes the caller feeds, in order; they must equal the checkpoint's genes.
+
+        Raises
+        ------
+        CheckpointMismatch
+            Naming every difference found.
         """
         problems: list[str] = []
         key = self.cell_type_key if cell_type_key is None else cell_type_key

@@ -27,7 +27,36 @@ class _Block(nn.Module):
 
 
 class ScoreNet(nn.Module):
-    """Residual MLP s(x, sigma, type) returning sigma * score (see the module docstring)."""
+    """Residual MLP ``s(x, sigma, type)`` returning ``sigma * score`` (see :mod:`spatial_assets.generative`).
+
+    Input preconditioning ``x / sqrt(v_type + sigma^2)``, FiLM conditioning of every block on Fourier features of
+    log sigma (mapped to [-1, 1] over the schedule) + a learned type embedding + a projection of the type mean, and
+    an analytic skip: the output is the exact ``sigma * score`` of a per-type model with independent genes plus the
+    network's zero-initialised correction.
+
+    Parameters
+    ----------
+    stats : dict of str to torch.Tensor
+        Per-type tables, each ``(T, G)``: ``type_means``, ``type_var``, ``zi_pi``, ``zi_mean``, ``zi_var``
+        (:meth:`TrainingData.net_stats`); stored as buffers.
+    sigma_begin : float
+        Largest noise level of the schedule.
+    sigma_end : float
+        Smallest noise level of the schedule.
+    hidden : int, default 512
+        Width of the MLP.
+    n_blocks : int, default 3
+        Number of residual FiLM blocks.
+    n_fourier : int, default 16
+        Fourier frequencies of the noise-level features.
+    skip : {"gaussian", "zi_gaussian"}, default "gaussian"
+        Analytic part: the per-type diagonal Gaussian N(0, type_var), or a zero-inflated Gaussian per gene.
+
+    Raises
+    ------
+    ValueError
+        If ``skip`` is unknown or a table does not have shape ``(T, G)``.
+    """
 
     STATS = ("type_means", "type_var", "zi_pi", "zi_mean", "zi_var")
 
@@ -75,10 +104,24 @@ class ScoreNet(nn.Module):
         return self.act(self.sigma_mlp(feats) + type_h)
 
     def forward(self, x: torch.Tensor, type_idx: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """x (n, G) residual, type_idx (n,) long, sigma (n,) or a scalar (one level) -> (n, G) sigma * score.
+        """``sigma * score`` of residuals at one or per-row noise levels.
 
         With a scalar sigma the conditioning (and every FiLM scale / shift and preconditioner) depends on the type
         only: it is computed once per type and gathered, which saves the per-cell FiLM matmuls.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            ``(n, G)`` residuals.
+        type_idx : torch.Tensor
+            ``(n,)`` long type index of each row.
+        sigma : torch.Tensor or float
+            A scalar (one level for all rows) or ``(n,)`` per-row levels.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(n, G)`` float32 ``sigma * score``.
         """
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
         if sigma.numel() == 1:  # tables per type, then gathered

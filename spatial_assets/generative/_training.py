@@ -88,7 +88,52 @@ def fit_score_model(
     log_every: int = 200,
     on_step: Callable[[int, float], None] | None = None,
 ) -> ScoreModel:
-    """Denoising score matching on prepared data (see :func:`train_score_model`)."""
+    """Train the score network on prepared data by denoising score matching (see :func:`train_score_model`).
+
+    Each step draws a batch of cells, noise levels from the geometric schedule (``params.sigma_begin`` ..
+    ``params.sigma_end``, ``params.n_sigmas`` levels) and Gaussian noise, all from a generator seeded by
+    ``(params.seed, step)``; the loss is the L2 (or L1) distance between the network's ``sigma * score`` of the
+    noised residual and ``-noise`` (NCSN, Song & Ermon 2019). Adam, gradient clipping, an EMA of the weights (the
+    model returned), mixed precision on CUDA only, PyTorch's deterministic algorithms. With ``out_dir`` the
+    training state is saved atomically every ``params.save_every`` steps and training resumes from it when its
+    signature (reference fingerprint, genes, target sum, architecture, loss and training parameters) matches.
+
+    Parameters
+    ----------
+    data : TrainingData
+        Prepared training data (:func:`prepare_training_data`).
+    params : spatial_assets.params.ScoreModelParams
+        Schedule, architecture and optimisation parameters.
+    out_dir : str or os.PathLike, optional
+        Checkpoint folder (``model.safetensors``, ``config.json``, ``train_state.safetensors``); None trains in
+        memory only.
+    device : str or torch.device, default "cpu"
+        Training device.
+    log : callable, default print
+        Receives progress lines.
+    max_steps : int, optional
+        Stop at this step (at most ``params.train_steps``); a later call resumes.
+    loss : {"l2", "l1"}, default "l2"
+        L2 estimates the score; SpatialScope's L1 form estimates a median instead.
+    n_fourier : int, default 16
+        Fourier features of the noise level.
+    skip : {"gaussian", "zi_gaussian"}, default "gaussian"
+        Analytic part of the network (:class:`ScoreNet`).
+    log_every : int, default 200
+        Steps between progress lines.
+    on_step : callable, optional
+        Called as ``on_step(step, loss)`` after every step.
+
+    Returns
+    -------
+    ScoreModel
+        The EMA model at the last step (also saved in ``out_dir`` when given).
+
+    Raises
+    ------
+    ValueError
+        If ``loss`` is unknown or ``params.sigma_end >= params.sigma_begin``.
+    """
     if loss not in ("l1", "l2"):
         raise ValueError(f"loss must be 'l1' or 'l2', found {loss!r}")
     if params.sigma_end >= params.sigma_begin:
@@ -233,10 +278,54 @@ def train_score_model(
 ) -> ScoreModel:
     """Prepare the reference and train (or resume training of) its score model into ``out_dir``.
 
-    Resumes from ``out_dir/train_state.safetensors`` when it was written for the same reference fingerprint and
-    training configuration; stops after ``params.train_steps`` steps in all (or at step ``max_steps`` if given,
-    resumable later). Keyword arguments: ``target_sum``, ``genes`` (see :func:`prepare_training_data`) and
-    ``loss``, ``n_fourier``, ``skip``, ``log_every``, ``on_step`` (see :func:`fit_score_model`).
+    SpatialScope's generative prior: a cell-type-conditioned score model of log1p(normalised expression) fitted by
+    denoising score matching (:func:`prepare_training_data`, then :func:`fit_score_model`). Resumes from
+    ``out_dir/train_state.safetensors`` when it was written for the same reference fingerprint and training
+    configuration; stops after ``params.train_steps`` steps in all (or at step ``max_steps`` if given, resumable
+    later).
+
+    Parameters
+    ----------
+    reference : anndata.AnnData
+        Cells x genes raw counts with the types in ``obs``.
+    cell_type_key : str
+        Column of ``reference.obs`` with the cell types.
+    params : spatial_assets.params.ScoreModelParams
+        Training parameters.
+    out_dir : str or os.PathLike or None
+        Checkpoint folder; None trains in memory only.
+    device : str or torch.device, default "cpu"
+        Training device.
+    log : callable, default print
+        Receives progress lines.
+    max_steps : int, optional
+        Stop at this step.
+    **kwargs
+        ``target_sum``, ``genes`` (:func:`prepare_training_data`) and ``loss``, ``n_fourier``, ``skip``,
+        ``log_every``, ``on_step`` (:func:`fit_score_model`).
+
+    Returns
+    -------
+    ScoreModel
+        The trained model.
+
+    Raises
+    ------
+    ValueError
+        On a bad reference (see :func:`prepare_training_data`) or bad training options.
+
+    Examples
+    --------
+    >>> import numpy as np, anndata as ad
+    >>> from spatial_assets.generative import train_score_model
+    >>> from spatial_assets.params import ScoreModelParams
+    >>> rng = np.random.default_rng(0)
+    >>> ref = ad.AnnData(rng.poisson(5.0, (200, 20)).astype(np.float32))
+    >>> ref.obs["cell_type"] = np.repeat(["a", "b"], 100)
+    >>> params = ScoreModelParams(train_steps=20, hidden=16, n_blocks=1, batch_size=32, n_sigmas=10)
+    >>> model = train_score_model(ref, "cell_type", params, None, log=lambda line: None)
+    >>> model.sample(np.array([0, 1]), seed=0).shape
+    torch.Size([2, 20])
     """
     prep_kw = {k: kwargs.pop(k) for k in ("target_sum", "genes") if k in kwargs}
     data = prepare_training_data(reference, cell_type_key, params, **prep_kw)

@@ -23,7 +23,9 @@ from ._readers import (
 )
 from ._samples import SlideInputs, load_reference, load_slide
 from ._stores import (
+    MARKER_ATTR,
     atomic_path,
+    current_range_stores,
     describe,
     disk_size,
     is_complete,
@@ -37,11 +39,39 @@ from ._stores import (
     write_dataframe,
     write_directory,
 )
+from ._validate import (
+    UnsafeNameError,
+    check_cell_types,
+    check_name,
+    check_not_empty,
+    check_raw_counts,
+    check_shared_genes,
+    check_unique_names,
+    ensure_storage_root,
+    gene_names,
+    read_h5ad_file,
+    spots_with_nuclei_problem,
+    zero_count_spots,
+)
 
 __all__ = [
+    "MARKER_ATTR",
     "InputError",
+    "UnsafeNameError",
+    "check_cell_types",
+    "check_name",
+    "check_not_empty",
+    "check_raw_counts",
+    "check_shared_genes",
+    "check_unique_names",
+    "ensure_storage_root",
+    "gene_names",
+    "read_h5ad_file",
+    "spots_with_nuclei_problem",
+    "zero_count_spots",
     "SlideInputs",
     "atomic_path",
+    "current_range_stores",
     "check_image_covers_spots",
     "count_spots",
     "describe",

@@ -30,6 +30,10 @@ def read_spatial(path: str | os.PathLike, *, require_spatial: bool = True) -> ad
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: spatial data not found")
+    if path.is_dir() and path.suffix in (".h5ad", ".h5"):
+        raise InputError(f"{path}: is a folder; expected an AnnData .h5ad file")
+    if path.is_file() and path.suffix == ".zarr":
+        raise InputError(f"{path}: is a file; expected an AnnData .zarr store (a folder)")
     try:
         if (
             path.is_dir()
@@ -50,8 +54,15 @@ def read_spatial(path: str | os.PathLike, *, require_spatial: bool = True) -> ad
     except InputError:
         raise
     except Exception as e:  # corrupt file, wrong format
-        raise InputError(f"{path}: could not be read as spatial data ({type(e).__name__}: {e})") from None
-    adata.var_names_make_unique()
+        raise InputError(
+            f"{path}: could not be read as spatial data (truncated or wrong format?) ({type(e).__name__}: {str(e)[:200]})"
+        ) from None
+    from ._validate import check_unique_names
+
+    # checked before anything could rename them (anndata's var_names_make_unique turns a second 'Gad2' into
+    # 'Gad2-1', which is then silently "imputed")
+    check_unique_names(adata.var_names, str(path), "var_names (genes)")
+    check_unique_names(adata.obs_names, str(path), "obs_names (spot barcodes)")
     if require_spatial:
         validate_spatial(adata, str(path))
     return adata
@@ -241,10 +252,28 @@ def check_image_covers_spots(
 
 
 def count_spots(path: str | os.PathLike) -> int:
-    """Number of spots of a slide without reading its count matrix (obs index only)."""
+    """Number of spots of a slide without reading its count matrix (obs index only).
+
+    Raises
+    ------
+    InputError
+        The file is missing or cannot be read (the message names it).
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: spatial data not found")
+    try:
+        return _count_spots(path)
+    except InputError:
+        raise
+    except Exception as e:
+        raise InputError(
+            f"{path}: could not read obs (spot barcodes) of the spatial data (truncated or wrong format?) "
+            f"({type(e).__name__}: {str(e)[:200]})"
+        ) from None
+
+
+def _count_spots(path: Path) -> int:
     if path.is_dir() and (path / "spatial").is_dir() and not (path / "zarr.json").exists():
         import h5py
 

@@ -12,27 +12,48 @@ import numpy as np
 
 from ..constants import Platform
 from ._readers import InputError, check_image_covers_spots, read_image, read_spatial, scalefactors, validate_counts
+from ._validate import check_not_empty, check_raw_counts, check_unique_names, read_h5ad_file, zero_count_spots
 
 
-def load_reference(path: str | os.PathLike, cell_type_key: str) -> ad.AnnData:
+def load_reference(path: str | os.PathLike, cell_type_key: str, *, require_integer: bool = True) -> ad.AnnData:
     """A single-cell reference (.h5ad): raw counts with a cell-type column, validated.
+
+    Parameters
+    ----------
+    path
+        The ``.h5ad`` file.
+    cell_type_key
+        The ``obs`` column of cell types.
+    require_integer
+        Counts must be raw integers (log-normalised / scaled references make the decomposed cells sum to many
+        times their spot's counts); ``False`` only for notebook use on already-normalised data.
+
+    Returns
+    -------
+    anndata.AnnData
 
     Raises
     ------
     InputError
-        The file cannot be read, ``obs`` lacks ``cell_type_key``, or the counts are negative / non-finite.
+        The file cannot be read (missing, a folder, truncated), has no cells or genes, duplicated gene or cell
+        names, ``obs`` lacks ``cell_type_key`` (or it is all empty), or the counts are negative, non-finite or
+        (``require_integer``) not integers.
     """
     path = Path(path)
-    try:
-        adata = ad.read_h5ad(path)
-    except Exception as e:
-        raise InputError(f"{path}: could not be read as an AnnData .h5ad ({type(e).__name__}: {e})") from None
+    adata = read_h5ad_file(path, "reference")
+    check_not_empty(adata, str(path), "cells")
+    check_unique_names(adata.var_names, str(path), "var_names (genes)")
+    check_unique_names(adata.obs_names, str(path), "obs_names (cell ids)")
     if cell_type_key not in adata.obs:
         raise InputError(
             f"{path}: obs has no cell-type column '{cell_type_key}' (cell_type_key); columns: {list(adata.obs.columns)}"
         )
-    validate_counts(adata, str(path), require_integer=False)
-    adata.var_names_make_unique()
+    if adata.obs[cell_type_key].isna().all():
+        raise InputError(f"{path}: obs['{cell_type_key}'] (cell_type_key) is empty for every cell; expected cell types")
+    if require_integer:
+        check_raw_counts(adata, str(path))
+    else:
+        validate_counts(adata, str(path), require_integer=False)
     return adata
 
 
@@ -65,10 +86,31 @@ def load_slide(
         The full-resolution H&E (tif / jpg / png) in whose pixels ``obsm['spatial']`` is given.
     name
         The sample's name, recorded in ``slide.uns['sample']``.
+
+    Returns
+    -------
+    SlideInputs
+        Spots with zero counts are skipped (``info['zero_count_spots_skipped']`` and examples report them).
+
+    Raises
+    ------
+    InputError
+        Unreadable files, no spots, duplicated barcodes or genes, non-integer / negative counts, every spot empty,
+        missing scale factors or an image that does not cover the spots; the message names file and field.
     """
     platform = Platform(platform)
     slide = read_spatial(spatial)
-    validate_counts(slide, str(spatial), require_integer=platform != Platform.MERFISH)
+    check_not_empty(slide, str(spatial), "spots")
+    if platform == Platform.MERFISH:
+        validate_counts(slide, str(spatial), require_integer=False)
+    else:
+        check_raw_counts(slide, str(spatial))
+    zero = zero_count_spots(slide)
+    zero_names = [str(n) for n in slide.obs_names[zero]]
+    if zero.all():
+        raise InputError(f"{spatial}: X: all {slide.n_obs} spots have zero counts; expected counts in some spots")
+    if zero.any():  # reported and skipped: no cell can be typed or decomposed from nothing
+        slide = slide[~zero].copy()
     slide.uns["sample"] = {
         "name": name or Path(spatial).stem,
         "platform": platform.value,
@@ -80,11 +122,18 @@ def load_slide(
         "genes": slide.n_vars,
         "platform": platform.value,
         "median_umi": float(np.median(np.asarray(slide.X.sum(1)).ravel())) if slide.n_obs else 0.0,
+        "zero_count_spots_skipped": len(zero_names),
     }
+    if zero_names:
+        info["zero_count_spots_examples"] = ", ".join(zero_names[:10])
     img = None
     if image is not None:
         scalefactors(slide, str(spatial))
         img = read_image(image)
+        try:  # touch the last tile: a truncated TIFF fails here, naming the file, not later deep in a copy
+            np.asarray(img[-1:, -1:])
+        except Exception as e:
+            raise InputError(f"{image}: unreadable image (truncated?) ({type(e).__name__}: {str(e)[:200]})") from None
         check_image_covers_spots(img.shape[:2], slide, str(spatial), str(image))
         info["image_hw"] = [int(img.shape[0]), int(img.shape[1])]
     return SlideInputs(slide, img, info)

@@ -5,8 +5,8 @@ Layout (readable by anyone with plain ``anndata.read_zarr`` / ``zarr.open``)::
     <root>/<asset>/<sample>.zarr                 AnnData zarr (or a zarr group / array)
     <root>/<asset>/<sample>/<partition>.zarr     for partitioned assets (e.g. spot ranges)
 
-Atomicity: every store is written into a hidden sibling ``.<name>.tmp-<uuid>`` and only renamed into place once
-it is whole, so a crash mid-write leaves no store at the final path. An existing good store is moved aside only
+Atomicity: every store is written into a hidden sibling ``.<name>.tmp-<pid>-<uuid>`` and only renamed into place
+once it is whole (the next writer removes temporaries whose writer process is dead; they never count as complete), so a crash mid-write leaves no store at the final path. An existing good store is moved aside only
 after the new one is complete, then removed. Each finished store carries ``spatial_assets`` attributes
 (``complete: true``, when it was written, what wrote it). No dagster import here.
 """
@@ -14,6 +14,7 @@ after the new one is complete, then removed. Each finished store carries ``spati
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -52,59 +53,128 @@ def store_path(
 
 
 def _tmp_sibling(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+    # the writer's pid is in the name, so the next writer can tell a dead writer's leftovers from a live one's
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+
+
+def _is_temporary(path: Path) -> bool:
+    """A hidden sibling of a store being written or moved aside (never a store itself)."""
+    return path.name.startswith(".") and (".tmp-" in path.name or ".old-" in path.name)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie (killed, not yet reaped) is dead for our purposes
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _writer_dead(tmp: Path, max_age_s: float = 3600.0) -> bool:
+    """A temporary sibling whose writer is gone: its pid is not alive, or (no pid in the name) it is old."""
+    rest = tmp.name.rsplit(".tmp-", 1)[-1]
+    head = rest.split("-", 1)[0]
+    if "-" in rest and head.isdigit():
+        return not _pid_alive(int(head))
+    try:
+        return time.time() - tmp.stat().st_mtime > max_age_s
+    except FileNotFoundError:
+        return False
+
+
+def _mover_dead(old: Path) -> bool:
+    """A moved-aside store whose mover is gone (no pid in its name: an older writer, treated as gone)."""
+    rest = old.name.rsplit(".old-", 1)[-1]
+    head = rest.split("-", 1)[0]
+    return not ("-" in rest and head.isdigit() and _pid_alive(int(head)))
 
 
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():
-        path.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+_RACE_ERRNOS = (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR)
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to write into; on success it replaces ``path`` atomically, on error it is removed.
 
-    The previous content of ``path`` (if any) is kept until the new one is complete.
+    The previous content of ``path`` (if any) is kept until the new one is complete. Leftovers of dead writers
+    next to ``path`` are removed first. Two writers racing on one ``path`` leave exactly one complete store there
+    (the last to finish) and no complete temporary: a writer whose rename loses is retried, then gives up cleanly.
+
+    Raises
+    ------
+    OSError
+        The parent folder cannot be created (the message names it).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(e.errno, f"{path.parent}: cannot create the store's folder ({e.strerror or e})") from None
     _cleanup_stale(path)
     tmp = _tmp_sibling(path)
     try:
         yield tmp
         if not tmp.exists():
             raise RuntimeError(f"atomic write to {path}: the writer produced nothing at {tmp}")
-    except BaseException:
-        _remove(tmp)
-        raise
-    old = None
-    if path.exists() or path.is_symlink():
-        old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:12]}")
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
-        _remove(old)
+        olds: list[Path] = []
+        try:
+            for attempt in range(20):
+                if path.exists() or path.is_symlink():
+                    old = path.with_name(f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+                    try:
+                        os.replace(path, old)
+                        olds.append(old)
+                    except FileNotFoundError:  # another writer moved it aside first
+                        pass
+                try:
+                    os.replace(tmp, path)
+                    break
+                except OSError as e:  # another writer's store landed between our two renames: go again
+                    if e.errno not in _RACE_ERRNOS or attempt == 19:
+                        raise
+                    time.sleep(0.01 * (attempt + 1))
+        finally:
+            for old in olds:
+                _remove(old)
+    finally:
+        if tmp.exists() or tmp.is_symlink():
+            _remove(tmp)
 
 
 def _cleanup_stale(path: Path) -> None:
-    """Remove leftovers of crashed writes next to ``path``; restore a moved-aside store if the final one is gone."""
+    """Remove leftovers of dead writers next to ``path``; restore a moved-aside store if the final one is gone."""
     parent = path.parent
     if not parent.exists():
         return
     olds = sorted(parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    olds = [p for p in olds if _mover_dead(p)]
     if olds and not path.exists():
-        os.replace(olds.pop(), path)  # a crash happened between the two renames: the old store is still good
+        with contextlib.suppress(OSError):
+            os.replace(olds.pop(), path)  # a crash between the two renames: the old store is still good
     for p in olds:
         _remove(p)
     for p in parent.glob(f".{path.name}.tmp-*"):
-        # only clean temporaries that are not being written right now (older than an hour)
-        try:
-            if time.time() - p.stat().st_mtime > 3600:
-                _remove(p)
-        except FileNotFoundError:
-            pass
+        if _writer_dead(p):
+            _remove(p)
 
 
 def _mark(group_path: Path, extra: dict[str, Any] | None = None) -> None:
@@ -234,7 +304,7 @@ def write_directory(path: str | os.PathLike, writer: Callable[[Path], None]) -> 
 def is_complete(path: str | os.PathLike) -> bool:
     """True if ``path`` is a finished store written by this module."""
     path = Path(path)
-    if not path.exists():
+    if _is_temporary(path) or not path.exists():
         return False
     if (path / ".complete").exists():
         return True
@@ -300,3 +370,36 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     except Exception:
         pass
     return out
+
+
+def current_range_stores(
+    folder: str | os.PathLike, expected: dict[str, tuple[int, int]]
+) -> tuple[dict[str, Path], list[str]]:
+    """The range stores of ``folder`` that belong to the current partition scheme, and the stale ones.
+
+    Parameters
+    ----------
+    folder
+        Holds ``<range key>.zarr`` stores, each recording its ``spot_range`` [start, stop) in its attributes.
+    expected
+        ``{range key: (start, stop)}`` of the current scheme.
+
+    Returns
+    -------
+    (dict, list)
+        The complete stores whose key and bounds are expected, and a description of each other store found
+        (another scheme's bounds, an unexpected key, or incomplete).
+    """
+    folder = Path(folder)
+    current: dict[str, Path] = {}
+    stale: list[str] = []
+    for p in sorted(folder.glob("*.zarr")) if folder.is_dir() else []:
+        if not is_complete(p):
+            stale.append(f"{p.stem} (incomplete)")
+            continue
+        bounds = tuple((read_attrs(p).get(MARKER_ATTR, {}) or {}).get("spot_range", ()))
+        if p.stem in expected and bounds == tuple(expected[p.stem]):
+            current[p.stem] = p
+        else:
+            stale.append(f"{p.stem} (spots {list(bounds) or '?'})")
+    return current, stale

@@ -2,11 +2,13 @@
 
 An asset's version is a hash of the source files of the modules / subpackages it uses (and of its own wiring
 module), so editing a stage's science marks that asset, and what depends on it, stale in Dagster, while unrelated
-assets keep their version.
+assets keep their version. Each file is hashed through its syntax tree with docstrings removed, so comments,
+docstrings and formatting do not make results stale; only code does.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 from functools import cache
 from pathlib import Path
@@ -38,15 +40,46 @@ def _files(root: Path, rel: str) -> list[Path]:
     raise FileNotFoundError(f"code version: {p} does not exist (update SCIENCE in {__file__})")
 
 
+def _code_of(path: Path) -> bytes:
+    """The code of a Python file without comments, docstrings or formatting (its syntax tree, dumped)."""
+    tree = ast.parse(path.read_bytes(), filename=str(path))
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (
+            isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree, annotate_fields=False).encode()
+
+
 def source_hash(paths: tuple[str, ...] | list[str], root: str | Path | None = None, salt: str = "") -> str:
-    """A short hash of the source files at ``paths`` (relative to the package folder ``root``), and ``salt``."""
+    """A short hash of the code of the source files at ``paths`` (relative to the package folder ``root``) and ``salt``.
+
+    Parameters
+    ----------
+    paths
+        Files or folders, relative to ``root``; folders contribute every ``.py`` file under them.
+    root
+        The package folder; default: this installed package.
+    salt
+        Mixed into the hash (the asset name, so two assets on the same sources differ).
+
+    Returns
+    -------
+    str
+        16 hexadecimal digits.
+    """
     root = Path(root) if root is not None else PACKAGE_ROOT
     h = hashlib.sha256(salt.encode())
     for rel in sorted(set(paths) | set(_SHARED)):
         for f in _files(root, rel):
             h.update(str(f.relative_to(root)).encode())
             h.update(b"\0")
-            h.update(f.read_bytes())
+            h.update(_code_of(f))
             h.update(b"\0")
     return h.hexdigest()[:16]
 

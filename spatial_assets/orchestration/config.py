@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..constants import Platform
+from ..io._validate import check_name
 from ..params import Parameters
 
 DEFAULT_CONFIG_NAME = "dagster_project.yaml"
@@ -28,24 +29,6 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-def check_name(v: str, what: str = "name") -> str:
-    """A name that becomes a folder or file name under ``storage_root`` (samples, references, slices groups,
-    landing folders): non-empty, no path separators or characters that could escape or confuse a path."""
-    if (
-        not isinstance(v, str)
-        or not v
-        or v in (".", "..")
-        or v.startswith(".")
-        or any(c in v for c in '/\\|:*?"<> \t\n')
-        or not v.isprintable()
-    ):
-        raise ValueError(
-            f"{what} {v!r}: must be non-empty and printable, without '/', '\\', '|', ':', '*', '?', "
-            "quotes, '<', '>', spaces or a leading '.'"
-        )
-    return v
 
 
 class _Named(_Strict):
@@ -271,9 +254,14 @@ def load_config(path: str | os.PathLike | None = None, *, check_files: bool = Tr
     if not path.is_file():
         raise ConfigError(f"{path}: project config file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if raw is None:
+        raise ConfigError(
+            f"{path}: the project config file is empty; expected a mapping with at least 'references' and "
+            "'samples' (see README, dagster_project.yaml)"
+        )
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
     try:

@@ -11,12 +11,89 @@ up to date (current code version, materialized after their inputs) are skipped u
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
 RUN_TAGS = {"spatial_assets/launched_by": "make demo"}
+PID_TAG = "spatial_assets/pid"
+_SIGNALLED: list[int] = []  # the signals received while materializing (a run that then fails stops the graph)
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """SIGTERM (a scheduler, a container runtime, ``timeout``) is handled like Ctrl-C: the step in flight is
+    interrupted through Dagster's interrupt handling (the run is marked failed, no store is renamed into place)."""
+
+    def on_term(signum, frame):
+        _SIGNALLED.append(signum)
+        handler = signal.getsignal(signal.SIGINT)  # Dagster's own while a run executes, else Python's
+        if callable(handler) and handler not in (signal.SIG_IGN, signal.SIG_DFL):
+            handler(signal.SIGINT, frame)
+        else:
+            raise KeyboardInterrupt
+
+    try:
+        before = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def mark_dead_runs_failed(instance, log=print) -> list[str]:
+    """Runs left STARTING / STARTED by a process that no longer exists (kill -9, OOM, a lost machine) are
+    reported failed, so the instance never shows them running for good. Returns their run ids.
+
+    Runs launched by :func:`materialize_graph` carry their process id; others (launched by a daemon or the UI)
+    are left to Dagster's run monitoring (``run_monitoring`` in ``dagster.yaml``)."""
+    import dagster as dg
+
+    from ..io._stores import _pid_alive
+
+    dead = []
+    for run in instance.get_runs(
+        filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING])
+    ):
+        pid = run.tags.get(PID_TAG, "")
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            instance.report_run_failed(
+                run, message=f"the process running it (pid {pid}) is gone; marked failed at start"
+            )
+            dead.append(run.run_id)
+    if dead:
+        log(f"[spatial_assets] marked {len(dead)} run(s) left STARTED by a dead process as failed: {dead}")
+    return dead
+
+
+def range_up_to_date(cfg, sample: str, range_key: str) -> bool:
+    """A decomposed spot range is up to date: its store is complete, of the current partition scheme and code
+    version, and newer than its inputs (slide, typed cells, score checkpoint)."""
+    from .. import io as sio
+    from .code_versions import code_version
+    from .partitions import range_bounds
+    from .stores import Stores
+
+    st = Stores(cfg.storage_root)
+    path = st.decomposed_range(sample, range_key)
+    if not sio.is_complete(path):
+        return False
+    info = sio.read_attrs(path).get(sio.MARKER_ATTR, {}) or {}
+    if list(info.get("spot_range", [])) != list(range_bounds(range_key, cfg.partitions.spot_range_size)):
+        return False
+    if info.get("code_version") != code_version("decomposed_cells"):
+        return False
+    ref = cfg.sample(sample).reference
+    inputs = [st.slide(sample), st.typed(sample).folder, st.checkpoint(ref).folder]
+    if not all(p.exists() for p in inputs):
+        return False
+    return path.stat().st_mtime >= max(p.stat().st_mtime for p in inputs)
 
 
 def _stages(cfg) -> list[tuple[str, str, object]]:
@@ -94,6 +171,7 @@ def materialize_graph(
     defs = build_definitions(cfg)
     repo = defs.get_repository_def()
     instance = dg.DagsterInstance.get()
+    mark_dead_runs_failed(instance, log)
     reg = register_partitions(instance, cfg)
     if any(reg.values()):
         log(f"[spatial_assets] registered partitions: { {k: v for k, v in reg.items() if v} }")
@@ -109,7 +187,11 @@ def materialize_graph(
         selection = None
         if not force:
             outdated, _ = outdated_partitions(instance, repo, cfg, job_name)
-            if key not in outdated:
+            # a decomposed range whose store is current (code, partition scheme, inputs) is kept as well
+            kept = job_name == "decomposition_job" and range_up_to_date(
+                cfg, pk.keys_by_dimension["sample"], pk.keys_by_dimension["spot_range"]
+            )
+            if key not in outdated or kept:
                 timings[label] = 0.0
                 log(f"[spatial_assets] {label:<52s} up to date (skipped; --force re-runs it)")
                 if stages_out is not None:
@@ -130,7 +212,7 @@ def materialize_graph(
             instance=instance,
             asset_selection=selection,
             raise_on_error=False,
-            tags=RUN_TAGS,
+            tags={**RUN_TAGS, PID_TAG: str(os.getpid())},
         )
         timings[label] = round(time.time() - t0, 1)
         checks = failed_check_lines(instance, res.run_id)
@@ -142,6 +224,8 @@ def materialize_graph(
             stages_out.append(
                 {"stage": label, "job": job_name, "partition": key, "status": status, "seconds": timings[label]}
             )
+        if _SIGNALLED:
+            raise KeyboardInterrupt
         if not res.success:
             for ev in res.all_events:
                 if ev.is_step_failure and ev.event_specific_data.error:
@@ -260,7 +344,12 @@ def main(argv=None) -> int:
     print(f"[spatial_assets] config: {cfg_path}")
     build_demo_data(cfg_path)
     stages: list[dict] = []
-    materialize_graph(cfg_path, force=args.force, verbose=args.verbose, stages_out=stages)
+    try:
+        with stop_on_sigterm():
+            materialize_graph(cfg_path, force=args.force, verbose=args.verbose, stages_out=stages)
+    except KeyboardInterrupt:
+        print("[spatial_assets] interrupted (SIGINT / SIGTERM): the step in flight was abandoned", flush=True)
+        return 130
     from .config import load_config
 
     cfg = load_config(cfg_path)

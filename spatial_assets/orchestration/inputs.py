@@ -22,8 +22,14 @@ def reference_data(context: dg.AssetExecutionContext, project: ProjectResource) 
     policy, ``parameters.cell_typing.small_types``) applied before anything is trained; stored as AnnData zarr."""
     ref = project.reference(context.partition_key)
     adata = sio.load_reference(ref.path, ref.cell_type_key)
-    adata, types_report = celltyping.prepare_reference_types(
-        adata, ref.cell_type_key, project.config.parameters.cell_typing, ref.class_key
+    try:  # >= 2 types with >= min_cells_per_type cells, checked here, before minutes of score-model training
+        adata, types_report = celltyping.prepare_reference_types(
+            adata, ref.cell_type_key, project.config.parameters.cell_typing, ref.class_key
+        )
+    except celltyping.SmallTypesError as e:
+        raise sio.InputError(f"{ref.path}: {e}") from None
+    sio.check_cell_types(
+        adata, ref.cell_type_key, project.config.parameters.cell_typing.min_cells_per_type, str(ref.path)
     )
     for msg in types_report.get("messages", []):
         context.log.warning(msg)
@@ -49,9 +55,24 @@ def slide_inputs(context: dg.AssetExecutionContext, project: ProjectResource) ->
     scale factors, and that the image covers the spots."""
     s = project.sample(context.partition_key)
     loaded = sio.load_slide(s.spatial, s.platform, s.image, name=s.name)
+    ref = project.reference_of(s.name)
+    ref_store = project.stores.reference(ref.name)
+    ref_genes = sio.read_anndata(ref_store).var_names if sio.is_complete(ref_store) else sio.gene_names(ref.path)
+    shared = sio.check_shared_genes(
+        loaded.slide.var_names,
+        ref_genes,
+        str(s.spatial),
+        str(ref.path),
+        project.params(s.name).cell_typing.min_shared_genes,
+    )
     loaded.slide.uns["sample"].update(z=s.z, slices=s.slices or "none")
     report = Report(context.log.warning)
-    report.value(**loaded.info)
+    report.value(**loaded.info, shared_genes=shared)
+    if loaded.info.get("zero_count_spots_skipped"):
+        context.log.warning(
+            f"{s.spatial}: {loaded.info['zero_count_spots_skipped']} spots with zero counts skipped "
+            f"(e.g. {loaded.info['zero_count_spots_examples']})"
+        )
     if loaded.image is not None:
         ipath = sio.write_arrays(
             {"image": loaded.image},

@@ -34,7 +34,9 @@ class ProjectResource(dg.ConfigurableResource):
 
     @cached_property
     def stores(self) -> Stores:
-        return Stores(self.config.storage_root)
+        from ..io._validate import ensure_storage_root
+
+        return Stores(ensure_storage_root(self.config.storage_root))
 
     def params(self, sample: str | None = None) -> Parameters:
         """The parameters of a sample (global ones with its overrides), or the global ones."""

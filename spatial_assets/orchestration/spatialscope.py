@@ -14,7 +14,14 @@ from .. import io as sio
 from ..constants import UNASSIGNED, Platform
 from .code_versions import code_version
 from .metadata import Report, check_result, name_items
-from .partitions import decomposition_partitions, range_bounds, references_partitions, samples_partitions
+from .partitions import (
+    decomposition_partitions,
+    n_ranges,
+    range_bounds,
+    range_key,
+    references_partitions,
+    samples_partitions,
+)
 from .preflight import accuracy_warnings
 from .resources import CPU_OP_TAGS, GPU_OP_TAGS, ComputeResource, ProjectResource
 from .retries import run_with_transient_retries, scaled
@@ -89,6 +96,9 @@ def segmented_slide(
                 image, res.labels, res.spots, segmentation.spot_diameter_px(slide), cells=res.cells
             ),
         )
+    _, problem = sio.spots_with_nuclei_problem(res.spots["n_cells"].to_numpy(), s.name)
+    if problem:
+        context.log.warning(problem)
     report.value(method=res.info.get("method"), seconds=round(time.time() - t0, 1), cells=len(res.cells), **res.summary)
     report.folder(out.folder)
     report.store(out.cells, "cells_")
@@ -101,18 +111,21 @@ def segmented_slide(
 @dg.asset_check(
     asset=segmented_slide,
     blocking=True,
-    description="cells per spot within 0..max_cells_per_spot and at least one spot with cells",
+    description="cells per spot within 0..max_cells_per_spot, and nuclei in at least half the spots "
+    "(fewer: coordinates off the tissue, e.g. x / y swapped)",
 )
 def cells_per_spot_in_range(context: dg.AssetCheckExecutionContext, project: ProjectResource):
     sample = context.partition_key
     spots = sio.read_dataframe(project.stores.segmented(sample).spots)
-    return cells_per_spot_result(spots, project.params(sample).segmentation.max_cells_per_spot)
+    return cells_per_spot_result(spots, project.params(sample).segmentation.max_cells_per_spot, sample)
 
 
-def cells_per_spot_result(spots: pd.DataFrame, cap: int) -> dg.AssetCheckResult:
-    """``cells_per_spot_in_range`` of a segmented slide's spots table (``n_cells`` per spot)."""
+def cells_per_spot_result(spots: pd.DataFrame, cap: int, sample: str = "") -> dg.AssetCheckResult:
+    """``cells_per_spot_in_range`` of a segmented slide's spots table (``n_cells`` per spot) of ``sample``."""
     n = spots["n_cells"].to_numpy()
-    ok = bool((n >= 0).all() and (n <= cap).all() and (n > 0).any())
+    # < half the spots with a nucleus: most spots lie off the tissue in the image (x / y swapped? wrong scale?)
+    frac, problem = sio.spots_with_nuclei_problem(n, sample)
+    ok = bool((n >= 0).all() and (n <= cap).all() and (n > 0).any() and problem is None)
     over = np.flatnonzero(n > cap)[np.argsort(-n[n > cap], kind="stable")]
     problems = []
     if len(over):
@@ -123,6 +136,8 @@ def cells_per_spot_result(spots: pd.DataFrame, cap: int) -> dg.AssetCheckResult:
         problems.append(f"negative cell counts at spot(s) {name_items(spots.index[n < 0], n[n < 0])}")
     if len(n) == 0 or not (n > 0).any():
         problems.append(f"no spot of the {len(n)} holds a cell (nothing segmented inside the spots)")
+    elif problem:
+        problems.append(problem)
     return check_result(
         ok,
         f"all {len(n)} spots hold 0..{cap} cells",
@@ -270,18 +285,19 @@ def score_checkpoint(
     dev = _device(compute, context, report)
     out = project.stores.checkpoint(ref.name)
     t0 = time.time()
+    # periodic saves go to a separate state folder (resumable); the checkpoint folder itself is written once,
+    # atomically, with `.complete` last, so a killed retrain never leaves a half-trained model looking complete
     model = run_with_transient_retries(
         context,
         lambda scale: generative.train_score_model(
             reference,
             ref.cell_type_key,
             params.model_copy(update={"batch_size": scaled(params.batch_size, scale)}),
-            out.folder,
+            project.stores.checkpoint_state(ref.name),
             device=dev,
             log=context.log.info,
         ),
     )
-    (out.folder / ".complete").write_text(json.dumps({"complete": True, "written_at": time.time()}))
     report.value(
         seconds=round(time.time() - t0, 1),
         genes=len(model.genes),
@@ -298,7 +314,12 @@ def score_checkpoint(
         q = {"passed": False, "reason": f"quality evaluation failed: {type(e).__name__}: {e}"}
         context.log.warning(q["reason"])
     arrays = {k: q.pop(k) for k in ("samples", "real", "type_idx") if k in q}
-    out.quality.write_text(json.dumps(q))
+
+    def write_checkpoint(tmp):
+        model.save(tmp)
+        (tmp / out.quality.name).write_text(json.dumps(q))
+
+    sio.write_directory(out.folder, write_checkpoint)
     if arrays:
         report.figure(
             "real_vs_generated",
@@ -370,7 +391,10 @@ def decomposed_cells(
     report = Report(context.log.warning)
     dev = _device(compute, context, report)
     model = generative.ScoreModel.load(ckpt, device=dev)
-    model.check_compatible(cell_type_key=ref.cell_type_key)
+    # the checkpoint must have been trained on this very reference (fingerprint), not one with the same genes
+    model.check_compatible(
+        reference=sio.read_anndata(project.stores.reference(ref.name)), cell_type_key=ref.cell_type_key
+    )
     dparams = project.params(sample).decomposition
     for w in accuracy_warnings(project.params(sample), f"samples.{sample}.parameters"):
         context.log.warning(w)
@@ -390,7 +414,9 @@ def decomposed_cells(
         ),
     )
     path = sio.write_anndata(
-        res.adata, project.stores.decomposed_range(sample, rkey), info={"spot_range": [start, stop]}
+        res.adata,
+        project.stores.decomposed_range(sample, rkey),
+        info={"spot_range": [start, stop], "code_version": code_version("decomposed_cells")},
     )
     if res.adata.n_obs:
         report.figure("decomposed_maps", lambda: pl.decomposed_maps(slide, res.adata), "spots vs decomposed cells")
@@ -455,16 +481,22 @@ def decomposed_cells_by_sample(context: dg.AssetExecutionContext, project: Proje
     """All decomposed spot ranges of a sample combined into one AnnData of every cell."""
     sample = context.partition_key
     folder = project.stores.decomposed_ranges(sample)
-    done = {p.stem: p for p in sorted(folder.glob("*.zarr")) if sio.is_complete(p)} if folder.exists() else {}
-    if not done:
-        raise FileNotFoundError(f"{folder}: no decomposed spot range of sample '{sample}' is materialized yet")
-    combined = decomposition.combine_ranges({k: sio.read_anndata(p) for k, p in done.items()})
+    slide = sio.read_anndata(project.stores.slide(sample))
+    size = project.config.partitions.spot_range_size
+    expected = {range_key(i): range_bounds(range_key(i), size) for i in range(n_ranges(slide.n_obs, size))}
+    paths, stale = sio.current_range_stores(folder, expected)
+    ranges = {k: sio.read_anndata(p) for k, p in paths.items()}
+    if stale:
+        context.log.warning(
+            f"{folder}: ignoring {len(stale)} range store(s) not of the current partition scheme "
+            f"(spot_range_size={size}): {', '.join(stale)}"
+        )
+    combined = decomposition.combine_ranges(ranges, expected_ranges=list(expected), slide=slide, source=str(folder))
     path = sio.write_anndata(combined, project.stores.decomposed(sample))
     report = Report(context.log.warning)
     if combined.n_obs:
-        slide = sio.read_anndata(project.stores.slide(sample))
         report.figure("decomposed_maps", lambda: pl.decomposed_maps(slide, combined), "spots vs decomposed cells")
         report.figure("decomposition_summary", lambda: pl.decomposition_summary(combined))
-    report.value(cells=combined.n_obs, spot_ranges=", ".join(done))
+    report.value(cells=combined.n_obs, spot_ranges=", ".join(ranges), stale_range_stores_ignored=len(stale))
     report.store(path)
     return report.result()

@@ -5,7 +5,8 @@
     <root>/slide_image/<sample>.zarr                chunked H&E image
     <root>/segmented_slide/<sample>/{labels,cells,spots}.zarr
     <root>/typed_cells/<sample>/{cells,weights,platform_effect[,beads]}.zarr
-    <root>/score_checkpoint/<reference>/            model.safetensors + config.json (+ quality.json)
+    <root>/score_checkpoint/<reference>/            model.safetensors + config.json + quality.json + .complete
+    <root>/score_checkpoint_state/<reference>/      resumable training state (train_state.safetensors, saves)
     <root>/decomposed_cells/<sample>/<range>.zarr   AnnData per spot range
     <root>/decomposed_cells_by_sample/<sample>.zarr AnnData of all ranges
     <root>/enhanced_subspots/<sample>.zarr          AnnData of sub-spots
@@ -19,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..io._validate import check_name
+
 
 class Asset:
     """Asset names (also the top-level folders of ``storage_root``)."""
@@ -29,6 +32,7 @@ class Asset:
     SEGMENTED_SLIDE = "segmented_slide"
     TYPED_CELLS = "typed_cells"
     SCORE_CHECKPOINT = "score_checkpoint"
+    SCORE_CHECKPOINT_STATE = "score_checkpoint_state"  # resumable training state, kept apart from the checkpoint
     DECOMPOSED_CELLS = "decomposed_cells"
     DECOMPOSED_CELLS_BY_SAMPLE = "decomposed_cells_by_sample"
     ENHANCED_SUBSPOTS = "enhanced_subspots"
@@ -90,13 +94,17 @@ class CheckpointStores:
 
 
 class Stores:
-    """Store paths under one ``storage_root``."""
+    """Store paths under one ``storage_root``. Every name is checked with :func:`spatial_assets.io.check_name`
+    (a partition key added by hand, e.g. ``../x``, cannot address a path outside ``storage_root``)."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
     def _file(self, asset: str, name: str, suffix: str = ".zarr") -> Path:
-        return self.root / asset / f"{name}{suffix}"
+        return self.root / asset / f"{check_name(name, f'{asset} name')}{suffix}"
+
+    def _folder(self, asset: str, name: str) -> Path:
+        return self.root / asset / check_name(name, f"{asset} name")
 
     def reference(self, reference: str) -> Path:
         return self._file(Asset.REFERENCE_DATA, reference)
@@ -108,20 +116,24 @@ class Stores:
         return self._file(Asset.SLIDE_IMAGE, sample)
 
     def segmented(self, sample: str) -> SegmentedStores:
-        return SegmentedStores(self.root / Asset.SEGMENTED_SLIDE / sample)
+        return SegmentedStores(self._folder(Asset.SEGMENTED_SLIDE, sample))
 
     def typed(self, sample: str) -> TypedStores:
-        return TypedStores(self.root / Asset.TYPED_CELLS / sample)
+        return TypedStores(self._folder(Asset.TYPED_CELLS, sample))
 
     def checkpoint(self, reference: str) -> CheckpointStores:
-        return CheckpointStores(self.root / Asset.SCORE_CHECKPOINT / reference)
+        return CheckpointStores(self._folder(Asset.SCORE_CHECKPOINT, reference))
+
+    def checkpoint_state(self, reference: str) -> Path:
+        """The folder of a reference's resumable training state (never read as a checkpoint)."""
+        return self._folder(Asset.SCORE_CHECKPOINT_STATE, reference)
 
     def decomposed_ranges(self, sample: str) -> Path:
         """The folder of a sample's decomposed spot ranges."""
-        return self.root / Asset.DECOMPOSED_CELLS / sample
+        return self._folder(Asset.DECOMPOSED_CELLS, sample)
 
     def decomposed_range(self, sample: str, range_key: str) -> Path:
-        return self.decomposed_ranges(sample) / f"{range_key}.zarr"
+        return self.decomposed_ranges(sample) / f"{check_name(range_key, 'spot range key')}.zarr"
 
     def decomposed(self, sample: str) -> Path:
         return self._file(Asset.DECOMPOSED_CELLS_BY_SAMPLE, sample)

@@ -13,14 +13,48 @@ UNASSIGNED_COLOUR = (0.75, 0.75, 0.75, 1.0)
 
 
 def new_figure(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float] = (6, 4), **subplot_kw):
-    """A Matplotlib ``Figure`` (not registered with pyplot, so it never needs a GUI backend) and its axes."""
+    """A Matplotlib figure and its axes, built without pyplot.
+
+    The figure is not registered with pyplot, so creating it never selects a GUI backend; it uses the
+    "constrained" layout.
+
+    Parameters
+    ----------
+    nrows, ncols : int, default 1
+        Grid of subplots.
+    figsize : tuple of float, default (6, 4)
+        Figure size in inches.
+    **subplot_kw
+        Passed on to :meth:`matplotlib.figure.Figure.subplots` (e.g. ``squeeze=False``, ``sharex=True``).
+
+    Returns
+    -------
+    fig : matplotlib.figure.Figure
+        The new figure.
+    axes : matplotlib.axes.Axes or numpy.ndarray
+        Its axes, as returned by ``Figure.subplots``.
+    """
     fig = Figure(figsize=figsize, layout="constrained")
     axes = fig.subplots(nrows, ncols, **subplot_kw)
     return fig, axes
 
 
 def type_palette(types: Sequence[str]) -> dict[str, tuple]:
-    """Distinct colours for up to 102 types (scanpy's palettes: 20, 28 or 102 colours), grey for unassigned."""
+    """Distinct colours for cell types, grey for unassigned.
+
+    Types are sorted by name and coloured from scanpy's palettes (20, 28 or 102 colours, the smallest that holds
+    them; beyond 102 types colours repeat). :data:`spatial_assets.constants.UNASSIGNED` always maps to light grey.
+
+    Parameters
+    ----------
+    types : sequence of str
+        Type names (duplicates and the unassigned label are allowed).
+
+    Returns
+    -------
+    dict
+        ``{type name: RGBA tuple}`` for every distinct type, plus the unassigned label.
+    """
     from matplotlib.colors import to_rgba
     from scanpy.plotting import palettes
 

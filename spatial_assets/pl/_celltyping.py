@@ -18,22 +18,32 @@ def cell_types(
     point_size: float | None = None,
     ax=None,
 ) -> Figure:
-    """Scatter of cells at (x, y) coloured by ``type_col`` (image orientation: y down); unassigned in grey.
+    """Scatter of cells at (x, y) coloured by type (image orientation: y down); unassigned in grey.
 
     Parameters
     ----------
-    cells
+    cells : pandas.DataFrame
         A table with columns ``x``, ``y`` (full-resolution pixels) and ``type_col``.
-    type_col
-        The column of types; colours from scanpy's palettes (distinct up to 102 types).
-    title, max_legend, point_size
-        Title; no legend above ``max_legend`` types; marker size (default: from the number of cells).
-    ax
-        Draw into this Matplotlib axes (e.g. in a notebook); a new figure otherwise.
+    type_col : str, default "cell_type"
+        The column of types; colours from :func:`type_palette` (distinct up to 102 types).
+    title : str, default "Cell types"
+        Axes title (the number of cells is appended).
+    max_legend : int, default 60
+        No legend when there are more types than this.
+    point_size : float, optional
+        Marker size; by default from the number of cells (``4000 / n`` clipped to 0.5..30).
+    ax : matplotlib.axes.Axes, optional
+        Draw into this axes (e.g. in a notebook); a new figure otherwise.
 
     Returns
     -------
-    The figure drawn into.
+    matplotlib.figure.Figure
+        The figure drawn into.
+
+    Raises
+    ------
+    ValueError
+        If ``cells`` lacks ``x``, ``y`` or ``type_col``.
     """
     for c in ("x", "y", type_col):
         if c not in cells.columns:
@@ -70,9 +80,32 @@ def cell_types(
 def spot_proportions(
     weights: pd.DataFrame, spot_xy: np.ndarray | pd.DataFrame, max_types: int = 12, title: str = "Spot proportions"
 ) -> Figure:
-    """Per-type maps of the spot proportions (``weights`` spots x types, rows summing to 1) at ``spot_xy``.
+    """Per-type maps of the spot proportions, one panel per type.
 
-    Shows the ``max_types`` types with the largest total proportion, one panel each (colour = proportion 0..1).
+    Shows the ``max_types`` types with the largest total proportion (colour = proportion, 0..1), four panels a
+    row, image orientation (y down).
+
+    Parameters
+    ----------
+    weights : pandas.DataFrame
+        Spots x types proportions (rows summing to 1), e.g. RCTD weights.
+    spot_xy : numpy.ndarray or pandas.DataFrame
+        Spot centres: an ``(n_spots, 2)`` array in the row order of ``weights``, or a DataFrame indexed by spot
+        name (its two columns are read at ``weights.index``).
+    max_types : int, default 12
+        Number of types shown.
+    title : str, default "Spot proportions"
+        Figure title (numbers of spots and types are appended).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The figure.
+
+    Raises
+    ------
+    ValueError
+        If ``spot_xy`` does not have one (x, y) row per row of ``weights``.
     """
     xy = np.asarray(
         spot_xy.loc[weights.index].to_numpy() if isinstance(spot_xy, pd.DataFrame) else spot_xy, dtype=float
@@ -102,8 +135,21 @@ def spot_proportions(
 
 
 def slices_side_by_side(view: pd.DataFrame, title: str = "Slices by height (um)") -> Figure:
-    """The typed cells of aligned slices (a :func:`spatial_assets.platforms.combined_view` table: x_um, y_um,
-    z_um, slice, cell_type) side by side in micrometres, ordered by height."""
+    """The typed cells of aligned slices side by side in micrometres, ordered by height.
+
+    Parameters
+    ----------
+    view : pandas.DataFrame
+        A :func:`spatial_assets.platforms.combined_view` table with columns ``x_um``, ``y_um``, ``z_um``,
+        ``slice`` and ``cell_type``.
+    title : str, default "Slices by height (um)"
+        Axes title.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        A :func:`cell_types` figure with the slices laid out left to right by increasing ``z_um``.
+    """
     width = float(view["x_um"].max() - view["x_um"].min()) * 1.1 + 1.0
     z = view.groupby("slice", observed=True)["z_um"].first().sort_values()
     order = {n: i for i, n in enumerate(z.index)}

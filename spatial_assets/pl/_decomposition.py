@@ -17,8 +17,24 @@ def _adata(result) -> ad.AnnData:
 
 
 def decomposition_summary(result, gene: str | None = None) -> Figure:
-    """Three panels: per-spot relative reconstruction error, per-cell replicate spread, and the cells at their
-    positions coloured by one gene's decomposed expression (default: the most variable observed gene)."""
+    """Three panels summarising a decomposition.
+
+    (1) Histogram of the per-spot relative reconstruction error (``obs['spot_rel_error']``), (2) histogram of the
+    per-cell replicate spread (``obs['replicate_spread']``), (3) the cells at their positions coloured by one
+    gene's decomposed expression (log1p). An empty result gives blank panels with its ``empty_reason``.
+
+    Parameters
+    ----------
+    result : anndata.AnnData or object with an ``adata`` attribute
+        The decomposition's cells x genes AnnData (or a result object holding it as ``.adata``).
+    gene : str, optional
+        Gene of the third panel; by default the observed gene (``var['in_slide']``) of largest log1p variance.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The figure.
+    """
     a = _adata(result)
     fig, ax = new_figure(1, 3, figsize=(13, 3.8))
     if a.n_obs == 0:
@@ -49,7 +65,24 @@ def decomposition_summary(result, gene: str | None = None) -> Figure:
 def truth_comparison(
     result, truth_scaled: np.ndarray, baseline: np.ndarray | None = None, genes: Sequence[str] | None = None
 ) -> Figure:
-    """Decomposed vs true expression (log1p, cells x ``genes`` in the decomposition's scale), with a baseline."""
+    """Decomposed vs true expression (log1p scatter with the Pearson r), with a baseline panel beside it.
+
+    Parameters
+    ----------
+    result : anndata.AnnData or object with an ``adata`` attribute
+        The decomposition's cells x genes AnnData.
+    truth_scaled : numpy.ndarray
+        True expression, cells x genes in the same rows, columns and scale as ``result``.
+    baseline : numpy.ndarray, optional
+        A baseline prediction of the same shape (e.g. the type-mean baseline), drawn in a second panel.
+    genes : sequence of str, optional
+        Restrict to these genes (default: all).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        One panel per prediction (decomposed, then baseline).
+    """
     a = _adata(result)
     X = a.X.toarray() if sp.issparse(a.X) else np.asarray(a.X)
     cols = slice(None) if genes is None else a.var_names.get_indexer(list(genes))

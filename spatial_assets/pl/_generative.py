@@ -22,10 +22,39 @@ def real_vs_generated(
     title: str = "",
     seed: int = 0,
 ) -> Figure:
-    """Two panels (real | generated) of cells in one embedding fit on both, coloured by type; a Matplotlib Figure.
+    """Real and generated cells in one 2-D embedding, side by side, coloured by type.
 
-    ``method="pca"``: the first two principal components of the real cells (sklearn). ``"umap"``: scanpy's UMAP
-    on 30 PCs of the pooled cells (slower).
+    ``method="pca"``: the first two principal components of the real cells (scikit-learn), applied to both sets.
+    ``method="umap"``: scanpy's UMAP on up to 30 PCs of the pooled cells (slower).
+
+    Parameters
+    ----------
+    real : numpy.ndarray
+        ``(n, G)`` real (e.g. held-out) cells, in the same feature space as ``generated`` (e.g. log1p).
+    real_types : numpy.ndarray
+        ``(n,)`` integer type index of each real cell into ``type_names``.
+    generated : numpy.ndarray
+        ``(m, G)`` generated cells.
+    generated_types : numpy.ndarray
+        ``(m,)`` integer type index of each generated cell.
+    type_names : sequence of str
+        Names of the types.
+    method : {"pca", "umap"}, default "pca"
+        Embedding.
+    title : str, default ""
+        Figure title (none when empty).
+    seed : int, default 0
+        Random state of the PCA / UMAP.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Two panels (real | generated) sharing axes.
+
+    Raises
+    ------
+    ValueError
+        If the arrays are not 2-D with the same number of features, or ``method`` is unknown.
     """
     real, generated = np.asarray(real, float), np.asarray(generated, float)
     if real.ndim != 2 or generated.ndim != 2 or real.shape[1] != generated.shape[1]:

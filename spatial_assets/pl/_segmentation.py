@@ -23,11 +23,37 @@ def segmentation_qc(
     window_px: int = 400,
     title: str = "",
 ) -> Figure:
-    """a Matplotlib Figure: (1) thumbnail with spot circles coloured by kept cells, (2) label outlines over the H&E in a
-    ``window_px`` window centred on the spot with most cells, (3) histogram of cells per spot.
+    """Quality-control figure of a nuclei segmentation, in three panels.
 
+    (1) A thumbnail of the image with the spots coloured by the number of cells kept (QC-filtered spots as red
+    crosses), (2) label outlines over the image in a ``window_px`` window centred on the spot with most nuclei,
+    with spot circles and the kept cells, (3) histogram of nuclei per QC-passing spot (before the cap).
     ``image`` / ``labels`` may be numpy or array-likes (zarr): only strided thumbnails and one window are read.
-    ``spots`` is the spots table of :func:`spatial_assets.segmentation.assign_cells_to_spots`.
+
+    Parameters
+    ----------
+    image : array-like
+        ``(H, W, C)`` RGB(A) image, full resolution.
+    labels : array-like
+        ``(H, W)`` integer nucleus label image.
+    spots : pandas.DataFrame
+        The spots table of :func:`spatial_assets.segmentation.assign_cells_to_spots` (columns ``x``, ``y``,
+        ``qc_pass``, ``n_cells``, ``n_cells_raw``).
+    spot_diameter_px : float
+        Spot diameter in full-resolution pixels.
+    cells : pandas.DataFrame, optional
+        Kept cells (columns ``x``, ``y``), drawn in the window.
+    max_px : int, default 800
+        Longest side of the thumbnail in pixels.
+    window_px : int, default 400
+        Side of the zoomed window in pixels.
+    title : str, default ""
+        Figure title (none when empty).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The figure.
     """
     from matplotlib.patches import Circle
     from skimage.segmentation import find_boundaries

@@ -16,8 +16,23 @@ def _col(adata, gene) -> np.ndarray:
 
 
 def pick_markers(enhanced, n: int = 3) -> list[str]:
-    """The ``n`` features with the largest variance across sub-spots relative to their mean, among the well
-    expressed ones (mean in the top half of features), so a map never shows a near-zero gene."""
+    """Features worth mapping: the most variable ones among the well expressed.
+
+    Ranks the features whose mean is in the top half by coefficient of variation across sub-spots, so a map never
+    shows a near-zero gene.
+
+    Parameters
+    ----------
+    enhanced : anndata.AnnData
+        Enhanced sub-spots x features.
+    n : int, default 3
+        Number of features.
+
+    Returns
+    -------
+    list of str
+        The names of the ``n`` features of largest coefficient of variation.
+    """
     x = enhanced.X.toarray() if sp.issparse(enhanced.X) else np.asarray(enhanced.X)
     m = x.mean(0)
     expressed = m >= np.median(m) if len(m) else m > 0
@@ -26,7 +41,32 @@ def pick_markers(enhanced, n: int = 3) -> list[str]:
 
 
 def enhanced_maps(slide, enhanced, genes: list[str] | None = None, n_genes: int = 3) -> Figure:
-    """Rows = features; left: spot values at spot centres; right: enhanced sub-spot values. Image y axis down."""
+    """Spot-level vs enhanced sub-spot maps of a few features.
+
+    Rows = features; left: the spot values at the spot centres; right: the enhanced sub-spot values at the
+    sub-spot centres. Image orientation (y down); colour scale 0..99th percentile of each map.
+
+    Parameters
+    ----------
+    slide : anndata.AnnData
+        The spot-level slide (``obsm['spatial']``).
+    enhanced : anndata.AnnData
+        The enhanced sub-spots (``obsm['spatial']``), same features.
+    genes : list of str, optional
+        Features to map (those absent from either AnnData are skipped); default :func:`pick_markers`.
+    n_genes : int, default 3
+        Number of features picked when ``genes`` is None.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The figure.
+
+    Raises
+    ------
+    ValueError
+        If none of the features is in both AnnData objects.
+    """
     genes = list(genes) if genes is not None else pick_markers(enhanced, n_genes)
     genes = [g for g in genes if g in set(slide.var_names) and g in set(enhanced.var_names)]
     if not genes:
@@ -58,7 +98,23 @@ def enhanced_maps(slide, enhanced, genes: list[str] | None = None, n_genes: int 
 
 
 def loss_curves(info: dict) -> Figure:
-    """Training curves (VGAE loss; soScope reconstruction, KL, image regulariser) from ``EnhancementResult.info``."""
+    """Training curves of a soScope enhancement.
+
+    Left: the spot-level VGAE loss; right: soScope's reconstruction, KL and image-regulariser terms (symlog
+    scale), against the epoch.
+
+    Parameters
+    ----------
+    info : dict
+        ``EnhancementResult.info``: ``loss_history`` (a dict of lists with keys ``vgae_loss``, ``recon``, ``kl``,
+        ``reg``; missing or empty ones are skipped) and optionally ``loss_history_every`` (epochs between records,
+        default 1).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The figure.
+    """
     hist, every = info["loss_history"], info.get("loss_history_every", 1)
     fig, axes = new_figure(1, 2, figsize=(9, 3.2))
     if hist.get("vgae_loss"):

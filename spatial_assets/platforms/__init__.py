@@ -1,9 +1,9 @@
 """SpatialScope's other platforms: Slide-seq beads, MERFISH-like imaging, several aligned slices (3D).
 
 * Image-free platforms: :func:`cells_from_spots` (one cell per spot / bead / imaged cell).
-* Slide-seq: :func:`cells_from_beads` turns RCTD doublet-mode calls (:func:`spatial_assets.celltyping.classify_beads`) into 1 or 2
-  cells per bead (rejects dropped)
-  :func:`evaluate_beads` scores calls.
+* Slide-seq: :func:`cells_from_beads` turns RCTD doublet-mode calls
+  (:func:`spatial_assets.celltyping.classify_beads`) into 1 or 2 cells per bead (rejected beads give none);
+  :func:`evaluate_beads` scores the calls against a simulation's truth.
 * Imaging (MERFISH and alike): every cell is its own spot with a small measured panel; model genes absent from the
   slide get no spot term in the decomposition and are imputed.
   :func:`imputation_scores` compares imputed genes with the real counts (and two baselines);

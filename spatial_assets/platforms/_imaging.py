@@ -20,9 +20,28 @@ class PlatformInputError(ValueError):
 
 # ------------------------------------------------------------------------------------------------ image-free cells
 def cells_from_spots(slide: ad.AnnData, platform: str) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """One cell per spot at the spot's position (cell id ``<spot>_0``): the cells table of image-free platforms.
+    """One cell per spot at the spot's position: the cells table of image-free platforms.
 
-    Slide-seq doublets are split into two cells later, by cell typing's doublet mode.
+    Each spot (Slide-seq bead, imaged cell) becomes cell ``<spot>_0``; Slide-seq doublets are split into two cells
+    later, by cell typing's doublet mode (:func:`cells_from_beads`). Spots with no counts are marked as failing QC.
+
+    Parameters
+    ----------
+    slide : anndata.AnnData
+        Spots x genes counts with ``obsm['spatial']`` (x, y).
+    platform : str
+        Platform name, recorded in the summary.
+
+    Returns
+    -------
+    cells : pandas.DataFrame
+        Indexed by ``cell_id`` (``<spot>_0``), columns ``x``, ``y``, ``area`` (NaN), ``label`` (1..n), ``spot``,
+        ``spot_distance`` (0).
+    spots : pandas.DataFrame
+        Indexed by spot name, columns ``n_cells``, ``n_cells_raw`` (both 1), ``total_umi``, ``qc_pass``
+        (``total_umi > 0``).
+    summary : dict
+        ``cells_kept``, ``cells_outside_spots`` (0), ``spots_filtered`` (spots without counts) and ``platform``.
     """
     xy = np.asarray(slide.obsm["spatial"], dtype=float)[:, :2]
     names = slide.obs_names.astype(str)
@@ -54,8 +73,22 @@ def cells_from_spots(slide: ad.AnnData, platform: str) -> tuple[pd.DataFrame, pd
 def microns_per_pixel(slide: ad.AnnData, platform: str = Platform.VISIUM) -> tuple[float, str]:
     """Micrometres per coordinate unit of ``obsm['spatial']``, and how it was found.
 
-    ``uns['spatial'][lib]['scalefactors']['microns_per_pixel']`` when present; else for Visium 55 um /
-    ``spot_diameter_fullres``; else 1 (image-free platforms whose coordinates are usually micrometres).
+    In order: ``uns['spatial'][lib]['scalefactors']['microns_per_pixel']`` when present and positive; for Visium,
+    55 um / ``spot_diameter_fullres``; else 1 (image-free platforms, whose coordinates are usually micrometres).
+
+    Parameters
+    ----------
+    slide : anndata.AnnData
+        The slide (its first ``uns['spatial']`` library is read).
+    platform : str, default "visium"
+        A :class:`spatial_assets.constants.Platform` value.
+
+    Returns
+    -------
+    um_per_px : float
+        Micrometres per coordinate unit.
+    source : str
+        Which rule gave it (for metadata and logs).
     """
     lib = next(iter(slide.uns.get("spatial", {}) or {}), None)
     sf = (slide.uns["spatial"][lib].get("scalefactors", {}) if lib is not None else {}) or {}
@@ -67,8 +100,24 @@ def microns_per_pixel(slide: ad.AnnData, platform: str = Platform.VISIUM) -> tup
 
 
 def integer_counts(slide: ad.AnnData) -> tuple[ad.AnnData, dict]:
-    """The slide with X rounded to integers (imaging panels are often volume-normalised); info says how many
-    values changed and the largest change. A copy only when something changes."""
+    """The slide with its counts rounded to integers, for RCTD's Poisson likelihood.
+
+    Imaging panels (MERFISH and alike) are often volume-normalised, so their counts are not integers. The slide is
+    copied only when something changes (sparse zeros created by rounding are eliminated; a dense matrix becomes
+    float32).
+
+    Parameters
+    ----------
+    slide : anndata.AnnData
+        Spots x genes counts, dense or sparse ``X``.
+
+    Returns
+    -------
+    slide : anndata.AnnData
+        ``slide`` itself when every value is already an integer, else a rounded copy.
+    info : dict
+        ``values_rounded`` (number of stored values that changed) and ``max_rounding`` (largest absolute change).
+    """
     X = slide.X
     vals = X.data if sp.issparse(X) else np.asarray(X)
     r = np.round(vals)
@@ -105,13 +154,40 @@ def imputation_scores(
 ) -> dict:
     """Imputed genes against real counts, per gene (Pearson r across cells), on the raw count scale.
 
-    ``decomposed``: the decomposition's cells (obs spot_scale, cell_type; var platform_effect, in_slide; X in the
-    reference scale), brought back to counts by ``X x platform_effect / spot_scale``; ``truth``: real counts of the
-    same cells (obs names = the decomposition's cell ids or their spot names, as for one-cell spots). Baselines
-    (with ``reference``): each cell = its library (its total over the measured genes) times the reference's
-    pooled mean profile ('mean' baseline, library size only) or its called type's mean profile ('type_mean'),
-    each normalised over the measured genes. Returns per-gene r (linear and log1p), their medians, and
-    ``r_pooled_log1p`` (over all cell x gene entries: also scores each gene's level).
+    The decomposition's expression (reference scale) is brought back to counts by
+    ``X x platform_effect / spot_scale`` and compared with the real counts of the same cells. Baselines (with
+    ``reference``): each cell = its library (its total over the measured genes) times the reference's pooled mean
+    profile (``mean``, library size only) or its called type's mean profile (``type_mean``), each normalised over
+    the measured genes. Cells with non-finite predictions are left out.
+
+    Parameters
+    ----------
+    decomposed : anndata.AnnData
+        The decomposition's cells x genes (obs ``spot_scale``, ``cell_type``, ``spot``; var ``platform_effect``,
+        ``in_slide``; missing scale columns count as 1).
+    truth : anndata.AnnData
+        Real counts of the same cells; obs names are the decomposition's cell ids or their spot names (as for
+        one-cell spots).
+    genes : sequence of str
+        The held-out (imputed) genes to score; they must be in both ``decomposed`` and ``truth``.
+    reference : anndata.AnnData, optional
+        Single-cell reference (raw counts) for the two baselines; without it no baseline is computed.
+    reference_type_key : str, default "cell_type"
+        Column of ``reference.obs`` with the cell types.
+
+    Returns
+    -------
+    dict
+        ``cells``, ``genes``, ``r`` / ``r_log1p`` (per gene), ``r_median``, ``r_log1p_median``, ``r_pooled_log1p``
+        (over all cell x gene entries: also scores each gene's level) and, with ``reference``,
+        ``baseline_{mean,type_mean}_r`` (per gene), ``baseline_{...}_r_median`` and
+        ``baseline_{...}_r_log1p_median``.
+
+    Raises
+    ------
+    PlatformInputError
+        If a gene is missing, no cell is in common, ``reference_type_key`` is not a column, or (with a reference)
+        ``decomposed.var['in_slide']`` leaves no measured gene to scale the baselines by.
     """
     genes = [str(g) for g in genes]
     miss = [g for g in genes if g not in decomposed.var_names or g not in truth.var_names]

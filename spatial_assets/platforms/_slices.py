@@ -22,10 +22,33 @@ def stack_slices(
 ) -> tuple[ad.AnnData, pd.DataFrame]:
     """Join aligned slices into one slide and one cells table in micrometres, with a ``z`` column.
 
-    ``slices``: name -> (slide, cells) (cells indexed by cell id with x, y in the slide's pixels and spot);
-    ``z_um`` and ``um_per_px`` per name. Spot and cell names become ``<name>:<original>``; genes are those shared
-    by all slides; the joint slide's obsm['spatial'] and the cells' x, y, z are micrometres, so Potts neighbours
+    Spot and cell names become ``<name>:<original>`` (:data:`SLICE_SEP`); genes are those shared by all slides;
+    the joint slide's ``obsm['spatial']`` and the cells' ``x``, ``y``, ``z`` are micrometres, so Potts neighbours
     found on (x, y, z) are 3D neighbours. Slices must already be aligned (same x, y frame in micrometres).
+
+    Parameters
+    ----------
+    slices : mapping of str to (anndata.AnnData, pandas.DataFrame)
+        Slice name -> (slide, cells); cells indexed by cell id with ``x``, ``y`` in the slide's pixels and
+        ``spot`` (empty for cells outside spots). Names must not contain ``":"``.
+    z_um : mapping of str to float
+        Height of each slice in micrometres.
+    um_per_px : mapping of str to float
+        Micrometres per pixel of each slice.
+
+    Returns
+    -------
+    slide : anndata.AnnData
+        Joint spots x shared genes (CSR), ``obs['slice']``, ``obsm['spatial']`` in micrometres,
+        ``uns['spatial']`` with ``microns_per_pixel`` 1 and ``uns['slices']`` (names, z_um, um_per_px).
+    cells : pandas.DataFrame
+        Joint cells table (prefixed ids and spots, ``x``, ``y``, ``z`` in micrometres, ``slice``).
+
+    Raises
+    ------
+    PlatformInputError
+        If there is no slice, a name contains the separator, a slice lacks ``z_um`` or ``um_per_px``, or the
+        slides share no gene.
     """
     if not slices:
         raise PlatformInputError("slices: expected at least one slice")
@@ -75,9 +98,26 @@ def _strip(index: pd.Index, name: str) -> tuple[np.ndarray, pd.Index]:
 
 
 def unstack_result(result, name: str, um_per_px: float):
-    """One slice of a cell-typing result on stacked slices (:func:`stack_slices`): the slice's cells (original ids,
-    x, y back in its pixels, ``z_um``), weights and bead calls, with the same platform effect, profiles and sigma.
-    ``result`` is a :class:`spatial_assets.celltyping.CellTypingResult`."""
+    """One slice of a cell-typing result on stacked slices (:func:`stack_slices`).
+
+    Keeps the slice's cells (original ids and spots, ``x``, ``y`` back in its pixels, the height as ``z_um``),
+    weights, raw weights and bead calls; platform effect, profiles and sigma are shared by all slices and kept.
+
+    Parameters
+    ----------
+    result : spatial_assets.celltyping.CellTypingResult
+        Result of typing the stacked slide.
+    name : str
+        The slice to take out.
+    um_per_px : float
+        Micrometres per pixel of that slice.
+
+    Returns
+    -------
+    spatial_assets.celltyping.CellTypingResult
+        A copy restricted to the slice, with ``info['slices']`` (this slice, cells of all slices, cells of this
+        slice).
+    """
     cells = result.cells
     mine, idx = _strip(cells.index, name)
     c = cells.loc[mine].copy()
@@ -108,8 +148,28 @@ def unstack_result(result, name: str, um_per_px: float):
 def combined_view(
     slices: Mapping[str, pd.DataFrame], z_um: Mapping[str, float], um_per_px: Mapping[str, float]
 ) -> pd.DataFrame:
-    """The 3D table of typed cells of all slices: index ``<slice>:<cell id>``, columns slice, cell_id, x_um, y_um,
-    z_um, then every column of the per-slice tables (x, y stay in each slice's pixels)."""
+    """The 3D table of typed cells of all slices.
+
+    Parameters
+    ----------
+    slices : mapping of str to pandas.DataFrame
+        Slice name -> its typed cells table (``x``, ``y`` in the slice's pixels, ``cell_type``, ...).
+    z_um : mapping of str to float
+        Height of each slice in micrometres.
+    um_per_px : mapping of str to float
+        Micrometres per pixel of each slice.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Indexed ``<slice>:<cell id>``, columns ``slice``, ``cell_id``, ``x_um``, ``y_um``, ``z_um``, then every
+        column of the per-slice tables (``x``, ``y`` stay in each slice's pixels).
+
+    Raises
+    ------
+    PlatformInputError
+        If ``slices`` is empty.
+    """
     tables = []
     for name, cells in slices.items():
         f = float(um_per_px[name])
@@ -127,7 +187,22 @@ def combined_view(
 
 
 def cross_slice_fraction(coords: np.ndarray, slice_labels, k: int = 10) -> float:
-    """Fraction of the k-nearest-neighbour pairs (KD-tree on ``coords``, any dimension) that join two slices."""
+    """Fraction of k-nearest-neighbour pairs that join two different slices.
+
+    Parameters
+    ----------
+    coords : numpy.ndarray
+        ``(n, d)`` cell coordinates, any dimension (e.g. x, y, z in micrometres); KD-tree neighbours.
+    slice_labels : array-like
+        ``(n,)`` slice of each cell.
+    k : int, default 10
+        Neighbours per cell (capped at ``n - 1``).
+
+    Returns
+    -------
+    float
+        Fraction of the ``n x k`` (cell, neighbour) pairs whose slices differ; 0 for fewer than two cells.
+    """
     coords = np.asarray(coords, dtype=float)
     lab = pd.factorize(pd.Index(np.asarray(slice_labels).astype(str)))[0]
     n = len(coords)

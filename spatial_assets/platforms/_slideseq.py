@@ -14,14 +14,41 @@ from ._imaging import PlatformInputError
 def cells_from_beads(
     beads: pd.DataFrame, bead_xy, *, offset: float | None = None, seed: int = 0, bead_z=None
 ) -> tuple[pd.DataFrame, dict]:
-    """Cells of Slide-seq beads from RCTD doublet-mode calls: a singlet bead -> one cell ``<bead>_0`` of its first
-    type at the bead; a doublet (certain or uncertain) -> ``<bead>_0`` (first type) and ``<bead>_1`` (second type),
-    ``offset`` apart on either side of the bead along a random (seeded) direction; rejected beads give no cell.
+    """Cells of Slide-seq beads from RCTD doublet-mode calls.
 
-    ``beads``: index bead names, columns spot_class, first_type, second_type (+ optional confidence_first /
-    confidence_second, n_candidates); ``bead_xy`` (n_beads, 2) aligned with ``beads`` (or a DataFrame with x, y
-    indexed by bead); ``bead_z`` optional (n_beads,) heights copied to a ``z`` column. ``offset`` None = a quarter
-    of the median nearest-bead distance (~2.5 um for 10-um Slide-seq beads). Returns (cells, info).
+    A singlet bead gives one cell ``<bead>_0`` of its first type at the bead; a doublet (certain or uncertain)
+    gives ``<bead>_0`` (first type) and ``<bead>_1`` (second type), ``offset`` apart on either side of the bead
+    along a random (seeded) direction; rejected beads give no cell.
+
+    Parameters
+    ----------
+    beads : pandas.DataFrame
+        Doublet-mode calls (:func:`spatial_assets.celltyping.classify_beads`), indexed by bead name, columns
+        ``spot_class``, ``first_type``, ``second_type`` (+ optional ``confidence_first``, ``confidence_second``,
+        ``n_candidates``).
+    bead_xy : numpy.ndarray or pandas.DataFrame
+        ``(n_beads, 2)`` positions aligned with ``beads``, or a DataFrame with ``x``, ``y`` indexed by bead.
+    offset : float, optional
+        Distance between a doublet's two cells (unit of ``bead_xy``); None = a quarter of the median
+        nearest-bead distance (~2.5 um for 10-um Slide-seq beads), 1 for a single bead.
+    seed : int, default 0
+        Seed of the doublets' directions (recorded in ``info``).
+    bead_z : array-like, optional
+        ``(n_beads,)`` heights, copied to a ``z`` column (stacked slices).
+
+    Returns
+    -------
+    cells : pandas.DataFrame
+        Indexed by ``cell_id``, columns ``x``, ``y``, ``spot``, ``cell_type``, ``confidence``, ``spot_class``,
+        ``bead_cell`` (0 or 1) [, ``n_candidates``, ``z``].
+    info : dict
+        ``beads``, ``cells``, ``doublet_beads``, ``rejected_beads``, ``offset``, ``seed``.
+
+    Raises
+    ------
+    PlatformInputError
+        If columns are missing, positions are missing or misaligned, ``spot_class`` holds an unknown class, or
+        ``bead_z`` has the wrong length.
     """
     need = [c for c in ("spot_class", "first_type", "second_type") if c not in beads.columns]
     if need:
@@ -96,14 +123,36 @@ def cells_from_beads(
 
 
 def evaluate_beads(beads: pd.DataFrame, truth: pd.DataFrame, type_class: Mapping[str, str] | None = None) -> dict:
-    """Doublet-mode calls against the truth of :func:`simulate_beads` (beads matched by index).
+    """Doublet-mode calls against the truth of :func:`spatial_assets.datasets.simulate_beads`.
 
-    Singlet/doublet accuracy over non-rejected beads (certain and uncertain doublets count as doublets), reject
-    rate, and type recovery: per bead the multiset intersection of true types and called types (singlet -> the
-    first type; doublet -> both); ``type_recall`` = matched / true cells, ``type_precision`` = matched / called
-    cells; ``singlet_type_accuracy`` = true singlets called singlet with the right type / true singlets;
-    ``doublet_evidence_auc``: how well the beads' doublet evidence ranks true doublets above singlets. With
-    ``type_class`` (type -> class), recall / precision also at the class level (truth columns class1, class2).
+    Beads are matched by index. Singlet / doublet accuracy over non-rejected beads (certain and uncertain doublets
+    count as doublets), reject rate, and type recovery: per bead the multiset intersection of true types and
+    called types (singlet -> the first type; doublet -> both); ``type_recall`` = matched / true cells,
+    ``type_precision`` = matched / called cells; ``singlet_type_accuracy`` = true singlets called singlet with the
+    right type / true singlets; ``doublet_evidence_auc``: how well the beads' doublet evidence ranks true doublets
+    above singlets.
+
+    Parameters
+    ----------
+    beads : pandas.DataFrame
+        Calls: ``spot_class``, ``first_type``, ``second_type`` (+ optional ``doublet_evidence``).
+    truth : pandas.DataFrame
+        Truth: ``n_cells`` (1 or 2), ``type1``, ``type2`` (+ ``class1``, ``class2`` for class-level scores).
+    type_class : mapping of str to str, optional
+        Type -> class; with it, recall / precision also at the class level.
+
+    Returns
+    -------
+    dict
+        ``beads``, ``true_doublet_fraction``, ``reject_rate``, ``class_accuracy``, ``doublet_recall``,
+        ``singlet_recall``, ``type_recall``, ``type_precision``, ``singlet_type_accuracy``,
+        ``doublet_first_type_accuracy``, ``called`` (counts per class), optionally ``doublet_evidence_auc`` and
+        ``class_level_type_recall`` / ``class_level_type_precision``. NaN where a rate has no beads.
+
+    Raises
+    ------
+    PlatformInputError
+        If ``beads`` and ``truth`` share no bead name.
     """
     common = beads.index.intersection(truth.index)
     if len(common) == 0:
