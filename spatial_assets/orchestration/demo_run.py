@@ -337,6 +337,7 @@ def main(argv=None) -> int:
     if not args.verbose:
         import warnings
 
+        warnings.filterwarnings("ignore", message="zarr v3 autosharding will be the default")
         warnings.filterwarnings("ignore", message="Automatic shard shape inference is experimental")
         warnings.filterwarnings("ignore", module="tensorflow")
 
