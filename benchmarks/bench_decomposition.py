@@ -93,7 +93,7 @@ def accuracy(quick: bool = False, workdir: Path | None = None) -> dict:
         }
     )
     stride = 4 if quick else 1
-    params = DecompositionParams(level_stride=stride, seed=0)
+    params = DecompositionParams(estimator="langevin", level_stride=stride, seed=0)
     inp = prepare_spots(slide, cells, net, cell_type_key="cell_type")
     out.update(
         cells=inp.n_cells,
@@ -217,7 +217,7 @@ def _speed_child(n_spots: int, cells_per_spot: int, n_genes: int, stride: int, w
     inp = prepare_spots(slide, cells, model)
     rss_before = _rss_mb("VmRSS")
     reset = _reset_peak()
-    res = decompose(inp, model, DecompositionParams(level_stride=stride))
+    res = decompose(inp, model, DecompositionParams(estimator="langevin", level_stride=stride))
     peak = _rss_mb("VmHWM")
     info = res.info
     full_steps = len(model.sigmas) * model.steps_per_level + 1

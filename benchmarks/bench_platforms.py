@@ -236,7 +236,9 @@ def imaging(truth, ref, quick: bool) -> dict:
         for name, model, R in runs:
             inputs = dec.prepare_spots(slide, typed_cells, model, typed.platform_effect)
             t = time.perf_counter()
-            res = dec.decompose(inputs, model, DecompositionParams(n_replicates=R, seed=panel_seed))
+            res = dec.decompose(
+                inputs, model, DecompositionParams(estimator="langevin", n_replicates=R, seed=panel_seed)
+            )
             sec = time.perf_counter() - t
             sc = imputation_scores(res.adata, cells_ad, held, reference=ref)
             rows.append((panel_seed, name, R, acc, sc, sec))

@@ -77,6 +77,8 @@ class CellTypingParams(_Params):
         Fewest reference cells a type needs (see ``small_types``).
     max_cells_per_type : int, default 10000
         At most this many reference cells per type are used (seeded subsample).
+    min_shared_genes : int, default 10
+        Fewest genes the slide and the reference must share (``var_names``), checked when the slide is registered.
     gene_cutoff : float, default 0.000125
         RCTD's expression threshold of the bulk (platform-effect) gene set.
     fc_cutoff : float, default 0.5
@@ -230,6 +232,15 @@ class ScoreModelParams(_Params):
         Mixed precision on CUDA (bfloat16 where supported); ignored on CPU.
     seed : int, default 0
         Seed of the cell subsample, initial weights and per-step draws.
+    early_stop_patience : int or None, default 4
+        Training stops when the held-out denoising loss has not improved for this many evaluations
+        (None = always run ``train_steps``); the checkpoint's config records the steps run and the reason.
+    early_stop_min_delta : float, default 0.002
+        Relative improvement of the held-out loss that counts as an improvement.
+    eval_every : int, default 250
+        Steps between evaluations of the held-out loss (EMA network, fixed seeded noise draws).
+    holdout_fraction : float, default 0.1
+        Fraction of the reference's training cells held out for the stop rule.
     """
 
     n_genes: int = Field(2000, ge=2)  # used when the reference has no var['Marker'] column
@@ -253,13 +264,40 @@ class ScoreModelParams(_Params):
     save_every: int = Field(1000, ge=1)
     mixed_precision: bool = True
     seed: int = 0
+    # Stop rule: every `eval_every` steps the EMA network's denoising loss on held-out reference cells (a fixed,
+    # seeded set of noise draws) is measured; training stops when it has not improved by a relative
+    # `early_stop_min_delta` for `early_stop_patience` evaluations (None = always run train_steps).
+    early_stop_patience: int | None = Field(4, ge=1)
+    early_stop_min_delta: float = Field(0.002, ge=0)
+    eval_every: int = Field(250, ge=1)
+    holdout_fraction: float = Field(0.1, gt=0, lt=0.5)
 
 
 class DecompositionParams(_Params):
-    """SpatialScope step 3 (annealed Langevin decomposition).
+    """SpatialScope step 3: decomposition of spots into their cells.
 
     Attributes
     ----------
+    estimator : {"mixture", "langevin"}, default "mixture"
+        "mixture": each cell is a posterior-weighted mix of its type's reference clusters given the spot's counts,
+        with per-cell size factors and exact spot sums (needs the reference). "langevin": SpatialScope's annealed
+        Langevin dynamics with the score model. Measured numbers of both in docs/ACCURACY.md.
+    mixture_components : int, default 16
+        k-means clusters of each type's reference cells (the mixture's components).
+    mixture_iterations : int, default 30
+        Mean-field rounds of the responsibilities and size factors.
+    mixture_damping : float, default 0.5
+        Damping of the responsibility updates (1 = none).
+    mixture_temperature : float, default 0.2
+        Exponent of the Poisson likelihood in the responsibilities (accounts for overdispersion).
+    mixture_size_factors : bool, default True
+        Fit a size factor per cell to its spot (multiplicative Poisson updates).
+    mixture_size_shrink : float, default 0.0
+        Log-shrinkage of the size factors towards 1 per round.
+    mixture_spatial_neighbours : int, default 0
+        Spatial empirical prior: mix the cluster weights with those of the k nearest same-type cells (0 = off).
+    mixture_spatial_weight : float, default 0.5
+        Weight of the neighbours' responsibilities in that prior.
     n_replicates : int, default 3
         Independent Langevin runs per spot (their spread is reported per cell).
     max_retries : int, default 5
@@ -273,9 +311,22 @@ class DecompositionParams(_Params):
     batch_cells : int, default 20000
         Cells per batch of score evaluations.
     seed : int, default 0
-        Seed of the Langevin noise.
+        Seed of the Langevin noise (and of the mixture's k-means).
     """
 
+    estimator: Literal["mixture", "langevin"] = "mixture"
+    # mixture prior: k-means clusters per type, mean-field rounds, damping, likelihood exponent (overdispersion)
+    mixture_components: int = Field(16, ge=1)
+    mixture_iterations: int = Field(30, ge=1)
+    mixture_damping: float = Field(0.5, gt=0, le=1)
+    mixture_temperature: float = Field(0.2, gt=0)
+    # per-cell size factors fitted to the spot (multiplicative Poisson updates), log-shrinkage per round
+    mixture_size_factors: bool = True
+    mixture_size_shrink: float = Field(0.0, ge=0, lt=1)
+    # spatial empirical prior: mix the cluster weights with the responsibilities of the k nearest same-type cells
+    # (0 = off), with this weight, then rerun the posterior
+    mixture_spatial_neighbours: int = Field(0, ge=0)
+    mixture_spatial_weight: float = Field(0.5, ge=0, le=1)
     n_replicates: int = Field(3, ge=1)
     max_retries: int = Field(5, ge=0)
     sigma_power: float = 1.0

@@ -11,23 +11,36 @@ data). ``obs['spot_scale']`` maps raw slide counts into that scale: ``counts / p
 The score model is duck-typed (see :class:`spatial_assets.generative.GaussianScoreModel` for the attributes used).
 """
 
-from ._baselines import baseline_type_mean
+from ._baselines import baseline_type_mean, reference_type_profiles
 from ._decompose import DecompositionResult, decompose
 from ._evaluation import evaluate_against_truth
 from ._inputs import DecompositionInput, prepare_spots
 from ._langevin import annealed_langevin, noise_levels, spot_term
+from ._mixture import (
+    MixturePrior,
+    binomial_log1p_moments,
+    decompose_mixture,
+    fit_mixture_prior,
+    mixture_posterior,
+)
 from ._sample import combine_ranges, decompose_range
 
 __all__ = [
     "DecompositionInput",
     "DecompositionResult",
+    "MixturePrior",
     "annealed_langevin",
     "baseline_type_mean",
+    "binomial_log1p_moments",
     "combine_ranges",
     "decompose",
+    "decompose_mixture",
     "decompose_range",
+    "fit_mixture_prior",
+    "mixture_posterior",
     "evaluate_against_truth",
     "noise_levels",
     "prepare_spots",
+    "reference_type_profiles",
     "spot_term",
 ]

@@ -15,16 +15,28 @@ from ._inputs import DecompositionInput, _targets
 # Baseline and evaluation
 # ----------------------------------------------------------------------------------------------------------------
 def baseline_type_mean(
-    inputs: DecompositionInput, model, *, per_gene: bool = False, leave_out_genes: Sequence[str] = ()
+    inputs: DecompositionInput,
+    model,
+    *,
+    per_gene: bool = False,
+    leave_out_genes: Sequence[str] = (),
+    profiles: np.ndarray | None = None,
 ) -> np.ndarray:
     """Each cell = its type's mean profile expm1(mu), scaled so that the spot's cells sum to the spot; (C, G).
 
     ``per_gene=False``: one factor per spot (the spot's observed total). ``per_gene=True``: each observed gene of
     the spot is split among its cells in proportion to their type means (hidden genes keep the per-spot factor).
+    ``profiles`` (n_types x genes, expression scale): type profiles to use instead of ``expm1(model.type_means)``
+    (e.g. the arithmetic mean of the reference's normalised expression, :func:`reference_type_profiles`).
     """
     hidden = np.isin(inputs.genes, list(inputs.leave_out) + list(leave_out_genes))
     target, _, observed = _targets(inputs, model, hidden)
-    prof = torch.expm1(model.type_means.detach().float().cpu()).clamp_min(0).numpy().astype(np.float64)
+    if profiles is None:
+        prof = torch.expm1(model.type_means.detach().float().cpu()).clamp_min(0).numpy().astype(np.float64)
+    else:
+        prof = np.asarray(profiles, dtype=np.float64)
+        if prof.shape != tuple(model.type_means.shape):
+            raise ValueError(f"profiles: expected shape {tuple(model.type_means.shape)}, got {prof.shape}")
     spot_idx = inputs.cells["spot_idx"].to_numpy(np.int64)
     cell = prof[inputs.cells["type_idx"].to_numpy(np.int64)]
     Mseg = _segment_matrix(spot_idx, inputs.n_spots)
@@ -38,4 +50,13 @@ def baseline_type_mean(
         n = inputs.spots["n_cells"].to_numpy(float)
         share = np.where(ssum[spot_idx] > 0, share, 1.0 / n[spot_idx, None])
         out[:, observed] = (share * target[spot_idx])[:, observed]
+    return out
+
+
+def reference_type_profiles(prior) -> np.ndarray:
+    """Arithmetic mean expression of each type (n_types x genes) from a :class:`MixturePrior`'s weighted clusters."""
+    T = len(prior.cell_types)
+    w = np.exp(prior.log_weights)[:, None] * prior.profiles.astype(np.float64)
+    out = np.zeros((T, prior.profiles.shape[1]))
+    np.add.at(out, prior.type_idx, w)
     return out

@@ -73,8 +73,12 @@ def decompose(
     *,
     clip_spot: float = CLIP_SPOT,
     clip_cell: float = CLIP_CELL,
+    prior=None,
 ) -> DecompositionResult:
-    """Decompose every spot of ``inputs`` into its cells (SpatialScope step 3) with ``params.n_replicates``.
+    """Decompose every spot of ``inputs`` into its cells (SpatialScope step 3).
+
+    ``params.estimator == "mixture"`` (default): :func:`decompose_mixture` under ``prior`` (a
+    :class:`MixturePrior`, required). ``"langevin"``: annealed Langevin with ``params.n_replicates`` as below.
 
     The score model must live on ``device`` (None = the model's device). Genes hidden from the spot term are
     ``inputs.leave_out`` plus ``params.leave_out_genes``; their recovery is scored against the spot values
@@ -88,6 +92,15 @@ def decompose(
             f"score model genes ({len(model.genes)}) differ from the inputs' ({len(inputs.genes)}): "
             "prepare_spots was run with another checkpoint"
         )
+    if params.estimator == "mixture":
+        if prior is None:
+            raise ValueError(
+                "params.estimator='mixture' needs prior=fit_mixture_prior(reference, model) "
+                "(or set estimator='langevin')"
+            )
+        from ._mixture import decompose_mixture
+
+        return decompose_mixture(inputs, model, prior, params, log=log)
     if device is not None and torch.device(device).type != model.type_means.device.type:
         raise ValueError(f"device: asked for '{device}' but the score model is on '{model.type_means.device}'")
     genes = list(inputs.genes)
@@ -196,9 +209,49 @@ def decompose(
     var = logv.sum(0) / torch.as_tensor(np.maximum(n_fin - 1, 1), dtype=torch.float32)[:, None]
     spread = np.where(n_fin > 1, var.sqrt().mean(1).numpy().astype(np.float64), np.nan)
     del res, expr, logv
-    non_finite = inputs.cells.index[n_fin == 0].astype(str).tolist()
 
-    # reconstruction of the spots (observed genes) and recovery of hidden genes at spot level
+    seconds, cpu_seconds = time.perf_counter() - t_start, time.process_time() - cpu_start
+    steps = max(timings.get("steps", 1), 1)
+    info.update(
+        estimator="langevin",
+        rows_per_step=R * C,
+        retry_rounds=rounds,
+        retry_seeds=retry_seeds,
+        cells_retried=int((n_retries > 0).sum()),
+        langevin_steps=int(steps),
+        seconds_per_step=(timings["network_s"] + timings["other_s"]) / steps,
+        network_seconds_per_step=timings["network_s"] / steps,
+        other_seconds_per_step=timings["other_s"] / steps,
+        # CPU of the calling thread (equals the work done when torch runs on 1 thread; a load-independent figure)
+        network_thread_cpu_seconds_per_step=timings["network_cpu_s"] / steps,
+        other_thread_cpu_seconds_per_step=timings["other_cpu_s"] / steps,
+    )
+    return _finish(
+        inputs, mean, spread, target_np, spot_scale, observed, hidden, info, n_retries, n_fin, seconds, cpu_seconds, log
+    )
+
+
+def _finish(
+    inputs: DecompositionInput,
+    mean: np.ndarray,
+    spread: np.ndarray,
+    target_np: np.ndarray,
+    spot_scale: np.ndarray,
+    observed: np.ndarray,
+    hidden: np.ndarray,
+    info: dict,
+    n_retries: np.ndarray,
+    n_fin: np.ndarray,
+    seconds: float,
+    cpu_seconds: float,
+    log: Callable[[str], None] | None,
+    layers: dict | None = None,
+) -> DecompositionResult:
+    """The result AnnData of any estimator: reconstruction of the spots and spot-level recovery of hidden genes."""
+    genes = list(inputs.genes)
+    S, C = inputs.n_spots, inputs.n_cells
+    spot_idx = inputs.cells["spot_idx"].to_numpy(np.int64)
+    non_finite = inputs.cells.index[n_fin == 0].astype(str).tolist()
     Mseg = _segment_matrix(spot_idx, S)
     sums = Mseg @ np.where(np.isfinite(mean), mean, 0.0)
     diff = (sums - target_np)[:, observed]
@@ -207,17 +260,10 @@ def decompose(
     rel_all = float(np.sqrt((diff**2).sum()) / max(np.sqrt((target_np[:, observed] ** 2).sum()), 1e-30))
     held = inputs.in_slide & hidden
     held_r = pearson_columns(sums[:, held], target_np[:, held]) if held.any() else np.zeros(0)
-
-    seconds, cpu_seconds = time.perf_counter() - t_start, time.process_time() - cpu_start
-    steps = max(timings.get("steps", 1), 1)
     info.update(
         cells=C,
         spots=S,
-        rows_per_step=R * C,
-        retry_rounds=rounds,
-        retry_seeds=retry_seeds,
         non_finite_cells=non_finite,
-        cells_retried=int((n_retries > 0).sum()),
         reconstruction_rel_error=rel_all,
         reconstruction_rel_error_median_spot=float(np.median(rel)),
         leave_out_spot_r={str(g): float(r) for g, r in zip(np.asarray(genes)[held], held_r)},
@@ -226,15 +272,9 @@ def decompose(
         else float("nan"),
         seconds_total=seconds,
         cpu_seconds_total=cpu_seconds,
-        langevin_steps=int(steps),
-        seconds_per_step=(timings["network_s"] + timings["other_s"]) / steps,
-        network_seconds_per_step=timings["network_s"] / steps,
-        other_seconds_per_step=timings["other_s"] / steps,
-        # CPU of the calling thread (equals the work done when torch runs on 1 thread; a load-independent figure)
-        network_thread_cpu_seconds_per_step=timings["network_cpu_s"] / steps,
-        other_thread_cpu_seconds_per_step=timings["other_cpu_s"] / steps,
         spots_per_second=S / seconds if seconds > 0 else float("nan"),
     )
+    info.setdefault("retry_rounds", 0)
     obs = pd.DataFrame(
         {
             "spot": inputs.cells["spot"].to_numpy(str),
@@ -253,7 +293,7 @@ def decompose(
         {"platform_effect": inputs.platform_effect, "in_slide": inputs.in_slide, "left_out": hidden},
         index=pd.Index(genes, name="gene"),
     )
-    out = ad.AnnData(X=mean.astype(np.float32), obs=obs, var=var)
+    out = ad.AnnData(X=mean.astype(np.float32), obs=obs, var=var, layers=layers or None)
     out.uns["decomposition"] = info
     if log is not None:
         log(f"decomposition: {C} cells in {S} spots, {seconds:.1f} s, spot reconstruction error {rel_all:.3g}")

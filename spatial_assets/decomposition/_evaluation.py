@@ -24,7 +24,7 @@ def evaluate_against_truth(
 
     Truth is brought to the reference scale like the slide: ``counts / platform_effect * spot_scale``. Returns the
     median over genes of the Pearson r across cells (linear and log1p), the median over cells of the Pearson r
-    across genes, and the relative error of per-spot sums. ``genes`` restricts the genes scored (e.g. held-out
+    across genes (linear and log1p), and the relative error of per-spot sums. ``genes`` restricts the genes scored (e.g. held-out
     ones); ``prediction`` (cells x genes of the result) scores another estimate (e.g. a baseline) on the same cells.
     """
     a = result.adata if isinstance(result, DecompositionResult) else result
@@ -59,6 +59,7 @@ def evaluate_against_truth(
     gene_r = pearson_columns(pred, t)
     gene_r_log = pearson_columns(np.log1p(pred), np.log1p(t))
     cell_r = pearson_columns(pred.T, t.T)
+    cell_r_log = pearson_columns(np.log1p(pred).T, np.log1p(t).T)
     _, sinv = np.unique(spot, return_inverse=True)
     Mseg = _segment_matrix(sinv, int(sinv.max()) + 1 if len(sinv) else 0)
     ds, ts = Mseg @ pred, Mseg @ t
@@ -73,6 +74,7 @@ def evaluate_against_truth(
         "gene_r_median": med(gene_r),
         "gene_r_log1p_median": med(gene_r_log),
         "cell_r_median": med(cell_r),
+        "cell_r_log1p_median": med(cell_r_log),
         "spot_rel_error": spot_err,
         "rmse_log1p": float(np.sqrt(np.mean((np.log1p(pred) - np.log1p(t)) ** 2))),
     }

@@ -12,6 +12,7 @@ from ..constants import UNASSIGNED, Platform
 from ..params import DecompositionParams
 from ._decompose import DecompositionResult, decompose
 from ._inputs import prepare_spots
+from ._mixture import fit_mixture_prior
 
 
 def decompose_range(
@@ -25,12 +26,16 @@ def decompose_range(
     platform: str | Platform = Platform.VISIUM,
     device=None,
     log: Callable[[str], None] | None = None,
+    reference: ad.AnnData | None = None,
 ) -> DecompositionResult:
     """SpatialScope step 3 for the spots ``spot_range = (start, stop)`` of a sample (slide order).
 
     On image-free platforms a cell that typing left ``unassigned`` (no counts on informative genes) is its own
     spot, so it is dropped rather than letting its spot be skipped; on imaging panels, model genes missing from the
     slide get no spot term and are imputed (``info['genes_imputed']``).
+
+    ``params.estimator == "mixture"`` (default) fits the mixture prior on ``reference`` (required then: raw
+    counts with the model's cell-type column) with ``params.mixture_components`` clusters per type.
     """
     params = params or DecompositionParams()
     platform = Platform(platform)
@@ -44,7 +49,12 @@ def decompose_range(
     )
     if platform == Platform.MERFISH:
         extra.update(genes_measured=int(inputs.in_slide.sum()), genes_imputed=int((~inputs.in_slide).sum()))
-    res = decompose(inputs, model, params, device=device, log=log)
+    prior = None
+    if params.estimator == "mixture":
+        if reference is None:
+            raise ValueError("params.estimator='mixture' needs the reference (decompose_range(..., reference=...))")
+        prior = fit_mixture_prior(reference, model, n_components=params.mixture_components, seed=params.seed)
+    res = decompose(inputs, model, params, device=device, log=log, prior=prior)
     res.info.update(extra)
     res.adata.uns["decomposition"] = res.info
     return res

@@ -45,6 +45,8 @@ _TRAIN_KEYS = (
     "grad_clip",
     "ema_decay",
     "seed",
+    "early_stop_patience",
+    "holdout_fraction",
 )
 
 
@@ -470,9 +472,16 @@ def _build_net(config: dict, stats: dict[str, torch.Tensor]) -> ScoreNet:
 
 
 def _model_config(
-    data: TrainingData, params: ScoreModelParams, arch: dict, loss: str, step: int, n_params: int
+    data: TrainingData,
+    params: ScoreModelParams,
+    arch: dict,
+    loss: str,
+    step: int,
+    n_params: int,
+    stopping: dict | None = None,
 ) -> dict:
     return {
+        "stopping": stopping or {"steps": step, "stop_reason": "train_steps", "early_stop_patience": None},
         "format": "spatial_assets.score_model",
         "format_version": FORMAT_VERSION,
         "genes": data.genes,

@@ -175,6 +175,7 @@ def fit_score_model(
     signature = _train_signature(data, params, arch, loss)
 
     step = 0
+    es_state: dict = {"best": None, "best_step": None, "since": 0, "history": [], "stop_reason": None}
     state_path = Path(out_dir) / STATE_FILE if out_dir is not None else None
     if state_path is not None and state_path.is_file():
         with safe_open(str(state_path), framework="pt") as fh:
@@ -186,6 +187,7 @@ def fit_score_model(
             ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
             _load_opt(opt, tensors)
             step = int(meta["step"])
+            es_state.update(json.loads(meta.get("early_stop", "{}")))
             log(f"score model: resuming from step {step} saved in {state_path}")
         else:
             diff = sorted(k for k in set(saved) | set(signature) if saved.get(k) != signature.get(k))
@@ -201,14 +203,59 @@ def fit_score_model(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     ema_params, net_params = list(ema.parameters()), list(net.parameters())
 
+    # held-out cells for the stop rule (seeded split; a fixed set of noise draws so evaluations are comparable)
+    train_idx = torch.arange(n, device=device)
+    val = None
+    if params.early_stop_patience is not None and n >= 20:
+        gv = torch.Generator(device="cpu").manual_seed(_step_seed(params.seed, -1))
+        perm = torch.randperm(n, generator=gv)
+        n_val = max(1, int(round(params.holdout_fraction * n)))
+        vi = perm[:n_val][:4096]
+        train_idx = perm[n_val:].to(device)
+        v_lev = torch.randint(len(sigmas), (len(vi),), generator=gv).to(device)
+        v_e = torch.randn(len(vi), n_genes, generator=gv).to(device)
+        val = (vi.to(device), v_lev, v_e, n_val)
+
+    def val_loss() -> float:
+        vi, v_lev, v_e, _ = val
+        tot = 0.0
+        with torch.no_grad():
+            for a in range(0, len(vi), 1024):
+                sl = slice(a, a + 1024)
+                sig = sigmas[v_lev[sl]]
+                out = ema(x_all[vi[sl]] + sig[:, None] * v_e[sl], t_all[vi[sl]], sig)
+                r = out.float() + v_e[sl]
+                tot += float((r.abs() if loss == "l1" else r * r).mean(1).sum())
+        return tot / len(vi)
+
+    def stopping(at_step: int) -> dict:
+        return {
+            "steps": at_step,
+            "stop_reason": es_state["stop_reason"] or ("max_steps" if at_step < params.train_steps else "train_steps"),
+            "early_stop_patience": params.early_stop_patience,
+            "early_stop_min_delta": params.early_stop_min_delta,
+            "eval_every": params.eval_every,
+            "holdout_cells": int(val[3]) if val is not None else 0,
+            "best_heldout_loss": es_state["best"],
+            "best_step": es_state["best_step"],
+            "heldout_loss_history": es_state["history"],
+        }
+
     def save_all(at_step: int) -> ScoreModel:
-        model = ScoreModel(_clone_net(ema), _model_config(data, params, arch, loss, at_step, n_params), device)
+        config = _model_config(data, params, arch, loss, at_step, n_params, stopping(at_step))
+        model = ScoreModel(_clone_net(ema), config, device)
         if out_dir is not None:
             tensors = {f"net.{k}": v for k, v in net.state_dict().items()}
             tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
             tensors |= _opt_tensors(opt)
             _atomic_save_safetensors(
-                tensors, state_path, {"step": str(at_step), "signature": json.dumps(signature, sort_keys=True)}
+                tensors,
+                state_path,
+                {
+                    "step": str(at_step),
+                    "signature": json.dumps(signature, sort_keys=True),
+                    "early_stop": json.dumps(es_state),
+                },
             )
             model.save(out_dir)
         return model
@@ -217,9 +264,9 @@ def fit_score_model(
         Path(out_dir).mkdir(parents=True, exist_ok=True)
     net.train()
     t0, run_loss, n_run, start_step = time.perf_counter(), 0.0, 0, step
-    while step < stop:
+    while step < stop and es_state["stop_reason"] is None:
         g = torch.Generator(device=device).manual_seed(_step_seed(params.seed, step))
-        idx = torch.randint(n, (params.batch_size,), generator=g, device=device)
+        idx = train_idx[torch.randint(len(train_idx), (params.batch_size,), generator=g, device=device)]
         lev = torch.randint(len(sigmas), (params.batch_size,), generator=g, device=device)
         e = torch.randn(params.batch_size, n_genes, generator=g, device=device)
         sig = sigmas[lev]
@@ -247,7 +294,22 @@ def fit_score_model(
             rate = (step - start_step) / max(time.perf_counter() - t0, 1e-9)
             log(f"score model: step {step}/{params.train_steps} loss {run_loss / n_run:.4f} ({rate:.1f} steps/s)")
             run_loss, n_run = 0.0, 0
-        if out_dir is not None and step % params.save_every == 0 and step < stop:
+        if val is not None and step % params.eval_every == 0:
+            vl = val_loss()
+            es_state["history"].append([step, vl])
+            best = es_state["best"]
+            if best is None or vl < best * (1 - params.early_stop_min_delta):
+                es_state.update(best=vl, best_step=step, since=0)
+            else:
+                es_state["since"] += 1
+            if es_state["since"] >= params.early_stop_patience:
+                es_state["stop_reason"] = (
+                    f"early_stop: held-out denoising loss did not improve by {params.early_stop_min_delta:g} "
+                    f"(relative) in {params.early_stop_patience} evaluations every {params.eval_every} steps "
+                    f"(best {es_state['best']:.4f} at step {es_state['best_step']})"
+                )
+                log(f"score model: stopping at step {step}: {es_state['stop_reason']}")
+        if out_dir is not None and step % params.save_every == 0 and step < stop and es_state["stop_reason"] is None:
             save_all(step)
     return save_all(step)
 

@@ -23,28 +23,80 @@ PID_TAG = "spatial_assets/pid"
 _SIGNALLED: list[int] = []  # the signals received while materializing (a run that then fails stops the graph)
 
 
-@contextlib.contextmanager
-def stop_on_sigterm():
-    """SIGTERM (a scheduler, a container runtime, ``timeout``) is handled like Ctrl-C: the step in flight is
-    interrupted through Dagster's interrupt handling (the run is marked failed, no store is renamed into place)."""
+GRACE_S = 10.0  # after SIGTERM / Ctrl-C, how long Dagster's own interrupt handling gets before a hard stop
 
-    def on_term(signum, frame):
-        _SIGNALLED.append(signum)
-        handler = signal.getsignal(signal.SIGINT)  # Dagster's own while a run executes, else Python's
-        if callable(handler) and handler not in (signal.SIG_IGN, signal.SIG_DFL):
-            handler(signal.SIGINT, frame)
-        else:
-            raise KeyboardInterrupt
 
+def _fail_own_runs(message: str) -> None:
+    """Report this process's unfinished runs failed (called just before a hard stop)."""
     try:
-        before = signal.signal(signal.SIGTERM, on_term)
-    except ValueError:  # not the main thread: leave signals alone
+        import dagster as dg
+
+        instance = dg.DagsterInstance.get()
+        statuses = [dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.CANCELING]
+        for run in instance.get_runs(filters=dg.RunsFilter(statuses=statuses, tags={PID_TAG: str(os.getpid())})):
+            instance.report_run_failed(run, message=message)
+    except Exception:  # the instance may be unusable mid-write; the next start marks the run failed then
+        pass
+
+
+@contextlib.contextmanager
+def stop_on_sigterm(grace_s: float = GRACE_S):
+    """Stop promptly on SIGTERM (a scheduler, a container runtime, ``timeout``) and Ctrl-C.
+
+    Dagster maps SIGTERM to its interrupt while a run executes and raises it in the step, but a step with a retry
+    policy is then retried and the run goes on. A signal-safe watcher (``signal.set_wakeup_fd``: the C handler
+    writes the signal number whatever Python handler Dagster installed) records the signal: the next step
+    boundary raises ``KeyboardInterrupt``, and if the run is still going after ``grace_s`` seconds (or on a second
+    signal) its run is reported failed and the process exits with 128 + signal. A store being written is left as
+    a temporary of a dead process: never read as complete, removed by the next writer.
+    """
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    rfd, wfd = os.pipe()
+    os.set_blocking(wfd, False)
+    before_term = signal.signal(signal.SIGTERM, on_term)
+    before_fd = signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            try:
+                data = os.read(rfd, 64)
+            except OSError:
+                return
+            sigs = [b for b in data if b in (signal.SIGTERM, signal.SIGINT)]
+            if not sigs or done.is_set():
+                continue
+            first = not _SIGNALLED
+            _SIGNALLED.extend(sigs)
+            if first:
+                print(
+                    f"[spatial_assets] signal {sigs[0]} received: stopping (hard stop in {grace_s:.0f} s)", flush=True
+                )
+                if done.wait(grace_s):
+                    return
+            _fail_own_runs(f"stopped by signal {_SIGNALLED[0]} (demo_run)")
+            print("[spatial_assets] stopped: the step in flight was abandoned, its run marked failed", flush=True)
+            os._exit(128 + _SIGNALLED[0])
+
+    t = threading.Thread(target=watch, name="spatial_assets-signal-watch", daemon=True)
+    t.start()
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, before)
+        done.set()
+        signal.set_wakeup_fd(before_fd)
+        signal.signal(signal.SIGTERM, before_term)
+        os.close(wfd)  # wakes the watcher's read with EOF
+        t.join(timeout=1)
+        os.close(rfd)
 
 
 def mark_dead_runs_failed(instance, log=print) -> list[str]:

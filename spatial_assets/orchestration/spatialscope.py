@@ -374,8 +374,9 @@ def checkpoint_sample_quality(context: dg.AssetCheckExecutionContext, project: P
 def decomposed_cells(
     context: dg.AssetExecutionContext, project: ProjectResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
-    """SpatialScope step 3 for one spot range of one sample: annealed Langevin decomposition of each spot's
-    counts into its cells' expression (AnnData zarr per partition)."""
+    """SpatialScope step 3 for one spot range of one sample: decomposition of each spot's counts into its cells'
+    expression (default: mixture prior over the reference's per-type clusters; or annealed Langevin), AnnData zarr
+    per partition."""
     keys = context.partition_key.keys_by_dimension
     sample, rkey = keys["sample"], keys["spot_range"]
     s = project.sample(sample)
@@ -391,11 +392,13 @@ def decomposed_cells(
     report = Report(context.log.warning)
     dev = _device(compute, context, report)
     model = generative.ScoreModel.load(ckpt, device=dev)
-    # the checkpoint must have been trained on this very reference (fingerprint), not one with the same genes
-    model.check_compatible(
-        reference=sio.read_anndata(project.stores.reference(ref.name)), cell_type_key=ref.cell_type_key
-    )
+    # the checkpoint must have been trained on this very reference (fingerprint), not one with the same genes;
+    # the mixture estimator (default) also clusters the reference's cells of each type
+    reference = sio.read_anndata(project.stores.reference(ref.name))
+    model.check_compatible(reference=reference, cell_type_key=ref.cell_type_key)
     dparams = project.params(sample).decomposition
+    if dparams.estimator != "mixture":
+        reference = None
     for w in accuracy_warnings(project.params(sample), f"samples.{sample}.parameters"):
         context.log.warning(w)
         report.value(parameter_warning=w)
@@ -411,6 +414,7 @@ def decomposed_cells(
             platform=s.platform,
             device=dev,
             log=context.log.info,
+            reference=reference,
         ),
     )
     path = sio.write_anndata(

@@ -68,7 +68,7 @@ def syn():
 def full_run(syn):
     model, slide, cells, truth = syn
     inp = prepare_spots(slide, cells, model)
-    return inp, decompose(inp, model, DecompositionParams(seed=3))
+    return inp, decompose(inp, model, DecompositionParams(estimator="langevin", seed=3))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -162,7 +162,7 @@ def test_left_out_genes_get_no_spot_term(syn, full_run):
     model, slide, cells, truth = syn
     held = ["g2", "g5"]
     inp = prepare_spots(slide, cells, model, leave_out_genes=held)
-    p = DecompositionParams(seed=3)
+    p = DecompositionParams(estimator="langevin", seed=3)
     res = decompose(inp, model, p)
     j = [model.genes.index(g) for g in held]
     # the held-out columns equal prior-only sampling of the same rows with the same seed
@@ -180,7 +180,11 @@ def test_left_out_genes_get_no_spot_term(syn, full_run):
     ev = evaluate_against_truth(res, truth, genes=held)
     assert 0.2 < ev["gene_r_log1p_median"] < 0.99
     # the same genes hidden through the parameters give the same result
-    res2 = decompose(prepare_spots(slide, cells, model), model, DecompositionParams(seed=3, leave_out_genes=held))
+    res2 = decompose(
+        prepare_spots(slide, cells, model),
+        model,
+        DecompositionParams(estimator="langevin", seed=3, leave_out_genes=held),
+    )
     np.testing.assert_array_equal(res.adata.X, res2.adata.X)
 
 
@@ -190,10 +194,10 @@ def test_left_out_genes_get_no_spot_term(syn, full_run):
 def test_seeded_and_chunk_independent(syn, full_run):
     model, slide, cells, _ = syn
     inp, res = full_run
-    p = DecompositionParams(seed=3, level_stride=1, batch_cells=17)
+    p = DecompositionParams(estimator="langevin", seed=3, level_stride=1, batch_cells=17)
     again = decompose(inp, model, p)
     np.testing.assert_array_equal(again.adata.X, res.adata.X)
-    other = decompose(inp, model, DecompositionParams(seed=4))
+    other = decompose(inp, model, DecompositionParams(estimator="langevin", seed=4))
     assert not np.allclose(other.adata.X, res.adata.X)
     assert res.info["seed"] == 3 and other.adata.uns["decomposition"]["seed"] == 4
     spread = res.adata.obs["replicate_spread"].to_numpy()
@@ -219,7 +223,7 @@ def test_non_finite_cells_are_rerun_with_their_spots(syn, full_run):
     model, slide, cells, _ = syn
     inp, clean = full_run
     flaky = FlakyModel(model, bad_type=1, first=10, last=11)
-    res = decompose(inp, flaky, DecompositionParams(seed=3))
+    res = decompose(inp, flaky, DecompositionParams(estimator="langevin", seed=3))
     a = res.adata
     has_bad = a.obs.groupby("spot", observed=True)["cell_type"].transform(lambda s: (s == "t1").any()).to_numpy()
     assert has_bad.any() and (~has_bad).any()
@@ -231,7 +235,7 @@ def test_non_finite_cells_are_rerun_with_their_spots(syn, full_run):
     assert res.info["reconstruction_rel_error"] < 0.03
 
     broken = FlakyModel(model, bad_type=1, first=0, last=np.inf)
-    res = decompose(inp, broken, DecompositionParams(seed=3, max_retries=2))
+    res = decompose(inp, broken, DecompositionParams(estimator="langevin", seed=3, max_retries=2))
     bad_ids = sorted(a.obs_names[has_bad])
     assert sorted(res.info["non_finite_cells"]) == bad_ids
     assert np.isnan(res.adata[bad_ids].X).all() and np.isfinite(res.adata[~has_bad].X).all()
@@ -254,7 +258,9 @@ class PushUpModel(GaussianScoreModel):
 def test_overflowing_expression_counts_as_non_finite(syn, full_run):
     model, slide, cells, _ = syn
     inp, clean = full_run
-    res = decompose(inp, PushUpModel(model, bad_type=2), DecompositionParams(seed=3, max_retries=0))
+    res = decompose(
+        inp, PushUpModel(model, bad_type=2), DecompositionParams(estimator="langevin", seed=3, max_retries=0)
+    )
     a = clean.adata
     has_bad = a.obs.groupby("spot", observed=True)["cell_type"].transform(lambda s: (s == "t2").any()).to_numpy()
     is_bad = a.obs["cell_type"].to_numpy() == "t2"
@@ -276,7 +282,7 @@ def test_spot_ranges_tile_the_slide_and_report_skips(syn):
     assert inp.info["spots_skipped_no_cells"] == ["s12"]
     assert set(inp.cells.index) == set(cells.index[cells["spot"].isin(inp.spots.index)])
     assert (np.diff(inp.cells["spot_idx"].to_numpy()) >= 0).all()
-    p = DecompositionParams(level_stride=8, n_replicates=1)
+    p = DecompositionParams(estimator="langevin", level_stride=8, n_replicates=1)
     parts = [
         decompose(prepare_spots(slide, cells, model, spot_range=r), model, p).adata
         for r in [(0, 25), (25, 60), (60, 100)]
@@ -299,7 +305,7 @@ def test_platform_effect_divides_counts(syn):
     np.testing.assert_allclose(inp.counts[:, 0], X[:, 0] / 2, rtol=1e-6)
     np.testing.assert_allclose(inp.counts[:, 1:], X[:, 1:], rtol=1e-6)  # NaN, 0, inf, missing -> 1
     # a uniform platform effect cancels in the spot scaling
-    p = DecompositionParams(level_stride=16, n_replicates=1)
+    p = DecompositionParams(estimator="langevin", level_stride=16, n_replicates=1)
     a = decompose(prepare_spots(slide, cells, model, platform_effect=pd.Series(3.0, index=model.genes)), model, p)
     b = decompose(prepare_spots(slide, cells, model), model, p)
     np.testing.assert_allclose(a.adata.X, b.adata.X, rtol=1e-4, atol=1e-4)
@@ -362,7 +368,7 @@ def test_clear_errors(syn):
     inp = prepare_spots(slide, cells, model)
     small = GaussianScoreModel(model.genes[:10], model.cell_types, model.type_means[:, :10].numpy(), 0.4)
     with pytest.raises(ValueError, match=r"score model genes \(10\) differ from the inputs' \(40\)"):
-        decompose(inp, small, DecompositionParams())
+        decompose(inp, small, DecompositionParams(estimator="langevin"))
     with pytest.raises(ValueError, match=r"cell-type column is 'cell_type', asked for 'subclass'"):
         prepare_spots(slide, cells, model, cell_type_key="subclass")
 
@@ -386,7 +392,7 @@ def test_with_trained_score_model(syn, tmp_path):
     net = train_score_model(ref, "cell_type", sp_, tmp_path / "ckpt", log=lambda m: None)
     net = ScoreModel.load(tmp_path / "ckpt")
     inp = prepare_spots(slide, cells, net, spot_range=(0, 30), cell_type_key="cell_type")
-    res = decompose(inp, net, DecompositionParams(level_stride=4))
+    res = decompose(inp, net, DecompositionParams(estimator="langevin", level_stride=4))
     assert np.isfinite(res.adata.X).all() and res.info["non_finite_cells"] == []
     assert res.info["reconstruction_rel_error"] < 0.05
     dec = evaluate_against_truth(res, truth, multi_cell_only=True)
@@ -410,7 +416,9 @@ def test_figures_are_png(syn, full_run):
     t = truth[res.adata.obs_names].X * res.adata.obs["spot_scale"].to_numpy()[:, None]
     png = plot_truth_comparison(res, t, baseline_type_mean(inp, model), genes=["g0", "g1"])
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    empty = decompose(prepare_spots(slide, cells, model, spot_range=(100, 120)), model, DecompositionParams())
+    empty = decompose(
+        prepare_spots(slide, cells, model, spot_range=(100, 120)), model, DecompositionParams(estimator="langevin")
+    )
     assert plot_decomposition_summary(empty)[:4] == b"\x89PNG"
 
 

@@ -474,3 +474,64 @@ def test_plot_real_vs_generated_png():
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     with pytest.raises(ValueError, match="same G"):
         plot_real_vs_generated(rng.random((3, 6)), [0, 0, 0], rng.random((3, 5)), [0, 0, 0], ["x"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stop rule: held-out denoising loss with patience
+# ---------------------------------------------------------------------------------------------------------------
+def _two_type_data(n: int = 600, seed: int = 0) -> TrainingData:
+    rng = np.random.default_rng(seed)
+    t = np.repeat([0, 1], n)
+    x = (np.array([[2.0, 3.0, 1.0], [1.0, 0.5, 2.0]])[t] + 0.3 * rng.standard_normal((2 * n, 3))).astype(np.float32)
+    tm = np.stack([x[t == k].mean(0) for k in (0, 1)]).astype(np.float32)
+    return TrainingData(
+        x=x,
+        type_idx=t,
+        genes=["g0", "g1", "g2"],
+        cell_types=["A", "B"],
+        cell_type_key="ct",
+        type_means=tm,
+        target_sum=1.0,
+        ref_library_size=1.0,
+        fingerprint="synthetic-stop",
+        seed=0,
+    )
+
+
+def test_training_stops_when_heldout_loss_stops_improving(tmp_path):
+    """A Gaussian-per-type residual is learned within a few hundred steps: the held-out loss plateaus, so training
+    stops long before train_steps; the checkpoint's metadata records the steps, the reason and the loss history,
+    and a restart in the same folder resumes the finished state without training further."""
+    p = ScoreModelParams(
+        sigma_begin=5, sigma_end=0.05, n_sigmas=20, hidden=32, n_blocks=1, lr=3e-3, batch_size=128,
+        train_steps=50_000, save_every=100, ema_decay=0.9, eval_every=50, early_stop_patience=3,
+        early_stop_min_delta=0.01,
+    )  # fmt: skip
+    model = fit_score_model(_two_type_data(), p, tmp_path, log=lambda m: None)
+    st = model.config["stopping"]
+    assert st["stop_reason"].startswith("early_stop"), st["stop_reason"]
+    assert st["steps"] == model.train_step < 50_000
+    hist = st["heldout_loss_history"]
+    assert hist[-1][0] == st["steps"] and len(hist) == st["steps"] // 50
+    # the rule: the last `patience` evaluations did not beat the best by the relative margin, earlier ones did
+    best = st["best_heldout_loss"]
+    assert st["best_step"] == hist[-4][0]
+    assert all(v >= best * (1 - 0.01) for _, v in hist[-3:])
+    assert best == min(v for _, v in hist[:-3])
+    assert st["holdout_cells"] == 120
+    saved = json.loads((tmp_path / CONFIG_FILE).read_text())
+    assert saved["stopping"] == json.loads(json.dumps(st))
+    again = fit_score_model(_two_type_data(), p, tmp_path, log=lambda m: None)
+    assert again.train_step == model.train_step
+    assert again.config["stopping"]["stop_reason"] == st["stop_reason"]
+
+
+def test_training_without_stop_rule_runs_all_steps():
+    p = ScoreModelParams(
+        sigma_begin=5, sigma_end=0.05, n_sigmas=20, hidden=32, n_blocks=1, lr=3e-3, batch_size=128,
+        train_steps=300, ema_decay=0.9, eval_every=50, early_stop_patience=None,
+    )  # fmt: skip
+    model = fit_score_model(_two_type_data(), p, None, log=lambda m: None)
+    st = model.config["stopping"]
+    assert (st["steps"], st["stop_reason"], st["holdout_cells"]) == (300, "train_steps", 0)
+    assert st["heldout_loss_history"] == []

@@ -256,11 +256,15 @@ def test_coarse_level_stride_is_warned():
     from spatial_assets.params import Parameters
 
     assert accuracy_warnings(Parameters()) == []
-    p = Parameters.model_validate({"decomposition": {"level_stride": 4}, "score_model": {"n_sigmas": 232}})
+    mixture = Parameters.model_validate({"decomposition": {"level_stride": 4, "estimator": "mixture"}})
+    assert accuracy_warnings(mixture) == []  # the mixture estimator does not anneal over noise levels
+    p = Parameters.model_validate(
+        {"decomposition": {"level_stride": 4, "estimator": "langevin"}, "score_model": {"n_sigmas": 232}}
+    )
     (w,) = accuracy_warnings(p, "samples.demo.parameters")
     assert w.startswith("samples.demo.parameters.decomposition.level_stride=4: the decomposition anneals over only 58")
     assert "not usable" in w
-    p = Parameters.model_validate({"decomposition": {"level_stride": 2}})
+    p = Parameters.model_validate({"decomposition": {"level_stride": 2, "estimator": "langevin"}})
     assert "not usable" not in accuracy_warnings(p)[0]  # 116 of 232 levels: warned, not flagged unusable
 
 

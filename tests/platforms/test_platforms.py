@@ -165,7 +165,7 @@ def test_merfish_imputation_of_unmeasured_genes(demo_truth):
         slide, typed.cells[typed.cells["cell_type"] != "unassigned"], model, typed.platform_effect
     )
     assert inputs.in_slide.sum() == 22 and set(np.asarray(model.genes)[~inputs.in_slide]) == set(held)
-    res = dec.decompose(inputs, model, DecompositionParams(n_replicates=3, seed=1))
+    res = dec.decompose(inputs, model, DecompositionParams(estimator="langevin", n_replicates=3, seed=1))
     sc = imputation_scores(res.adata, cells_ad, held, reference=ref)
     assert sc["cells"] == int((typed.cells["cell_type"] != "unassigned").sum()) > 690
     # better than the library-size-only baseline (the reference's mean profile scaled per cell), by a margin
