@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# make demo ARGS=--force (re-run up-to-date stages) / ARGS=--verbose (every Dagster event)
 demo: $(STAMP)
-	$(PY) -m spatial_assets.orchestration.demo_run
+	$(PY) -m spatial_assets.orchestration.demo_run $(ARGS)
 
 # The UI tests drive a real headless Chromium (Debian's package); installed here when running as root.
 browser:

@@ -95,8 +95,50 @@ class LandingConfig(_Strict):
     stable_ticks: int = Field(2, ge=1)  # ... or once its size stayed the same over this many sensor ticks
 
 
+class ScheduleConfig(_Strict):
+    """``schedules:``: cron strings by name (each becomes one schedule per named job, see orchestration/schedules.py)
+    and the age after which the outputs' freshness checks warn."""
+
+    cron: dict[str, str] = Field(default_factory=dict)
+    timezone: str = "UTC"
+    freshness_hours: float = Field(48.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat(cls, v: Any) -> Any:
+        # `schedules: {nightly: "0 2 * * *"}` is short for `schedules: {cron: {nightly: "0 2 * * *"}}`
+        if isinstance(v, dict) and not set(v) & {"cron", "timezone", "freshness_hours"}:
+            return {"cron": v}
+        return v
+
+    @field_validator("cron")
+    @classmethod
+    def _cron_ok(cls, v: dict[str, str]) -> dict[str, str]:
+        from dagster._utils.schedules import is_valid_cron_string
+
+        for name, cron in v.items():
+            check_name(name, "a schedule name")
+            if not isinstance(cron, str) or not is_valid_cron_string(cron):
+                raise ValueError(
+                    f"schedule '{name}': {cron!r} is not a cron string (five fields, e.g. '0 2 * * *' for 02:00 daily)"
+                )
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz_ok(cls, v: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{v!r} is not an IANA time zone (e.g. 'UTC', 'Europe/Berlin')") from None
+        return v
+
+
 class ProjectConfig(_Strict):
     storage_root: Path = Path("work/storage")
+    schedules: ScheduleConfig = Field(default_factory=ScheduleConfig)
     demo: DemoConfig | None = None
     landing: LandingConfig | None = None
     compute: ComputeConfig = Field(default_factory=ComputeConfig)

@@ -18,6 +18,7 @@ from .executors import dask_asset_job
 from .inputs import reference_data, slide_inputs
 from .jobs import JOBS, decomposition_job, reference_job, sample_job
 from .resources import GPU_TAG, ComputeResource, ProjectResource
+from .schedules import build_freshness_checks, build_schedules
 from .sensors import SENSORS
 from .slices import combined_slices
 from .soscope import enhanced_subspots, subspots_sum_to_spot
@@ -66,19 +67,21 @@ def config_path() -> Path:
 
 
 def build_definitions(cfg: ProjectConfig) -> dg.Definitions:
-    """The Definitions of a validated project config: the module-level assets, checks, jobs and sensors, with the
-    config's resources and executor limits."""
+    """The Definitions of a validated project config: the module-level assets, checks, jobs and sensors, the
+    config's schedules and freshness checks, with the config's resources and executor limits."""
     executor = dg.multiprocess_executor.configured(
         {
             "max_concurrent": cfg.compute.max_cpu_steps + cfg.compute.max_gpu_steps,
             "tag_concurrency_limits": [{"key": GPU_TAG, "value": "gpu", "limit": cfg.compute.max_gpu_steps}],
         }
     )
+    freshness_checks, freshness_sensor = build_freshness_checks(cfg.schedules.freshness_hours)
     return dg.Definitions(
         assets=ASSETS,
-        asset_checks=CHECKS,
+        asset_checks=[*CHECKS, *freshness_checks],
         jobs=[*JOBS, *DASK_JOBS],
-        sensors=SENSORS,
+        schedules=build_schedules(cfg.schedules.cron, cfg.schedules.timezone),
+        sensors=[*SENSORS, freshness_sensor],
         executor=executor,
         resources={
             "project": ProjectResource(config_path=str(cfg.source)),

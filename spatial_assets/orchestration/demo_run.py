@@ -1,7 +1,11 @@
 """``make demo``: materialize the whole asset graph on the bundled demo, offline, on CPU, into a persistent Dagster
 instance (``work/dagster_home``) so the runs, lineage, partitions, checks and figures show in the Dagster UI.
 
-    python -m spatial_assets.orchestration.demo_run [--config dagster_project.yaml]
+    python -m spatial_assets.orchestration.demo_run [--config dagster_project.yaml] [--force] [--verbose]
+
+One line per stage (a stage is one run of a named job on one partition), failed checks with their reasons, then
+a table of the stages, the accuracy against the demo's truth and where the outputs are. Stages whose assets are
+up to date (current code version, materialized after their inputs) are skipped unless ``--force``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+RUN_TAGS = {"spatial_assets/launched_by": "make demo"}
 PID_TAG = "spatial_assets/pid"
 _SIGNALLED: list[int] = []  # the signals received while materializing (a run that then fails stops the graph)
 
@@ -143,65 +148,152 @@ def range_up_to_date(cfg, sample: str, range_key: str) -> bool:
     return path.stat().st_mtime >= max(p.stat().st_mtime for p in inputs)
 
 
-def materialize_graph(cfg_path: Path, log=print) -> dict:
-    """Materialize every asset of every reference and sample of a config, in dependency order, into the Dagster
-    instance of ``$DAGSTER_HOME``. Returns the seconds per step. Raises SystemExit on the first failed step."""
+def _stages(cfg) -> list[tuple[str, str, object]]:
+    """``(label, job name, partition key)`` of every stage of the graph, in dependency order."""
+    from .partitions import sample_range_keys
+
+    out = [(f"reference {r.name}: data + score checkpoint", "reference_job", r.name) for r in cfg.references]
+    for s in cfg.samples:
+        out.append((f"sample {s.name}: inputs, nuclei, types, soScope", "sample_job", s.name))
+        for key in sample_range_keys(cfg, s.name):
+            out.append(
+                (
+                    f"sample {s.name}: decompose spot range {key.keys_by_dimension['spot_range']}",
+                    "decomposition_job",
+                    key,
+                )
+            )
+        out.append((f"sample {s.name}: combine spot ranges", "combine_job", s.name))
+    return out
+
+
+def failed_check_lines(instance, run_id: str) -> list[str]:
+    """``asset[partition] check: description`` of every failed asset check of a run (the reason, not a count)."""
+    import dagster as dg
+
+    lines = []
+    for rec in instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION).records:
+        ev = rec.event_log_entry.dagster_event.event_specific_data
+        if not ev.passed:
+            where = ev.asset_key.to_user_string() + (f"[{ev.partition}]" if ev.partition else "")
+            lines.append(f"{where} {ev.check_name}: {ev.description or 'failed (no description)'}")
+    return lines
+
+
+def materialize_graph(
+    cfg_path: Path, log=print, *, force: bool = False, verbose: bool = False, stages_out: list | None = None
+) -> dict:
+    """Materialize every asset of every reference and sample of a config, in dependency order, through the named
+    jobs (``reference_job``, ``sample_job``, ``decomposition_job``, ``combine_job``) into the Dagster instance of
+    ``$DAGSTER_HOME``.
+
+    Parameters
+    ----------
+    cfg_path
+        The project config.
+    log
+        Where the one line per stage goes.
+    force
+        Re-materialize every stage; else a stage whose partitions are up to date (materialized with the current
+        code version, after their inputs) is skipped, and only its missing or stale assets run.
+    verbose
+        Dagster's console log at DEBUG (every event) instead of INFO.
+    stages_out
+        If given, receives one dict per stage (label, job, partition, status, seconds, run id).
+
+    Returns
+    -------
+    dict
+        Seconds per stage label (0 for a skipped stage).
+
+    Raises
+    ------
+    SystemExit
+        On the first failed stage, after logging the failed step's own error and the failed checks' reasons.
+    """
     import dagster as dg
 
     from .config import load_config
     from .definitions import build_definitions
-    from .partitions import register_partitions, sample_range_keys
+    from .partitions import register_partitions
+    from .retries import user_error_message
+    from .schedules import outdated_partitions
 
     cfg = load_config(cfg_path)
     defs = build_definitions(cfg)
+    repo = defs.get_repository_def()
     instance = dg.DagsterInstance.get()
     mark_dead_runs_failed(instance, log)
     reg = register_partitions(instance, cfg)
-    log(f"[spatial_assets] registered partitions: {reg}")
-    assets = list(defs.assets)
-    checks = list(defs.asset_checks or [])
-    resources = dict(defs.resources)
-    timings: dict[str, float] = {}
+    if any(reg.values()):
+        log(f"[spatial_assets] registered partitions: { {k: v for k, v in reg.items() if v} }")
+    run_config = {"loggers": {"console": {"config": {"log_level": "DEBUG" if verbose else "INFO"}}}}
+    from .preflight import accuracy_warnings
 
-    def run(selection: list[str], partition_key, label: str) -> None:
+    for s in cfg.samples:
+        for w in accuracy_warnings(cfg.parameters_for(s.name), f"samples.{s.name}.parameters"):
+            log(f"[spatial_assets] WARNING {w}")
+    timings: dict[str, float] = {}
+    for label, job_name, pk in _stages(cfg):
+        key = str(pk)
+        selection = None
+        if not force:
+            outdated, _ = outdated_partitions(instance, repo, cfg, job_name)
+            # a decomposed range whose store is current (code, partition scheme, inputs) is kept as well
+            kept = job_name == "decomposition_job" and range_up_to_date(
+                cfg, pk.keys_by_dimension["sample"], pk.keys_by_dimension["spot_range"]
+            )
+            if key not in outdated or kept:
+                timings[label] = 0.0
+                log(f"[spatial_assets] {label:<52s} up to date (skipped; --force re-runs it)")
+                if stages_out is not None:
+                    stages_out.append({"stage": label, "job": job_name, "partition": key, "status": "up to date"})
+                continue
+            job_assets = repo.get_job(job_name).asset_layer.executable_asset_keys
+            first = {dg.AssetKey(o.asset) for o in outdated[key]}
+            # the outdated assets and what depends on them inside the job
+            selection = sorted(
+                first | {c for f in first for c in _descendants(repo.asset_graph, f) if c in job_assets},
+                key=lambda k: k.to_user_string(),
+            )
+        job = defs.resolve_job_def(job_name)
         t0 = time.time()
-        res = dg.materialize(
-            [*assets, *checks],
-            selection=selection,
-            partition_key=partition_key,
-            resources=resources,
+        res = job.execute_in_process(
+            run_config=run_config,
+            partition_key=key,
             instance=instance,
+            asset_selection=selection,
             raise_on_error=False,
-            tags={"spatial_assets/launched_by": "make demo", PID_TAG: str(os.getpid())},
+            tags={**RUN_TAGS, PID_TAG: str(os.getpid())},
         )
         timings[label] = round(time.time() - t0, 1)
-        log(f"[spatial_assets] {label:<45s} {'ok' if res.success else 'FAILED'} ({timings[label]:.1f} s)")
+        checks = failed_check_lines(instance, res.run_id)
+        status = "ok" if res.success and not checks else ("checks failed" if res.success else "FAILED")
+        log(f"[spatial_assets] {label:<52s} {status} ({timings[label]:.1f} s, run {res.run_id[:8]} of {job_name})")
+        for line in checks:
+            log(f"    failed check {line}")
+        if stages_out is not None:
+            stages_out.append(
+                {"stage": label, "job": job_name, "partition": key, "status": status, "seconds": timings[label]}
+            )
         if _SIGNALLED:
             raise KeyboardInterrupt
         if not res.success:
             for ev in res.all_events:
                 if ev.is_step_failure and ev.event_specific_data.error:
-                    log(ev.event_specific_data.error.to_string())
+                    log(f"    step {ev.step_key}: {user_error_message(ev.event_specific_data.error)}")
             raise SystemExit(1)
-
-    for r in cfg.references:
-        run(["reference_data", "score_checkpoint"], r.name, f"reference {r.name}: data + score checkpoint")
-    for s in cfg.samples:
-        run(["slide_inputs", "segmented_slide", "typed_cells"], s.name, f"sample {s.name}: inputs, nuclei, types")
-        for key in sample_range_keys(cfg, s.name):
-            if range_up_to_date(cfg, s.name, key.keys_by_dimension["spot_range"]):
-                log(
-                    f"[spatial_assets] sample {s.name}: spot range {key.keys_by_dimension['spot_range']} up to date, kept"
-                )
-                continue
-            run(
-                ["decomposed_cells"],
-                key,
-                f"sample {s.name}: decompose spot range {key.keys_by_dimension['spot_range']}",
-            )
-        run(["decomposed_cells_by_sample"], s.name, f"sample {s.name}: combine spot ranges")
-        run(["enhanced_subspots"], s.name, f"sample {s.name}: soScope sub-spots")
     return timings
+
+
+def _descendants(graph, key) -> set:
+    out, todo = set(), [key]
+    while todo:
+        for c in graph.get(todo.pop()).child_keys:
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
 
 
 def build_demo_data(cfg_path: Path) -> None:
@@ -219,26 +311,95 @@ def build_demo_data(cfg_path: Path) -> None:
         ensure_demo(out, seed=int(demo.get("seed", 0)), crop_um=demo.get("crop_um"))
 
 
+def demo_accuracy(cfg) -> dict[str, dict[str, str]]:
+    """Accuracy of the outputs against the demo's ground truth, per sample: nuclei found (true in-spot cells
+    matched within 4 um), cell-type accuracy beside the majority type, decomposed expression (median per-cell r of
+    log1p) beside the same cells' typed reference mean profile. Empty when the config has no demo truth."""
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+    from scipy.spatial import cKDTree
+
+    from .. import io as sio
+
+    if cfg.demo is None or not (cfg.demo.out_dir / "truth_cells.h5ad").exists():
+        return {}
+    truth = ad.read_h5ad(cfg.demo.out_dir / "truth_cells.h5ad")
+    t_in = truth[truth.obs["spot"].astype(str).to_numpy() != ""]
+    out: dict[str, dict[str, str]] = {}
+    for s in cfg.samples:
+        root = cfg.storage_root
+        dec_path = root / "decomposed_cells_by_sample" / f"{s.name}.zarr"
+        typed_path = root / "typed_cells" / s.name / "cells.zarr"
+        if not (sio.is_complete(dec_path) and sio.is_complete(typed_path)):
+            continue
+        ref = cfg.reference(s.reference)
+        dec = ad.read_zarr(dec_path)
+        typed = sio.read_dataframe(typed_path)
+        d, i = cKDTree(t_in.obs[["x", "y"]].to_numpy()).query(dec.obs[["x", "y"]].to_numpy())
+        ok = d < 4.0
+        row: dict[str, str] = {"nuclei": f"{len(set(i[ok])) / max(t_in.n_obs, 1):.0%} of true cells found"}
+        key = ref.cell_type_key
+        if key in t_in.obs:
+            pred = typed.loc[dec.obs_names[ok], "cell_type"].astype(str).to_numpy()
+            true = t_in.obs[key].astype(str).to_numpy()[i[ok]]
+            majority = t_in.obs[key].value_counts(normalize=True).iloc[0]
+            row["cell types"] = f"accuracy {(pred == true).mean():.2f} (majority type {majority:.2f})"
+            genes = [g for g in dec.var_names if g in set(t_in.var_names)]
+            X = t_in[:, genes].X
+            T = np.log1p(np.asarray(X.toarray() if hasattr(X, "toarray") else X)[i[ok]])
+            D = dec[:, genes].X
+            D = np.log1p(np.asarray(D.toarray() if hasattr(D, "toarray") else D)[ok])
+            reference = ad.read_h5ad(ref.path)
+            R = reference[:, genes].X
+            R = np.asarray(R.toarray() if hasattr(R, "toarray") else R, dtype=float)
+            R = R / np.maximum(R.sum(1, keepdims=True), 1) * 1e3
+            means = pd.DataFrame(R, columns=genes).groupby(reference.obs[key].astype(str).to_numpy()).mean()
+            base = np.log1p(means.reindex(pred).fillna(0).to_numpy())
+
+            def med_r(a, b):
+                a = a - a.mean(1, keepdims=True)
+                b = b - b.mean(1, keepdims=True)
+                return float(np.median((a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1) + 1e-12)))
+
+            row["decomposed cells"] = f"per-cell r {med_r(D, T):.2f} (typed reference mean {med_r(base, T):.2f})"
+        out[s.name] = row
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="dagster_project.yaml")
     ap.add_argument("--dagster-home", default=None, help="default: <config folder>/work/dagster_home")
+    ap.add_argument("--force", action="store_true", help="re-materialize stages that are up to date")
+    ap.add_argument("--verbose", action="store_true", help="every Dagster event and library warning")
     args = ap.parse_args(argv)
     cfg_path = Path(args.config).resolve()
     os.environ["SPATIAL_ASSETS_CONFIG"] = str(cfg_path)
     home = Path(args.dagster_home or cfg_path.parent / "work" / "dagster_home").resolve()
     home.mkdir(parents=True, exist_ok=True)
     if not (home / "dagster.yaml").exists():
-        (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+        # run retries only for runs that did not fail in an op (a crashed / lost step process): see retries.py
+        (home / "dagster.yaml").write_text(
+            "telemetry:\n  enabled: false\n"
+            "run_retries:\n  enabled: true\n  max_retries: 2\n  retry_on_asset_or_op_failure: false\n"
+        )
     os.environ["DAGSTER_HOME"] = str(home)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if not args.verbose:
+        import warnings
+
+        warnings.filterwarnings("ignore", message="zarr v3 autosharding will be the default")
+        warnings.filterwarnings("ignore", message="Automatic shard shape inference is experimental")
+        warnings.filterwarnings("ignore", module="tensorflow")
 
     t_all = time.time()
     print(f"[spatial_assets] config: {cfg_path}")
     build_demo_data(cfg_path)
+    stages: list[dict] = []
     try:
         with stop_on_sigterm():
-            materialize_graph(cfg_path)
+            materialize_graph(cfg_path, force=args.force, verbose=args.verbose, stages_out=stages)
     except KeyboardInterrupt:
         print("[spatial_assets] interrupted (SIGINT / SIGTERM): the step in flight was abandoned", flush=True)
         return 130
@@ -246,16 +407,25 @@ def main(argv=None) -> int:
 
     cfg = load_config(cfg_path)
     root = cfg.storage_root
-    print(f"\n[spatial_assets] whole graph materialized in {time.time() - t_all:.0f} s. Outputs (zarr stores):")
+    print(f"\n[spatial_assets] whole graph in {time.time() - t_all:.0f} s\n")
+    print(f"{'stage':<52s} {'status':<14s} {'seconds':>8s}")
+    for st in stages:
+        print(f"{st['stage']:<52s} {st['status']:<14s} {st.get('seconds', 0.0):>8.1f}")
+    try:
+        acc = demo_accuracy(cfg)
+    except Exception as e:
+        acc = {}
+        print(f"(accuracy against the demo truth not computed: {type(e).__name__}: {e})")
+    for sample, row in acc.items():
+        print(f"\naccuracy against the demo truth, sample {sample}:")
+        for k, v in row.items():
+            print(f"  {k:<18s} {v}")
+    print("\noutputs (zarr stores, plain anndata / zarr):")
     for p in sorted(root.glob("*")):
         print(f"  {p}")
     print(
-        "\nRead them with plain anndata / zarr, e.g.\n"
-        f"  python -c \"import anndata; print(anndata.read_zarr('{root}/decomposed_cells_by_sample/"
-        f"{cfg.samples[0].name}.zarr'))\"\n"
-        "Open the Dagster UI on these runs (lineage, partitions, checks, figures):\n"
-        f"  SPATIAL_ASSETS_CONFIG={cfg_path} DAGSTER_HOME={home} \\\n"
-        f"    dagster dev -w {cfg_path.parent}/workspace.yaml   # then http://127.0.0.1:3000\n"
+        "\nOpen the Dagster UI on these runs (lineage, partitions, checks, figures): make ui\n"
+        f"  (SPATIAL_ASSETS_CONFIG={cfg_path} DAGSTER_HOME={home} dagster dev -w {cfg_path.parent}/workspace.yaml)\n"
     )
     return 0
 

@@ -105,3 +105,38 @@ class Report:
 
     def result(self, **kwargs) -> dg.MaterializeResult:
         return dg.MaterializeResult(metadata=self.metadata(), **kwargs)
+
+
+def name_items(items, values=None, limit: int = 8, fmt: str = "{:.4g}") -> str:
+    """A short list of the failing items of a check, for its description: ``'a' (1.2), 'b' (3.4) ... and 5 more``.
+
+    Parameters
+    ----------
+    items
+        The failing items (spot names, cell names, types), worst first.
+    values
+        Their values, in the same order (optional).
+    limit
+        How many to name.
+    fmt
+        Format of each value.
+
+    Returns
+    -------
+    str
+        ``"none"`` when there is no item.
+    """
+    items = list(items)
+    if not items:
+        return "none"
+    vals = list(values) if values is not None else [None] * len(items)
+    shown = [f"'{i}'" + (f" ({fmt.format(v)})" if v is not None else "") for i, v in zip(items[:limit], vals[:limit])]
+    more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(shown) + more
+
+
+def check_result(passed: bool, ok: str, problems: list[str], metadata: dict | None = None) -> dg.AssetCheckResult:
+    """An asset check result whose description says why: ``ok`` when it passed, else every problem (each naming
+    its failing items and the threshold), joined by '; '."""
+    desc = ok if passed else "; ".join(problems) or "failed (no detail)"
+    return dg.AssetCheckResult(passed=bool(passed), description=desc, metadata=dict(metadata or {}))

@@ -9,10 +9,11 @@ import pandas as pd
 from .. import io as sio
 from .. import pl, soscope
 from .code_versions import code_version
-from .metadata import Report
+from .metadata import Report, check_result, name_items
 from .partitions import samples_partitions
 from .resources import GPU_OP_TAGS, ComputeResource, ProjectResource
-from .spatialscope import GPU_RETRY, _device
+from .retries import run_with_transient_retries
+from .spatialscope import _device
 
 
 @dg.asset(
@@ -23,7 +24,6 @@ from .spatialscope import GPU_RETRY, _device
     kinds={"pytorch", "anndata"},
     op_tags=GPU_OP_TAGS,
     pool="gpu",
-    retry_policy=GPU_RETRY,
 )
 def enhanced_subspots(
     context: dg.AssetExecutionContext, project: ProjectResource, compute: ComputeResource
@@ -40,15 +40,18 @@ def enhanced_subspots(
     report = Report(context.log.warning)
     dev = _device(compute, context, report)
     t0 = time.time()
-    res = soscope.enhance(
-        slide,
-        params,
-        platform=s.platform.value,
-        image=image,
-        nuclei=nuclei,
-        device=dev,
-        log=context.log.info,
-        grid_subdivision=s.grid_subdivision,
+    res = run_with_transient_retries(  # full-graph training: no batch to shrink, OOM / lost worker retried as is
+        context,
+        lambda _scale: soscope.enhance(
+            slide,
+            params,
+            platform=s.platform.value,
+            image=image,
+            nuclei=nuclei,
+            device=dev,
+            log=context.log.info,
+            grid_subdivision=s.grid_subdivision,
+        ),
     )
     path = sio.write_anndata(res.adata, project.stores.subspots(s.name))
     report.figure("marker_maps", lambda: pl.enhanced_maps(slide, res.adata), "spot vs enhanced")
@@ -78,9 +81,19 @@ def subspots_sum_to_spot(context: dg.AssetCheckExecutionContext, project: Projec
 
     model_err = rel_error(sub.X)
     conserved_err = rel_error(sub.layers["conserved"]) if "conserved" in sub.layers else model_err
-    covered = float(np.isin(slide.obs_names, np.unique(spot)).mean())
-    return dg.AssetCheckResult(
-        passed=covered == 1.0 and conserved_err < 1e-3 and model_err < 0.75,
+    has = np.isin(slide.obs_names, np.unique(spot))
+    covered = float(has.mean())
+    problems = []
+    if covered < 1.0:
+        problems.append(f"{int((~has).sum())} spot(s) without sub-spots: {name_items(slide.obs_names[~has])}")
+    if conserved_err >= 1e-3:
+        problems.append(f"conserved sub-spot profiles miss their spots by {conserved_err:.3g} (threshold 1e-3)")
+    if model_err >= 0.75:
+        problems.append(f"model sub-spot means miss their spots by {model_err:.3g} (threshold 0.75)")
+    return check_result(
+        covered == 1.0 and conserved_err < 1e-3 and model_err < 0.75,
+        f"every spot has sub-spots; conserved error {conserved_err:.2g}, model error {model_err:.3g}",
+        problems,
         metadata={
             "model_relative_sum_error": model_err,
             "conserved_relative_sum_error": conserved_err,

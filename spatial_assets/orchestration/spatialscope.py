@@ -13,7 +13,7 @@ from .. import celltyping, decomposition, generative, pl, segmentation
 from .. import io as sio
 from ..constants import UNASSIGNED, Platform
 from .code_versions import code_version
-from .metadata import Report
+from .metadata import Report, check_result, name_items
 from .partitions import (
     decomposition_partitions,
     n_ranges,
@@ -22,9 +22,12 @@ from .partitions import (
     references_partitions,
     samples_partitions,
 )
+from .preflight import accuracy_warnings
 from .resources import CPU_OP_TAGS, GPU_OP_TAGS, ComputeResource, ProjectResource
+from .retries import run_with_transient_retries, scaled
 
-GPU_RETRY = dg.RetryPolicy(max_retries=2, delay=5)
+# No blanket RetryPolicy: GPU steps retry transient faults only (CUDA OOM with a smaller batch, a lost worker),
+# see retries.py; input errors fail at once.
 # Keep downstream assets up to date when a reference, a checkpoint or typed cells change (declarative automation,
 # evaluated by Dagster's default automation-condition sensor once it is turned on in the UI).
 EAGER = dg.AutomationCondition.eager()
@@ -58,7 +61,6 @@ def _require(path, asset: str, sample: str, needed_by: str) -> None:
     kinds={"stardist", "zarr"},
     op_tags=GPU_OP_TAGS,
     pool="gpu",
-    retry_policy=GPU_RETRY,
 )
 def segmented_slide(
     context: dg.AssetExecutionContext, project: ProjectResource, compute: ComputeResource
@@ -73,7 +75,12 @@ def segmented_slide(
         _device(compute, context, report)
         image = sio.read_arrays(project.stores.slide_image(s.name), ["image"], lazy=True)["image"]
     t0 = time.time()
-    res = segmentation.segment_sample(slide, image, s.platform, project.params(s.name).segmentation, sample=s.name)
+    res = run_with_transient_retries(
+        context,
+        lambda _scale: segmentation.segment_sample(
+            slide, image, s.platform, project.params(s.name).segmentation, sample=s.name
+        ),
+    )
     out = project.stores.segmented(s.name)
     with sio.atomic_path(out.folder) as tmp:
         tmp.mkdir(parents=True)
@@ -110,14 +117,31 @@ def segmented_slide(
 def cells_per_spot_in_range(context: dg.AssetCheckExecutionContext, project: ProjectResource):
     sample = context.partition_key
     spots = sio.read_dataframe(project.stores.segmented(sample).spots)
-    cap = project.params(sample).segmentation.max_cells_per_spot
+    return cells_per_spot_result(spots, project.params(sample).segmentation.max_cells_per_spot, sample)
+
+
+def cells_per_spot_result(spots: pd.DataFrame, cap: int, sample: str = "") -> dg.AssetCheckResult:
+    """``cells_per_spot_in_range`` of a segmented slide's spots table (``n_cells`` per spot) of ``sample``."""
     n = spots["n_cells"].to_numpy()
     # < half the spots with a nucleus: most spots lie off the tissue in the image (x / y swapped? wrong scale?)
     frac, problem = sio.spots_with_nuclei_problem(n, sample)
     ok = bool((n >= 0).all() and (n <= cap).all() and (n > 0).any() and problem is None)
-    return dg.AssetCheckResult(
-        passed=ok,
-        description=problem,
+    over = np.flatnonzero(n > cap)[np.argsort(-n[n > cap], kind="stable")]
+    problems = []
+    if len(over):
+        problems.append(
+            f"{len(over)} spot(s) hold more than max_cells_per_spot={cap} cells: {name_items(spots.index[over], n[over])}"
+        )
+    if (n < 0).any():
+        problems.append(f"negative cell counts at spot(s) {name_items(spots.index[n < 0], n[n < 0])}")
+    if len(n) == 0 or not (n > 0).any():
+        problems.append(f"no spot of the {len(n)} holds a cell (nothing segmented inside the spots)")
+    elif problem:
+        problems.append(problem)
+    return check_result(
+        ok,
+        f"all {len(n)} spots hold 0..{cap} cells",
+        problems,
         metadata={
             "max_cells_per_spot": int(n.max()) if len(n) else 0,
             "fraction_spots_with_cells": float((n > 0).mean()) if len(n) else 0.0,
@@ -239,13 +263,29 @@ def typed_cells(context: dg.AssetExecutionContext, project: ProjectResource) -> 
 )
 def proportions_sum_to_one(context: dg.AssetCheckExecutionContext, project: ProjectResource):
     t = project.stores.typed(context.partition_key)
-    w = sio.read_dataframe(t.weights)
-    cells = sio.read_dataframe(t.cells)
+    return proportions_result(sio.read_dataframe(t.weights), sio.read_dataframe(t.cells))
+
+
+def proportions_result(w: pd.DataFrame, cells: pd.DataFrame) -> dg.AssetCheckResult:
+    """``proportions_sum_to_one`` of typed cells' spot weights (spots x types) and cells (``cell_type``)."""
     sums = w.to_numpy(dtype=float).sum(1)
     max_dev = float(np.abs(sums - 1).max()) if len(sums) else 0.0
     unknown = sorted(set(cells["cell_type"].astype(str)) - set(w.columns.astype(str)) - {UNASSIGNED})
-    return dg.AssetCheckResult(
-        passed=max_dev < 1e-4 and not unknown, metadata={"max_abs_deviation": max_dev, "unknown_types": str(unknown)}
+    dev = np.abs(sums - 1)
+    bad = np.flatnonzero(dev >= 1e-4)[np.argsort(-dev[dev >= 1e-4], kind="stable")]
+    problems = []
+    if len(bad):
+        problems.append(
+            f"{len(bad)} spot(s) whose proportions do not sum to 1 (|sum - 1| >= 1e-4): "
+            f"{name_items(w.index[bad], sums[bad])}"
+        )
+    if unknown:
+        problems.append(f"cells typed with types absent from the spot weights: {name_items(unknown)}")
+    return check_result(
+        max_dev < 1e-4 and not unknown,
+        f"{len(sums)} spots sum to 1 (max |sum - 1| {max_dev:.2g}); every cell type is known",
+        problems,
+        metadata={"max_abs_deviation": max_dev, "unknown_types": str(unknown)},
     )
 
 
@@ -260,7 +300,6 @@ def proportions_sum_to_one(context: dg.AssetCheckExecutionContext, project: Proj
     kinds={"pytorch", "safetensors"},
     op_tags=GPU_OP_TAGS,
     pool="gpu",
-    retry_policy=GPU_RETRY,
     automation_condition=EAGER,
 )
 def score_checkpoint(
@@ -278,13 +317,16 @@ def score_checkpoint(
     t0 = time.time()
     # periodic saves go to a separate state folder (resumable); the checkpoint folder itself is written once,
     # atomically, with `.complete` last, so a killed retrain never leaves a half-trained model looking complete
-    model = generative.train_score_model(
-        reference,
-        ref.cell_type_key,
-        params,
-        project.stores.checkpoint_state(ref.name),
-        device=dev,
-        log=context.log.info,
+    model = run_with_transient_retries(
+        context,
+        lambda scale: generative.train_score_model(
+            reference,
+            ref.cell_type_key,
+            params.model_copy(update={"batch_size": scaled(params.batch_size, scale)}),
+            project.stores.checkpoint_state(ref.name),
+            device=dev,
+            log=context.log.info,
+        ),
     )
     report.value(
         seconds=round(time.time() - t0, 1),
@@ -293,8 +335,11 @@ def score_checkpoint(
         noise_levels=int(len(model.sigmas)),
         decomposition_step=float(model.decomposition_step),
     )
+    t_q = time.time()
+    context.log.info("checkpoint quality: generating pseudo-cells and comparing them with the reference ...")
     try:
         q = generative.checkpoint_quality(model, reference, ref.cell_type_key, params)
+        context.log.info(f"checkpoint quality evaluated in {time.time() - t_q:.0f} s: passed={q.get('passed')}")
     except Exception as e:
         q = {"passed": False, "reason": f"quality evaluation failed: {type(e).__name__}: {e}"}
         context.log.warning(q["reason"])
@@ -334,7 +379,7 @@ def checkpoint_sample_quality(context: dg.AssetCheckExecutionContext, project: P
     q = json.loads(q_path.read_text())
     return dg.AssetCheckResult(
         passed=bool(q.get("passed")),
-        description=q.get("reason"),
+        description=q.get("reason") or f"passed={bool(q.get('passed'))} (the evaluation gave no reason)",
         metadata={k: v for k, v in q.items() if not isinstance(v, (dict, list))},
     )
 
@@ -354,7 +399,6 @@ def checkpoint_sample_quality(context: dg.AssetCheckExecutionContext, project: P
     kinds={"anndata", "zarr"},
     op_tags=GPU_OP_TAGS,
     pool="gpu",
-    retry_policy=GPU_RETRY,
     automation_condition=EAGER,
 )
 def decomposed_cells(
@@ -385,23 +429,32 @@ def decomposed_cells(
     dparams = project.params(sample).decomposition
     if dparams.estimator != "mixture":
         reference = None
-    res = decomposition.decompose_range(
-        slide,
-        cells,
-        model,
-        pe,
-        (start, stop),
-        dparams,
-        platform=s.platform,
-        device=dev,
-        log=context.log.info,
-        reference=reference,
+    for w in accuracy_warnings(project.params(sample), f"samples.{sample}.parameters"):
+        context.log.warning(w)
+        report.value(parameter_warning=w)
+    res = run_with_transient_retries(
+        context,
+        lambda scale: decomposition.decompose_range(
+            slide,
+            cells,
+            model,
+            pe,
+            (start, stop),
+            dparams.model_copy(update={"batch_cells": scaled(dparams.batch_cells, scale)}),
+            platform=s.platform,
+            device=dev,
+            log=context.log.info,
+            reference=reference,
+        ),
     )
     path = sio.write_anndata(
         res.adata,
         project.stores.decomposed_range(sample, rkey),
         info={"spot_range": [start, stop], "code_version": code_version("decomposed_cells")},
     )
+    if res.adata.n_obs:
+        report.figure("decomposed_maps", lambda: pl.decomposed_maps(slide, res.adata), "spots vs decomposed cells")
+        report.figure("decomposition_summary", lambda: pl.decomposition_summary(res.adata))
     report.value(
         spot_range=f"{start}..{stop - 1}",
         cells=int(res.adata.n_obs),
@@ -424,9 +477,29 @@ def spot_reconstruction(context: dg.AssetCheckExecutionContext, project: Project
     a = sio.read_anndata(project.stores.decomposed_range(keys["sample"], keys["spot_range"]))
     info = dict(a.uns.get("decomposition", {}))
     err = float(info.get("reconstruction_rel_error", np.nan)) if info else np.nan
-    finite = bool(a.n_obs == 0 or np.isfinite(np.asarray(a.X.sum())).all())
+    X = a.X
+    row_sums = np.asarray(X.sum(1)).ravel() if a.n_obs else np.zeros(0)
+    nonfinite = np.flatnonzero(~np.isfinite(row_sums))
+    finite = len(nonfinite) == 0
     passed = finite and (a.n_obs == 0 or (np.isfinite(err) and err < 0.5))
-    return dg.AssetCheckResult(passed=passed, metadata={"spot_reconstruction_error": err, "cells": a.n_obs})
+    problems = []
+    if not finite:
+        problems.append(f"{len(nonfinite)} cell(s) with non-finite expression: {name_items(a.obs_names[nonfinite])}")
+    if a.n_obs and not (np.isfinite(err) and err < 0.5):
+        med = float(info.get("reconstruction_rel_error_median_spot", np.nan))
+        problems.append(
+            f"relative error of the spot sums {err:.3g} >= threshold 0.5 (median spot {med:.3g}, "
+            f"{info.get('spots', '?')} spots, {len(info.get('non_finite_cells') or [])} non-finite cells)"
+        )
+        stride = project.params(keys["sample"]).decomposition.level_stride
+        if stride > 1:
+            problems.append(f"decomposition.level_stride={stride} skips noise levels (a coarse stride breaks it)")
+    return check_result(
+        passed,
+        f"{a.n_obs} cells reconstruct their spots (relative error {err:.3g} < 0.5)",
+        problems,
+        metadata={"spot_reconstruction_error": err, "cells": a.n_obs},
+    )
 
 
 @dg.asset(
@@ -455,6 +528,9 @@ def decomposed_cells_by_sample(context: dg.AssetExecutionContext, project: Proje
     combined = decomposition.combine_ranges(ranges, expected_ranges=list(expected), slide=slide, source=str(folder))
     path = sio.write_anndata(combined, project.stores.decomposed(sample))
     report = Report(context.log.warning)
+    if combined.n_obs:
+        report.figure("decomposed_maps", lambda: pl.decomposed_maps(slide, combined), "spots vs decomposed cells")
+        report.figure("decomposition_summary", lambda: pl.decomposition_summary(combined))
     report.value(cells=combined.n_obs, spot_ranges=", ".join(ranges), stale_range_stores_ignored=len(stale))
     report.store(path)
     return report.result()

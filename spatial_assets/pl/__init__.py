@@ -7,13 +7,14 @@ inline, and the Dagster assets turn them into PNG metadata (``spatial_assets.orc
 
 from ._base import new_figure, type_palette
 from ._celltyping import cell_types, slices_side_by_side, spot_proportions
-from ._decomposition import decomposition_summary, truth_comparison
+from ._decomposition import decomposed_maps, decomposition_summary, truth_comparison
 from ._generative import real_vs_generated
 from ._segmentation import segmentation_qc
 from ._soscope import enhanced_maps, loss_curves, pick_markers
 
 __all__ = [
     "cell_types",
+    "decomposed_maps",
     "decomposition_summary",
     "enhanced_maps",
     "loss_curves",

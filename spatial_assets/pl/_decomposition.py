@@ -100,3 +100,75 @@ def truth_comparison(
         axis.plot([0, lim], [0, lim], "k--", lw=0.8)
         axis.set(xlabel="truth (log1p)", ylabel=f"{name} (log1p)", title=f"{name}: r = {r:.3f}")
     return fig
+
+
+def _dense(X) -> np.ndarray:
+    return X.toarray() if sp.issparse(X) else np.asarray(X)
+
+
+def decomposed_maps(slide, decomposed, genes: Sequence[str] | None = None, n_genes: int = 3) -> Figure:
+    """Where users look first: rows = marker genes (default: the most variable among the well expressed observed
+    genes, :func:`spatial_assets.pl.pick_markers`); left: the spots' counts at the spot centres, right: the
+    decomposed cells at their positions; last row: each cell's uncertainty (replicate spread) and the relative
+    error of its spot's reconstruction. Image y axis down.
+
+    Parameters
+    ----------
+    slide
+        The spots (AnnData with ``obsm['spatial']``).
+    decomposed
+        Decomposed cells (AnnData, or a result with ``.adata``) with ``obs`` ``x``, ``y``, ``spot``,
+        ``replicate_spread`` and ``spot_rel_error``.
+    genes
+        The genes to map; default: ``n_genes`` picked among genes both objects hold.
+    n_genes
+        How many genes to pick.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    Raises
+    ------
+    ValueError
+        When no gene is in both the slide and the decomposed cells, or there are no cells.
+    """
+    from ._soscope import pick_markers
+
+    a = _adata(decomposed)
+    if a.n_obs == 0:
+        raise ValueError("decomposed: no cells to map")
+    shared = [g for g in a.var_names if g in set(slide.var_names)]
+    if genes is None:
+        genes = pick_markers(a[:, shared], n_genes) if shared else []
+    genes = [g for g in genes if g in set(shared)]
+    if not genes:
+        raise ValueError("genes: none of the requested genes is in both the slide and the decomposed cells")
+    sxy = np.asarray(slide.obsm["spatial"], float)[:, :2]
+    cx, cy = a.obs["x"].to_numpy(float), a.obs["y"].to_numpy(float)
+    s_spot = max(4.0, 1.5e4 / max(slide.n_obs, 1))
+    s_cell = max(1.0, 6e3 / max(a.n_obs, 1))
+    fig, axes = new_figure(len(genes) + 1, 2, figsize=(8.5, 3.6 * (len(genes) + 1)), squeeze=False)
+    S = _dense(slide[:, genes].X)
+    C = _dense(a[:, genes].X)
+    for r, g in enumerate(genes):
+        for axis, (xy, v, size, what) in zip(
+            axes[r], [(sxy, S[:, r], s_spot, "spots"), (np.c_[cx, cy], C[:, r], s_cell, "decomposed cells")]
+        ):
+            sc = axis.scatter(xy[:, 0], xy[:, 1], c=np.log1p(np.clip(v, 0, None)), s=size, cmap="viridis")
+            axis.set_title(f"{g}: {what} (log1p)", fontsize=9)
+            fig.colorbar(sc, ax=axis, fraction=0.046)
+    spread = a.obs["replicate_spread"].to_numpy(float) if "replicate_spread" in a.obs else np.full(a.n_obs, np.nan)
+    err = a.obs["spot_rel_error"].to_numpy(float) if "spot_rel_error" in a.obs else np.full(a.n_obs, np.nan)
+    for axis, v, title, cmap in [
+        (axes[-1][0], spread, "per-cell uncertainty (replicate s.d.)", "magma"),
+        (axes[-1][1], err, "spot reconstruction error (rel.)", "cividis"),
+    ]:
+        sc = axis.scatter(cx, cy, c=v, s=s_cell, cmap=cmap)
+        axis.set_title(title, fontsize=9)
+        fig.colorbar(sc, ax=axis, fraction=0.046)
+    for axis in np.ravel(axes):
+        axis.invert_yaxis()
+        axis.set_aspect("equal")
+        axis.set(xticks=[], yticks=[])
+    return fig

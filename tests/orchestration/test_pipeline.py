@@ -152,6 +152,25 @@ def test_accuracy_against_ground_truth(pipeline, demo_small):
     assert sub.n_obs == 7 * ad.read_h5ad(demo_small.slide).n_obs
 
 
+def test_runs_use_named_jobs_and_up_to_date_stages_are_skipped(pipeline):
+    """(Before test_failed_range_keeps_finished_ranges, which re-materializes a range and so makes the combined
+    sample stale.)"""
+    inst = pipeline["instance"]
+    demo_runs = inst.get_runs(dg.RunsFilter(tags={"spatial_assets/launched_by": "make demo"}))
+    jobs = {r.job_name for r in demo_runs}
+    assert jobs >= {"reference_job", "sample_job", "decomposition_job", "combine_job"}
+    assert not any(j.startswith("__") for j in jobs), jobs  # never the anonymous __ephemeral_asset_job__
+    from spatial_assets.orchestration.demo_run import materialize_graph
+
+    n_runs = len(inst.get_runs())
+    lines: list[str] = []
+    stages: list[dict] = []
+    timings = materialize_graph(pipeline["cfg"], log=lines.append, stages_out=stages)
+    assert set(timings.values()) == {0.0} and len(inst.get_runs()) == n_runs  # nothing re-ran
+    assert all(s["status"] == "up to date" for s in stages) and len(stages) == len(pipeline["timings"])
+    assert all("up to date (skipped; --force re-runs it)" in line for line in lines)
+
+
 def test_failed_range_keeps_finished_ranges(pipeline, monkeypatch):
     """A range that crashes mid-run leaves no store; finished ranges are untouched; re-running it alone works."""
     from spatial_assets import decomposition

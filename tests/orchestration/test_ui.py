@@ -100,3 +100,38 @@ def test_screenshot_script_against_running_server(deployment, url):
     stems = [stem for stem, _ in ui.PAGES] + [f"{a}__{k}" for a, k in ui.FIGURES]
     for stem in stems:
         assert _png_size(out / f"{stem}.png") == (1600, 1000), stem
+
+
+FIGURE_Q = """query($path: [String!]!) { assetOrError(assetKey: {path: $path}) { ... on Asset {
+  assetMaterializations(limit: 1) { metadataEntries { label ... on MarkdownMetadataEntry { mdStr } } } } } }"""
+
+
+def test_each_asset_figure_comes_first_and_decodes_to_a_non_blank_image(deployment, url):
+    """Every served asset with figures (decomposed cells included) lists them first in its latest metadata, and
+    each decodes to a real, non-blank image; decomposed_cells' marker map also opens in Chromium."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    expected = {
+        "segmented_slide": "qc_figure",
+        "typed_cells": "cell_types_figure",
+        "decomposed_cells": "decomposed_maps",
+        "enhanced_subspots": "marker_maps",
+    }
+    for asset, must in expected.items():
+        mats = ui.graphql(url, FIGURE_Q, {"path": [asset]})["assetOrError"]["assetMaterializations"]
+        entries = mats[0]["metadataEntries"]
+        is_fig = [bool(e.get("mdStr") and "data:image/png;base64," in e["mdStr"]) for e in entries]
+        assert is_fig[0] and must in [e["label"] for e, f in zip(entries, is_fig) if f], (asset, entries[:3])
+        assert is_fig == sorted(is_fig, reverse=True), f"{asset}: a figure comes after other metadata"
+        for e, f in zip(entries, is_fig):
+            if f:
+                raw = base64.b64decode(e["mdStr"].split("base64,", 1)[1].split(")", 1)[0])
+                img = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"), dtype=float)
+                assert min(img.shape[:2]) >= 200 and img.std() > 10, (asset, e["label"], img.shape, img.std())
+    png = deployment["tmp"] / "screenshots" / "decomposed_cells__decomposed_maps.png"
+    w, h = ui.screenshot_metadata_figure(url, "decomposed_cells", "decomposed_maps", png)
+    assert w >= 300 and h >= 300 and png.stat().st_size > 30_000

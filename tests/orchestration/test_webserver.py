@@ -73,6 +73,8 @@ def _project(tmp: Path, demo) -> Path:
         "references": [{"name": REF, "path": str(demo.reference), "cell_type_key": "cell_class"}],
         "samples": [{"name": SAMPLE, "spatial": str(demo.slide), "image": str(demo.image), "reference": REF}],
         "parameters": FAST_PARAMS,
+        # served and RUNNING under the daemon, but never due during a test (1 January, 02:00)
+        "schedules": {"nightly": "0 2 1 1 *"},
     }
     p = tmp / "dagster_project.yaml"
     p.write_text(yaml.safe_dump(doc))
@@ -341,3 +343,22 @@ def test_asset_checks_through_graphql(deployment):
             assert md["max_abs_deviation"]["floatValue"] < 1e-4
         if asset == "decomposed_cells":
             assert 0 <= md["spot_reconstruction_error"]["floatValue"] < 0.5
+
+
+SCHEDULES_Q = """query($repo: RepositorySelector!) { schedulesOrError(repositorySelector: $repo) { __typename
+  ... on Schedules { results { name cronSchedule pipelineName scheduleState { status }
+  futureTicks(limit: 1) { results { timestamp } } } } } }"""
+
+
+def test_schedules_are_served_and_running_under_the_daemon(deployment):
+    res = ui.graphql(deployment["server"].url, SCHEDULES_Q, {"repo": deployment["repo"]})["schedulesOrError"]
+    got = {r["name"]: r for r in res["results"]}
+    jobs = ("reference_job", "sample_job", "decomposition_job", "combine_job")
+    assert set(got) == {f"nightly_{j}" for j in jobs}
+    for j in jobs:
+        r = got[f"nightly_{j}"]
+        assert r["cronSchedule"] == "0 2 1 1 *" and r["pipelineName"] == j
+        assert r["scheduleState"]["status"] == "RUNNING"
+        (tick,) = r["futureTicks"]["results"]
+        when = time.gmtime(float(tick["timestamp"]))
+        assert (when.tm_mon, when.tm_mday, when.tm_hour, when.tm_min) == (1, 1, 2, 0)
