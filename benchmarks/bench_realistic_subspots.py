@@ -16,7 +16,8 @@ Reported per method, median Pearson r on log1p: per gene (over sub-spots) and pe
   splits). soScope uses no cell types, so no typed-cell split is its same-input baseline.
 
 ``run(quick=False) -> dict``; ``python -m benchmarks.bench_realistic_subspots [--quick] [--out DIR]`` writes
-``realistic_subspots.json``, ``.md`` and ``.png`` to ``benchmarks/results/`` (or DIR).
+``realistic_subspots.json``, ``.md`` and ``.png`` to ``benchmarks/results/`` (or DIR); ``--epochs E`` (VGAE and
+soScope epochs, default 400), ``--cache DIR`` (built slides and their squidpy features, default a temp folder).
 """
 
 from __future__ import annotations
@@ -182,13 +183,16 @@ def _figure(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run(quick: bool = False, out_dir: str | Path | None = None, cache: str | Path | None = None) -> dict:
+def run(
+    quick: bool = False, out_dir: str | Path | None = None, cache: str | Path | None = None, epochs: int | None = None
+) -> dict:
     """Every method on realistic slides of ``SEEDS``; writes JSON, markdown and a figure; returns the figures."""
     import torch
 
     torch.set_num_threads(1)
     cache = Path(cache) if cache else Path(tempfile.gettempdir()) / "spatial_assets_realistic_slides"
-    seeds, epochs = (SEEDS[:1], 100) if quick else (SEEDS, 400)
+    seeds, default_epochs = (SEEDS[:1], 100) if quick else (SEEDS, 400)
+    epochs = epochs or default_epochs
     res: dict = {"epochs": epochs}
     for seed in seeds:
         res[f"seed{seed}"] = evaluate_slide(load_slide(seed, cache), epochs)
@@ -212,6 +216,8 @@ def run(quick: bool = False, out_dir: str | Path | None = None, cache: str | Pat
 if __name__ == "__main__":
     args = sys.argv[1:]
     out_arg = args[args.index("--out") + 1] if "--out" in args else None
-    r = run("--quick" in args, out_arg)
+    ep_arg = int(args[args.index("--epochs") + 1]) if "--epochs" in args else None
+    cache_arg = args[args.index("--cache") + 1] if "--cache" in args else None
+    r = run("--quick" in args, out_arg, cache_arg, ep_arg)
     print(_markdown(r))
     print("soScope X minus nuclei split (mean over seeds):", r["soscope_minus_nuclei_split"])

@@ -152,10 +152,67 @@ def enhance(
 ) -> EnhancementResult:
     """Enhance ``slide`` (spots x features) to sub-spot resolution with soScope.
 
-    ``image``: H&E (H, W, 3) in the slide's full-resolution pixel frame; ``nuclei``: table with x, y, area per
-    segmented nucleus; ``features``: precomputed sub-spot features (N K, F) replacing both. Without any of them
-    the sub-spot features are a positional encoding of the sub-spot offset and W weights physical proximity.
-    ``n_threads``: torch CPU threads for this call (restored afterwards); None keeps the current setting.
+    Every hyper-parameter comes from ``params`` (:class:`~spatial_assets.params.SoScopeParams`, the
+    ``parameters.soscope`` section of ``dagster_project.yaml``); the keyword arguments are data and compute only.
+
+    With nuclei (``params.nuclei_offset``, default), a sub-spot's expression is offset by the log of its prior
+    share ``(count + params.nuclei_pseudocount) / spot total``: the untrained model is the nuclei split and
+    training refines the per-gene shares from the image features and the spot latent.
+
+    Parameters
+    ----------
+    slide
+        Spots x features; ``obsm['spatial']`` spot centres (full-res px); counts for NB / Poisson likelihoods.
+    params
+        soScope settings (None: defaults).
+    platform
+        ``visium`` (7 sub-spots) or ``square_grid`` (4 or 9).
+    image
+        H&E (H, W, 3) in the slide's full-resolution pixel frame, or None.
+    nuclei
+        Segmented nuclei: columns x, y (full-res px) and area (px^2), or None.
+    device
+        torch device.
+    log
+        Progress callback (e.g. ``context.log.info``).
+    grid_subdivision
+        Square grids: 2 (2 x 2) or 3 (3 x 3) sub-spots per side.
+    spot_diameter_px
+        Spot diameter (default: ``uns['spatial'][lib]['scalefactors']['spot_diameter_fullres']``, else the pitch).
+    features
+        Precomputed sub-spot features (N K, F) replacing image and nuclei features (z-scored as they are).
+    subspot_counts
+        (N K,) cells per sub-spot for the size-factor offset, replacing the counts of ``nuclei``.
+    raw_image_features
+        Precomputed raw image features (N K, F) (e.g. cached :func:`squidpy_features`), reduced and weighted
+        like computed ones.
+    n_jobs
+        squidpy worker processes.
+    n_threads
+        torch CPU threads for this call (restored afterwards); None keeps the current setting.
+    log_every
+        Log the losses every this many epochs (0: never).
+
+    Returns
+    -------
+    EnhancementResult
+        ``adata``: sub-spots x features, spot-major (sub-spot ``i * K + k``), ``obs`` spot, subspot,
+        spot_index, x, y (and n_nuclei with nuclei), ``obsm['spatial']``; its matrices:
+
+        - ``layers['conserved']``: the model's per-gene split of each spot, rescaled so that every spot's K
+          sub-spots sum exactly to the observed spot (counts: observed spot x the model's share; Gaussian
+          features: the residual spread evenly). ``X`` is this layer when ``params.conserve`` (default).
+        - ``layers['model_mean']``: the likelihood mean of each sub-spot (soScope's own output, denoised; its
+          spot sums only approximate the spot). ``X`` is this layer when ``params.conserve`` is False.
+        - ``layers['prior_split']``: the split the model starts from: the nuclei split (spot x prior share) with
+          nuclei and ``params.nuclei_offset``, else spot / K. The same-input baseline of ``conserved``.
+
+        ``info``: settings, feature description, losses, timings (also in ``adata.uns['soscope']``).
+
+    Raises
+    ------
+    ValueError
+        On bad input (naming the field and what was expected).
     """
     if n_threads is None:
         return _enhance(**locals())

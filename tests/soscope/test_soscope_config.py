@@ -64,7 +64,15 @@ def test_every_soscope_setting_is_read_from_yaml(tmp_path):
     # nothing the model reads is left outside SoScopeParams: enhance's keyword arguments are data or compute only
     import inspect
 
-    kw = set(inspect.signature(enhance).parameters) - {"slide", "params", "platform", "image", "nuclei", "device", "log"}
+    kw = set(inspect.signature(enhance).parameters) - {
+        "slide",
+        "params",
+        "platform",
+        "image",
+        "nuclei",
+        "device",
+        "log",
+    }
     assert kw == {
         "grid_subdivision",  # per sample (the sample's config entry), not a hyper-parameter
         "spot_diameter_px",
@@ -96,7 +104,9 @@ def test_yaml_settings_reach_the_model(tmp_path):
     # nuclei_pseudocount 0.5 -> the prior split is spot x (count + 0.5) / sum over the spot
     c = pick.astype(float).reshape(9, 7) + 0.5
     np.testing.assert_allclose(
-        o.layers["prior_split"], (s.X[:, None, :] * (c / c.sum(1, keepdims=True))[:, :, None]).reshape(63, -1), rtol=1e-5
+        o.layers["prior_split"],
+        (s.X[:, None, :] * (c / c.sum(1, keepdims=True))[:, :, None]).reshape(63, -1),
+        rtol=1e-5,
     )
     assert res.info["schedules"] == {"beta": [0.01, 0.002], "gamma_image": [2.0, 0.1], "start_frac": 0.25}
     assert res.info["image_weight"] == 0.5 and res.info["gaussian_scale"] == [5.0, 2.0]
