@@ -76,10 +76,10 @@ def bench_demo(quick: bool = False, seed: int = 0) -> dict:
         "squidpy_and_nuclei": dict(image=image, nuclei=nuclei, mode="squidpy"),
     }
     for name, c in configs.items():
-        p = SoScopeParams(vgae_epochs=ep, epochs=ep, image_features=c["mode"], seed=seed)
-        fs = ("summary", "histogram") if quick else ("summary", "histogram", "texture")
+        fs = ["summary", "histogram"] if quick else ["summary", "histogram", "texture"]
+        p = SoScopeParams(vgae_epochs=ep, epochs=ep, image_features=c["mode"], seed=seed, squidpy_features=fs)
         t0 = time.perf_counter()
-        r = enhance(slide, p, "visium", image=c["image"], nuclei=c["nuclei"], squidpy_feature_set=fs)
+        r = enhance(slide, p, "visium", image=c["image"], nuclei=c["nuclei"])
         res[f"demo_{name}_r"] = _median_r(r.adata.X, truth)
         res[f"demo_{name}_spot_recon_rel_l1"] = r.info["spot_reconstruction_rel_l1"]
         res[f"demo_{name}_spot_recon_median_gene_r"] = r.info["spot_reconstruction_median_gene_r"]

@@ -405,12 +405,42 @@ class SoScopeParams(_Params):
     vgae_epochs: int = Field(400, ge=0)
     epochs: int = Field(400, ge=1)
     lr_vgae: float = Field(1e-3, gt=0)
-    lr: float = Field(5e-4, gt=0)
+    lr: float = Field(2e-3, gt=0)  # published 5e-4 (slower to move off the nuclei-split start, see docs)
     n_genes: int | None = Field(None, ge=1)  # None = all genes
     image_features: Literal["squidpy", "none"] = "squidpy"
     cnn_weights: str | None = None
     negative_edges_per_edge: int = Field(1, ge=0)
     seed: int = 0
+    # --- training schedules and loss weights (soScope's published values unless noted) ---
+    beta_start: float = Field(1e-3, ge=0)  # KL weight, exponential schedule beta_start -> beta_end
+    beta_end: float = Field(1e-3, ge=0)
+    gamma_start: float = Field(1.0, gt=0)  # image-regulariser factor, decays gamma_start -> gamma_end
+    gamma_end: float = Field(0.01, gt=0)
+    schedule_start_frac: float = Field(0.5, ge=0, le=1)  # schedules stay flat until this fraction of the epochs
+    image_weight: float = Field(1.0, ge=0)  # weight of the image regulariser (0 = off)
+    reg_temperature: float = Field(5.0, gt=0)  # sigmoid temperature of the regulariser's cosine similarities
+    gaussian_scale_vgae: float = Field(10.0, gt=0)  # Gaussian likelihood: squared error / scale (VGAE stage)
+    gaussian_scale: float = Field(1.0, gt=0)  # ... (soScope stage)
+    grad_clip: float = Field(10.0, gt=0)  # gradient-norm clip of both stages
+    subspot_radius: float | None = Field(None, gt=0)  # W graph radius in px (None: neighbouring sub-spots)
+    squidpy_features: list[Literal["summary", "histogram", "texture"]] = Field(
+        default_factory=lambda: ["summary", "histogram", "texture"], min_length=1
+    )
+    init_decoder_from_vgae: bool = False
+    # --- sub-spot features and output (this project's additions; see docs/ACCURACY_subspots.md) ---
+    # Image features are z-scored, then reduced to this many principal components (None: all of them), so ~105
+    # squidpy columns do not drown the 2 nuclei features; each block is then scaled to the given total weight.
+    image_pca: int | None = Field(8, ge=1)
+    image_feature_weight: float = Field(1.0, ge=0)
+    nuclei_feature_weight: float = Field(1.0, ge=0)
+    # Nuclei counts as a size factor: a sub-spot's expression is offset by log((count + pseudocount) / spot total),
+    # so the untrained model is the nuclei split and training refines the per-gene shares. False: soScope's flat
+    # offset (every sub-spot starts at spot / K).
+    nuclei_offset: bool = True
+    nuclei_pseudocount: float = Field(0.01, gt=0)
+    # X = the model's split rescaled so each spot's sub-spots sum exactly to the spot (layers['conserved']);
+    # False: X = the likelihood mean (soScope's output, layers['model_mean']).
+    conserve: bool = True
 
 
 class Parameters(_Params):

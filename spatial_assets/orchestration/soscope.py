@@ -79,7 +79,7 @@ def subspots_sum_to_spot(context: dg.AssetCheckExecutionContext, project: Projec
         obs = slide[sums.index].to_df()[sums.columns].to_numpy()
         return float(np.abs(sums.to_numpy() - obs).sum() / max(np.abs(obs).sum(), 1e-9))
 
-    model_err = rel_error(sub.X)
+    model_err = rel_error(sub.layers["model_mean"]) if "model_mean" in sub.layers else rel_error(sub.X)
     conserved_err = rel_error(sub.layers["conserved"]) if "conserved" in sub.layers else model_err
     has = np.isin(slide.obs_names, np.unique(spot))
     covered = float(has.mean())

@@ -124,6 +124,14 @@ def conserve_spot_sums(m: np.ndarray, x: np.ndarray, k: int, counts) -> np.ndarr
     return out.reshape(n * k, g).astype(np.float32)
 
 
+def _prior_shares(counts: np.ndarray | None, n: int, k: int, pseudocount: float) -> np.ndarray:
+    """(N K,) prior share of each sub-spot in its spot: (count + pseudocount) / spot total, or 1 / K without counts."""
+    if counts is None:
+        return np.full(n * k, 1.0 / k)
+    c = np.asarray(counts, dtype=np.float64).reshape(n, k) + pseudocount
+    return (c / c.sum(1, keepdims=True)).ravel()
+
+
 def enhance(
     slide: ad.AnnData,
     params: SoScopeParams | None = None,
@@ -136,30 +144,75 @@ def enhance(
     grid_subdivision: int = 3,
     spot_diameter_px: float | None = None,
     features: np.ndarray | None = None,
-    beta_start: float = 1e-3,
-    beta_end: float = 1e-3,
-    gamma_start: float = 1.0,
-    gamma_end: float = 0.01,
-    schedule_start_frac: float = 0.5,
-    image_weight: float = 1.0,
-    reg_temperature: float = 5.0,
-    gaussian_scale_vgae: float = 10.0,
-    gaussian_scale: float = 1.0,
-    grad_clip: float = 10.0,
-    subspot_radius: float | None = None,
-    squidpy_feature_set=_ft.SQUIDPY_FEATURES,
+    subspot_counts: np.ndarray | None = None,
+    raw_image_features: np.ndarray | None = None,
     n_jobs: int = 1,
-    init_decoder_from_vgae: bool = False,
     n_threads: int | None = None,
     log_every: int = 50,
-    conserve: bool = False,
 ) -> EnhancementResult:
     """Enhance ``slide`` (spots x features) to sub-spot resolution with soScope.
 
-    ``image``: H&E (H, W, 3) in the slide's full-resolution pixel frame; ``nuclei``: table with x, y, area per
-    segmented nucleus; ``features``: precomputed sub-spot features (N K, F) replacing both. Without any of them
-    the sub-spot features are a positional encoding of the sub-spot offset and W weights physical proximity.
-    ``n_threads``: torch CPU threads for this call (restored afterwards); None keeps the current setting.
+    Every hyper-parameter comes from ``params`` (:class:`~spatial_assets.params.SoScopeParams`, the
+    ``parameters.soscope`` section of ``dagster_project.yaml``); the keyword arguments are data and compute only.
+
+    With nuclei (``params.nuclei_offset``, default), a sub-spot's expression is offset by the log of its prior
+    share ``(count + params.nuclei_pseudocount) / spot total``: the untrained model is the nuclei split and
+    training refines the per-gene shares from the image features and the spot latent.
+
+    Parameters
+    ----------
+    slide
+        Spots x features; ``obsm['spatial']`` spot centres (full-res px); counts for NB / Poisson likelihoods.
+    params
+        soScope settings (None: defaults).
+    platform
+        ``visium`` (7 sub-spots) or ``square_grid`` (4 or 9).
+    image
+        H&E (H, W, 3) in the slide's full-resolution pixel frame, or None.
+    nuclei
+        Segmented nuclei: columns x, y (full-res px) and area (px^2), or None.
+    device
+        torch device.
+    log
+        Progress callback (e.g. ``context.log.info``).
+    grid_subdivision
+        Square grids: 2 (2 x 2) or 3 (3 x 3) sub-spots per side.
+    spot_diameter_px
+        Spot diameter (default: ``uns['spatial'][lib]['scalefactors']['spot_diameter_fullres']``, else the pitch).
+    features
+        Precomputed sub-spot features (N K, F) replacing image and nuclei features (z-scored as they are).
+    subspot_counts
+        (N K,) cells per sub-spot for the size-factor offset, replacing the counts of ``nuclei``.
+    raw_image_features
+        Precomputed raw image features (N K, F) (e.g. cached :func:`squidpy_features`), reduced and weighted
+        like computed ones.
+    n_jobs
+        squidpy worker processes.
+    n_threads
+        torch CPU threads for this call (restored afterwards); None keeps the current setting.
+    log_every
+        Log the losses every this many epochs (0: never).
+
+    Returns
+    -------
+    EnhancementResult
+        ``adata``: sub-spots x features, spot-major (sub-spot ``i * K + k``), ``obs`` spot, subspot,
+        spot_index, x, y (and n_nuclei with nuclei), ``obsm['spatial']``; its matrices:
+
+        - ``layers['conserved']``: the model's per-gene split of each spot, rescaled so that every spot's K
+          sub-spots sum exactly to the observed spot (counts: observed spot x the model's share; Gaussian
+          features: the residual spread evenly). ``X`` is this layer when ``params.conserve`` (default).
+        - ``layers['model_mean']``: the likelihood mean of each sub-spot (soScope's own output, denoised; its
+          spot sums only approximate the spot). ``X`` is this layer when ``params.conserve`` is False.
+        - ``layers['prior_split']``: the split the model starts from: the nuclei split (spot x prior share) with
+          nuclei and ``params.nuclei_offset``, else spot / K. The same-input baseline of ``conserved``.
+
+        ``info``: settings, feature description, losses, timings (also in ``adata.uns['soscope']``).
+
+    Raises
+    ------
+    ValueError
+        On bad input (naming the field and what was expected).
     """
     if n_threads is None:
         return _enhance(**locals())
@@ -183,23 +236,11 @@ def _enhance(
     grid_subdivision,
     spot_diameter_px,
     features,
-    beta_start,
-    beta_end,
-    gamma_start,
-    gamma_end,
-    schedule_start_frac,
-    image_weight,
-    reg_temperature,
-    gaussian_scale_vgae,
-    gaussian_scale,
-    grad_clip,
-    subspot_radius,
-    squidpy_feature_set,
+    subspot_counts,
+    raw_image_features,
     n_jobs,
-    init_decoder_from_vgae,
     n_threads,
     log_every,
-    conserve,
     **_,
 ) -> EnhancementResult:
     params = SoScopeParams() if params is None else params
@@ -235,12 +276,21 @@ def _enhance(
             )
         y_np = _ft.standardise(y_np, "features")
         fdesc = {"image": "precomputed features", "nuclei": False, "n_features": int(y_np.shape[1])}
+        counts_np = _ft.nuclei_features(nuclei, geom)[:, 0] if nuclei is not None else None
     else:
-        y_np, fdesc = _ft.image_features(
-            image, geom, nuclei, params, squidpy_feature_set=squidpy_feature_set, n_jobs=n_jobs
+        y_np, fdesc, counts_np = _ft.image_features(
+            image, geom, nuclei, params, n_jobs=n_jobs, raw_image_features=raw_image_features
         )
+    if subspot_counts is not None:
+        counts_np = np.asarray(subspot_counts, dtype=np.float64).ravel()
+        if counts_np.shape != (nk,) or not np.isfinite(counts_np).all() or (counts_np < 0).any():
+            raise ValueError(
+                f"subspot_counts: expected {nk} finite non-negative cell counts (one per sub-spot), "
+                f"found shape {np.shape(subspot_counts)}"
+            )
+    share0 = _prior_shares(counts_np if params.nuclei_offset else None, n, k, params.nuclei_pseudocount)
     uses_image = fdesc["image"] != "none (positional encoding of sub-spot offsets)" or fdesc["nuclei"]
-    w_edges = _geo.subspot_graph(geom, subspot_radius)
+    w_edges = _geo.subspot_graph(geom, params.subspot_radius)
     w_dist = _geo.edge_distances(y_np if uses_image else geom.positions, w_edges)
     w_weight = _geo.kernel_weights(w_dist, params.scale_kernel)
 
@@ -268,10 +318,13 @@ def _enhance(
     gmean = x.mean(0)
     counts = kind_t != 2
 
-    def offset_for(kk: int):
-        return torch.where(counts, torch.log(torch.clamp(gmean / kk, min=1e-4)), gmean / kk)
-
-    off1, offk = offset_for(1), offset_for(k)
+    # offsets: log of a per-gene baseline rate (counts) or the baseline mean (Gaussian). Sub-spots start from
+    # their prior share of the spot (nuclei split, or 1 / K): the untrained decoder reproduces that split.
+    share_t = torch.as_tensor(share0, dtype=f32, device=dev).reshape(nk, 1)
+    off1 = torch.where(counts, torch.log(torch.clamp(gmean, min=1e-4)), gmean)
+    offk = torch.where(
+        counts[None, :], torch.log(torch.clamp(gmean[None, :] * share_t, min=1e-6)), gmean[None, :] * share_t
+    )  # (NK, G)
     net = SoScopeNet(g, y.shape[1], params.hidden, params.z_dim, params.heads).to(dev)
     vgae_decoder = Decoder(params.z_dim, y.shape[1], g, params.hidden).to(dev)
 
@@ -293,11 +346,11 @@ def _enhance(
         opt.zero_grad(set_to_none=True)
         z, kl = encode(True)
         mean = subspot_mean(vgae_decoder(z, y_spot, 1, off1), kind_t)
-        recon = spot_nll(x, mean, kind_t, theta(), gaussian_scale_vgae).sum(1).mean()
-        beta = exp_schedule(ep, params.vgae_epochs, beta_start, beta_end, schedule_start_frac)
+        recon = spot_nll(x, mean, kind_t, theta(), params.gaussian_scale_vgae).sum(1).mean()
+        beta = exp_schedule(ep, params.vgae_epochs, params.beta_start, params.beta_end, params.schedule_start_frac)
         loss = recon + beta * kl
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), params.grad_clip)
         opt.step()
         history["vgae_loss"].append(float(loss.detach()))
         if log_every and (ep + 1) % log_every == 0:
@@ -305,7 +358,7 @@ def _enhance(
     sec_vgae = (time.perf_counter() - t0) / max(params.vgae_epochs, 1)
 
     # ---- stage 2: soScope (sub-spots), encoder (and optionally decoder) initialised by the VGAE ---------------
-    if init_decoder_from_vgae and params.vgae_epochs > 0:
+    if params.init_decoder_from_vgae and params.vgae_epochs > 0:
         net.decoder.load_state_dict(vgae_decoder.state_dict())
     opt = torch.optim.Adam(net.parameters(), lr=params.lr)
     n_w = len(w_edges)
@@ -316,22 +369,23 @@ def _enhance(
         z, kl = encode(True)
         m = subspot_mean(net.decoder(z[parent], y, k, offk), kind_t)  # (NK, G)
         spot_mean = m.view(n, k, g).sum(1)  # block sum as a reshape
-        recon = spot_nll(x, spot_mean, kind_t, theta(), gaussian_scale).sum(1).mean()
-        beta = exp_schedule(ep, params.epochs, beta_start, beta_end, schedule_start_frac)
-        gamma = exp_schedule(ep, params.epochs, gamma_start, gamma_end, schedule_start_frac)
+        recon = spot_nll(x, spot_mean, kind_t, theta(), params.gaussian_scale).sum(1).mean()
+        beta = exp_schedule(ep, params.epochs, params.beta_start, params.beta_end, params.schedule_start_frac)
+        gamma = exp_schedule(ep, params.epochs, params.gamma_start, params.gamma_end, params.schedule_start_frac)
         loss = recon + beta * kl
         reg = torch.zeros((), device=dev)
-        if n_w and image_weight > 0:
+        if n_w and params.image_weight > 0:
+            prior = x[:, None, :] * share_t.view(n, k, 1)  # the parent spot split by the prior shares
             if bool(counts.all()):
-                resid = torch.log1p(m).view(n, k, g) - torch.log1p(x / k)[:, None, :]
+                resid = torch.log1p(m).view(n, k, g) - torch.log1p(prior)
             else:
-                base = torch.where(counts, torch.log1p(x / k), x / k)[:, None, :]
+                base = torch.where(counts, torch.log1p(prior.clamp(min=0)), prior)
                 resid = torch.where(counts, torch.log1p(m.clamp(min=0)), m).view(n, k, g) - base
             neg = torch.randint(0, nk, (2, n_neg), generator=gen, device=dev)
-            reg = image_regulariser(resid.reshape(nk, g), w_e, w_w, neg[0], neg[1], reg_temperature) / n
-            loss = loss + image_weight * gamma * reg
+            reg = image_regulariser(resid.reshape(nk, g), w_e, w_w, neg[0], neg[1], params.reg_temperature) / n
+            loss = loss + params.image_weight * gamma * reg
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), params.grad_clip)
         opt.step()
         history["loss"].append(float(loss.detach()))
         history["recon"].append(float(recon.detach()))
@@ -367,11 +421,14 @@ def _enhance(
         },
         index=pd.Index([f"{s}_{j}" for s, j in zip(geom.spot_names[geom.parent], geom.k)]),
     )
-    # X: the likelihood mean (soScope's output, denoised); layers['conserved']: the same split rescaled so each
-    # spot's sub-spots sum exactly to the observed spot (X of the conserved layer when ``conserve``).
-    out = ad.AnnData(X=conserved if conserve else m_np, obs=obs, var=var)
+    # X: layers['conserved'] when params.conserve (default) else layers['model_mean'] (see enhance's docstring)
+    prior_np = (np.repeat(x_np, k, axis=0) * share0[:, None]).astype(np.float32)
+    out = ad.AnnData(X=conserved if params.conserve else m_np, obs=obs, var=var)
     out.layers["model_mean"] = m_np
     out.layers["conserved"] = conserved
+    out.layers["prior_split"] = prior_np
+    if counts_np is not None:
+        out.obs["n_nuclei"] = counts_np.astype(np.float64)
     out.obsm["spatial"] = geom.positions.copy()
     every = max(1, max(params.epochs, params.vgae_epochs) // 200)
     info = {
@@ -407,16 +464,18 @@ def _enhance(
         "loss_history_every": every,
         "loss_history": {kk_: v[::every] for kk_, v in history.items()},
         "spot_reconstruction_rel_l1": rel_err,
-        "conserved_spot_sums": bool(conserve),
+        "conserved_spot_sums": bool(params.conserve),
+        "x_layer": "conserved" if params.conserve else "model_mean",
+        "prior": "nuclei split" if (params.nuclei_offset and counts_np is not None) else "even split (spot / K)",
         "spot_reconstruction_median_gene_r": float(np.nanmedian(r_spot)) if np.isfinite(r_spot).any() else None,
         "schedules": {
-            "beta": [beta_start, beta_end],
-            "gamma_image": [gamma_start, gamma_end],
-            "start_frac": schedule_start_frac,
+            "beta": [params.beta_start, params.beta_end],
+            "gamma_image": [params.gamma_start, params.gamma_end],
+            "start_frac": params.schedule_start_frac,
         },
-        "image_weight": image_weight,
-        "reg_temperature": reg_temperature,
-        "gaussian_scale": [gaussian_scale_vgae, gaussian_scale],
+        "image_weight": params.image_weight,
+        "reg_temperature": params.reg_temperature,
+        "gaussian_scale": [params.gaussian_scale_vgae, params.gaussian_scale],
         "device": str(dev),
     }
     out.uns["soscope"] = _uns_safe(info)

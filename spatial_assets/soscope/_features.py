@@ -153,38 +153,120 @@ def cnn_features(image: np.ndarray, geom: SubspotGeometry, weights_path: str, ba
     return np.concatenate(out, 0).astype(np.float64)
 
 
+def reduce_block(features: np.ndarray, n_components: int | None, weight: float, name: str) -> np.ndarray:
+    """Z-score ``features``, keep the top ``n_components`` principal components, scale to total variance ``weight``.
+
+    Parameters
+    ----------
+    features
+        (n, F) block of one kind of feature (e.g. squidpy image features).
+    n_components
+        Principal components kept (None or >= F: all z-scored columns, no PCA).
+    weight
+        Total variance of the returned block (sum over its columns), so blocks of different widths count as set.
+    name
+        Used in error messages.
+
+    Returns
+    -------
+    numpy.ndarray
+        (n, min(F, n_components)) float32.
+
+    Raises
+    ------
+    ValueError
+        If ``features`` has NaN / inf values.
+    """
+    z = standardise(features, name).astype(np.float64)
+    z = z[:, z.std(0) > 0] if (z.std(0) > 0).any() else z[:, :1]
+    if n_components is not None and n_components < z.shape[1]:
+        u, sv, _ = np.linalg.svd(z - z.mean(0), full_matrices=False)
+        z = u[:, :n_components] * sv[:n_components]
+    tot = float(z.var(0).sum())
+    return (z * np.sqrt(weight / tot) if tot > 0 else z).astype(np.float32)
+
+
 def image_features(
     image,
     geom: SubspotGeometry,
     nuclei: pd.DataFrame | None = None,
     params=None,
     *,
-    squidpy_feature_set=SQUIDPY_FEATURES,
     n_jobs: int = 1,
-) -> tuple[np.ndarray, dict]:
-    """Standardised sub-spot features Y (N K, F) and a description of what went in.
+    raw_image_features: np.ndarray | None = None,
+) -> tuple[np.ndarray, dict, np.ndarray | None]:
+    """Sub-spot features Y (N K, F), a description of what went in, and the nuclei count per sub-spot.
 
     Image (when given and ``params.image_features != 'none'``): CNN embeddings if ``params.cnn_weights`` is set,
-    else squidpy features; plus nuclei count and area per sub-spot when ``nuclei`` is given. Without either,
-    the positional encoding of the sub-spot offset.
+    else the squidpy features ``params.squidpy_features``; z-scored, reduced to ``params.image_pca`` principal
+    components and scaled to total variance ``params.image_feature_weight``. Nuclei (when ``nuclei`` is given):
+    log1p nuclei count and mean nucleus area per sub-spot, z-scored and scaled to total variance
+    ``params.nuclei_feature_weight``. Without either, the positional encoding of the sub-spot offset.
+
+    Parameters
+    ----------
+    image
+        H&E (H, W, 3) in full-resolution pixels, or None.
+    geom
+        Sub-spot geometry of the slide.
+    nuclei
+        Table with columns x, y, area (one row per segmented nucleus), or None.
+    params
+        ``SoScopeParams`` (None: defaults).
+    n_jobs
+        squidpy worker processes.
+    raw_image_features
+        Precomputed raw image features (N K, F) (e.g. :func:`squidpy_features` of this geometry, cached), used in
+        place of computing them from ``image``; they go through the same reduction and weighting.
+
+    Returns
+    -------
+    tuple
+        ``(Y, description, counts)``; ``counts`` (N K,) nuclei per sub-spot, or None without nuclei.
+
+    Raises
+    ------
+    ValueError
+        On a malformed image or nuclei table (naming the field).
     """
-    mode = getattr(params, "image_features", "squidpy") if params is not None else "squidpy"
-    cnn = getattr(params, "cnn_weights", None) if params is not None else None
-    blocks, desc = [], {"image": "none", "nuclei": nuclei is not None}
-    if image is not None and mode != "none":
-        if cnn:
-            blocks.append(cnn_features(image, geom, cnn))
-            desc["image"] = f"cnn:{cnn}"
+    from ..params import SoScopeParams
+
+    params = SoScopeParams() if params is None else params
+    blocks, desc, counts = [], {"image": "none", "nuclei": nuclei is not None}, None
+    if raw_image_features is not None and params.image_features != "none":
+        raw = np.asarray(raw_image_features, dtype=np.float64)
+        if raw.ndim != 2 or raw.shape[0] != len(geom.positions):
+            raise ValueError(
+                f"raw_image_features: expected ({len(geom.positions)}, F), one row per sub-spot, found {raw.shape}"
+            )
+        desc["image"] = "precomputed raw image features"
+        desc["image_raw_features"] = int(raw.shape[1])
+        blocks.append(reduce_block(raw, params.image_pca, params.image_feature_weight, "raw_image_features"))
+        desc["image_components"] = int(blocks[-1].shape[1])
+    elif image is not None and params.image_features != "none":
+        if params.cnn_weights:
+            raw = cnn_features(image, geom, params.cnn_weights)
+            desc["image"] = f"cnn:{params.cnn_weights}"
         else:
-            blocks.append(squidpy_features(image, geom, squidpy_feature_set, n_jobs=n_jobs))
-            desc["image"] = "squidpy:" + ",".join(squidpy_feature_set)
+            raw = squidpy_features(image, geom, tuple(params.squidpy_features), n_jobs=n_jobs)
+            desc["image"] = "squidpy:" + ",".join(params.squidpy_features)
+        desc["image_raw_features"] = int(raw.shape[1])
+        blocks.append(reduce_block(raw, params.image_pca, params.image_feature_weight, "sub-spot image features"))
+        desc["image_components"] = int(blocks[-1].shape[1])
     if nuclei is not None:
-        blocks.append(nuclei_features(nuclei, geom))
+        nf = nuclei_features(nuclei, geom)
+        counts = nf[:, 0]
+        mean_area = np.where(counts > 0, nf[:, 1] / np.maximum(counts, 1), 0.0)
+        blocks.append(
+            reduce_block(
+                np.stack([np.log1p(counts), mean_area], 1), None, params.nuclei_feature_weight, "nuclei features"
+            )
+        )
     if not blocks:
         desc["image"] = "none (positional encoding of sub-spot offsets)"
         y = positional_features(geom)
         desc["n_features"] = int(y.shape[1])
-        return y, desc
-    y = standardise(np.concatenate(blocks, 1), "sub-spot image features")
+        return y, desc, None
+    y = np.concatenate(blocks, 1).astype(np.float32)
     desc["n_features"] = int(y.shape[1])
-    return y, desc
+    return y, desc, counts

@@ -189,13 +189,19 @@ def test_model_beats_spot_split_on_smooth_synthetic_truth_and_sums_to_spots():
     s, g, truth, feats = smooth_slide()
     p = SoScopeParams(hidden=32, z_dim=16, vgae_epochs=150, epochs=250, likelihood="poisson", seed=0)
     res = enhance(s, p, "visium", features=feats)
-    r_model = np.nanmedian(pearson_per_gene(res.adata.X, truth))
+    # truth = the smooth sub-spot rates: the likelihood mean (denoised) is the layer to compare
+    r_model = np.nanmedian(pearson_per_gene(res.adata.layers["model_mean"], truth))
+    r_conserved = np.nanmedian(pearson_per_gene(res.adata.X, truth))
     r_split = np.nanmedian(pearson_per_gene(baseline_split(s.X, 7), truth))
     r_idw = np.nanmedian(pearson_per_gene(baseline_idw(s.X, g), truth))
     assert r_model > r_split + 0.1 and r_model > r_idw, (r_model, r_split, r_idw)
-    # spot reconstruction: sub-spots sum to the observed spot
-    np.testing.assert_allclose(res.adata.layers["conserved"].reshape(s.n_obs, 7, -1).sum(1), s.X, rtol=1e-4, atol=1e-3)
-    sums = res.adata.X.reshape(s.n_obs, 7, -1).sum(1)
+    assert r_conserved > r_split + 0.03 and r_conserved > r_idw, (r_conserved, r_split, r_idw)
+    # X (default: conserved) sums exactly to the observed spot; no nuclei: the prior is spot / K
+    np.testing.assert_array_equal(res.adata.X, res.adata.layers["conserved"])
+    np.testing.assert_allclose(res.adata.X.reshape(s.n_obs, 7, -1).sum(1), s.X, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(res.adata.layers["prior_split"], baseline_split(s.X, 7), rtol=1e-5)
+    assert res.info["x_layer"] == "conserved" and res.info["prior"] == "even split (spot / K)"
+    sums = res.adata.layers["model_mean"].reshape(s.n_obs, 7, -1).sum(1)
     assert np.median(pearson_per_gene(sums, s.X)) > 0.9
     assert np.abs(sums - s.X).sum() / s.X.sum() == pytest.approx(res.info["spot_reconstruction_rel_l1"], rel=1e-4)
     assert res.info["spot_reconstruction_rel_l1"] < 0.25
@@ -402,3 +408,34 @@ def test_conserve_spot_sums_exact_and_keeps_the_split():
     np.testing.assert_allclose(out[0, :, 0], x[0, 0] / k, rtol=1e-6)
     # continuous features: the residual is spread evenly (differences between sub-spots unchanged)
     np.testing.assert_allclose(np.diff(out[:, :, 3], axis=1), np.diff(mm[:, :, 3], axis=1), atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------- realistic
+
+
+@pytest.mark.slow
+def test_beats_nuclei_split_and_spot_split_on_a_small_realistic_slide(tmp_path):
+    """45 spots of a realistic slide (seed 3, not a benchmark seed). Measured (2 model seeds, 100+100 epochs):
+    per-gene r 0.683 / 0.684 against the nuclei split's 0.669 and spot / 7's 0.383; per-sub-spot r 0.794 / 0.790
+    against 0.790 and 0.790. Margins: half the measured gain per gene, no loss per sub-spot beyond 0.005."""
+    from benchmarks.bench_realistic_subspots import _log_r, count_split, nuclei_table
+    from spatial_assets.datasets import build_realistic_slide
+
+    paths = build_realistic_slide(tmp_path / "slide", seed=3, crop_um=(200, 200, 1400, 1100))
+    import tifffile
+
+    s = ad.read_h5ad(paths.slide)
+    truth = ad.read_h5ad(paths.truth_subspots).X.toarray()
+    image, nuclei = tifffile.imread(paths.image), nuclei_table(paths.nuclei_labels)
+    x = s.X.toarray()
+    g = ss.build_subspots(s, "visium")
+    nuc_gene, nuc_sub = _log_r(count_split(x, ss.nuclei_features(nuclei, g)[:, 0]), truth)
+    flat_gene, flat_sub = _log_r(baseline_split(x, 7), truth)
+    p = SoScopeParams(vgae_epochs=100, epochs=100, seed=0, squidpy_features=["summary", "histogram"])
+    res = enhance(s, p, "visium", image=image, nuclei=nuclei, log_every=0)
+    gene_r, sub_r = _log_r(res.adata.X, truth)
+    assert gene_r > nuc_gene + 0.007 and gene_r > flat_gene + 0.2, (gene_r, nuc_gene, flat_gene)
+    assert sub_r > nuc_sub - 0.005 and sub_r > flat_sub - 0.005, (sub_r, nuc_sub, flat_sub)
+    # the start point is the nuclei split, and X keeps every molecule of its spot
+    np.testing.assert_allclose(res.adata.X.reshape(s.n_obs, 7, -1).sum(1), x, rtol=1e-4, atol=1e-3)
+    assert res.info["prior"] == "nuclei split" and res.info["features"]["image_components"] == 8
