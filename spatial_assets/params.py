@@ -379,8 +379,9 @@ class SoScopeParams(_Params):
         Epochs of the soScope enhancement.
     lr_vgae : float, default 1e-3
         Learning rate of the VGAE.
-    lr : float, default 5e-4
-        Learning rate of the enhancement.
+    lr : float, default 2e-3
+        Learning rate of the enhancement (published: 5e-4, slower to move off the nuclei-split start; see
+        docs/ACCURACY.md).
     n_genes : int or None, default None
         Enhance only the most variable features (variance of log1p of library-normalised values); None = all.
     image_features : {"squidpy", "none"}, default "squidpy"
@@ -391,6 +392,40 @@ class SoScopeParams(_Params):
         Random sub-spot pairs (negative edges) drawn per image-graph edge in each epoch's image regulariser.
     seed : int, default 0
         Seed of training.
+    beta_start, beta_end : float, default 1e-3, 1e-3
+        KL weight, exponential schedule from ``beta_start`` to ``beta_end``.
+    gamma_start, gamma_end : float, default 1.0, 0.01
+        Image-regulariser factor, decaying from ``gamma_start`` to ``gamma_end``.
+    schedule_start_frac : float, default 0.5
+        The schedules stay flat until this fraction of the epochs.
+    image_weight : float, default 1.0
+        Weight of the image regulariser (0 = off).
+    reg_temperature : float, default 5.0
+        Sigmoid temperature of the regulariser's cosine similarities.
+    gaussian_scale_vgae, gaussian_scale : float, default 10.0, 1.0
+        Gaussian likelihood: squared error divided by this scale (VGAE stage, soScope stage).
+    grad_clip : float, default 10.0
+        Gradient-norm clip of both stages.
+    subspot_radius : float or None, default None
+        Radius in pixels of the sub-spot image graph W; None = neighbouring sub-spots.
+    squidpy_features : list of {"summary", "histogram", "texture"}, default all three
+        squidpy image feature sets computed per sub-spot patch.
+    init_decoder_from_vgae : bool, default False
+        Start the enhancement decoder from the pre-trained VGAE's decoder.
+    image_pca : int or None, default 8
+        Image features are z-scored, then reduced to this many principal components (None = all), so ~105
+        squidpy columns do not drown the nuclei features.
+    image_feature_weight, nuclei_feature_weight : float, default 1.0, 1.0
+        Total weight each feature block (image, nuclei) is scaled to.
+    nuclei_offset : bool, default True
+        Nuclei counts as a size factor: a sub-spot's expression is offset by log((count + pseudocount) / spot
+        total), so the untrained model is the nuclei split and training refines the per-gene shares; False =
+        soScope's flat offset (every sub-spot starts at spot / K).
+    nuclei_pseudocount : float, default 0.01
+        Pseudocount of that offset.
+    conserve : bool, default True
+        X = the model's split rescaled so each spot's sub-spots sum exactly to the spot (``layers['conserved']``);
+        False = X is the likelihood mean (soScope's output, ``layers['model_mean']``).
     """
 
     likelihood: Literal["nb", "poisson", "gaussian", "joint"] = "nb"
