@@ -462,7 +462,7 @@ class SoScopeParams(_Params):
         default_factory=lambda: ["summary", "histogram", "texture"], min_length=1
     )
     init_decoder_from_vgae: bool = False
-    # --- sub-spot features and output (this project's additions; see docs/ACCURACY_subspots.md) ---
+    # --- sub-spot features and output (this project's additions; see docs/ACCURACY.md, Sub-spots) ---
     # Image features are z-scored, then reduced to this many principal components (None: all of them), so ~105
     # squidpy columns do not drown the 2 nuclei features; each block is then scaled to the given total weight.
     image_pca: int | None = Field(8, ge=1)
