@@ -22,6 +22,13 @@ from ._readers import (
     validate_spatial,
 )
 from ._samples import SlideInputs, load_reference, load_slide
+from ._scanpy_ready import (
+    STORE_CONTENTS,
+    decomposed_counts,
+    make_scanpy_ready,
+    spatial_uns,
+    spot_weights_anndata,
+)
 from ._stores import (
     atomic_path,
     describe,
@@ -39,6 +46,11 @@ from ._stores import (
 )
 
 __all__ = [
+    "STORE_CONTENTS",
+    "decomposed_counts",
+    "make_scanpy_ready",
+    "spatial_uns",
+    "spot_weights_anndata",
     "InputError",
     "SlideInputs",
     "atomic_path",

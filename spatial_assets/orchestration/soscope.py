@@ -12,7 +12,7 @@ from .code_versions import code_version
 from .metadata import Report
 from .partitions import samples_partitions
 from .resources import GPU_OP_TAGS, ComputeResource, ProjectResource
-from .spatialscope import GPU_RETRY, _device
+from .spatialscope import GPU_RETRY, _device, _sample_image
 
 
 @dg.asset(
@@ -50,6 +50,13 @@ def enhanced_subspots(
         log=context.log.info,
         grid_subdivision=s.grid_subdivision,
     )
+    image = image if image is not None else _sample_image(project, s)
+    try:  # scanpy-ready: uns['spatial'] (images, scale factors); counts layer = the spot-conserving split
+        sio.make_scanpy_ready(
+            res.adata, slide, image, store="enhanced_subspots", counts=res.adata.layers.get("conserved")
+        )
+    except sio.InputError as e:  # image-free platforms without Visium scale factors
+        context.log.info(f"enhanced sub-spots without uns['spatial']: {e}")
     path = sio.write_anndata(res.adata, project.stores.subspots(s.name))
     report.figure("marker_maps", lambda: pl.enhanced_maps(slide, res.adata), "spot vs enhanced")
     report.value(seconds=round(time.time() - t0, 1), subspots=int(res.adata.n_obs))
