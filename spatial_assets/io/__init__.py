@@ -29,6 +29,7 @@ from ._scanpy_ready import (
     spatial_uns,
     spot_weights_anndata,
 )
+from ._spatialdata_out import to_spatialdata, write_spatialdata
 from ._stores import (
     atomic_path,
     describe,
@@ -77,5 +78,7 @@ __all__ = [
     "write_anndata",
     "write_arrays",
     "write_dataframe",
+    "to_spatialdata",
     "write_directory",
+    "write_spatialdata",
 ]

@@ -3,8 +3,6 @@ a raw-scale counts layer that adds back up to the spots, and spot weights over e
 
 from __future__ import annotations
 
-import io
-
 import matplotlib
 
 matplotlib.use("Agg")
@@ -14,57 +12,26 @@ import pandas as pd
 import pytest
 
 import spatial_assets as sa
-from spatial_assets.params import CellTypingParams, SegmentationParams, SoScopeParams
-
-SEG = SegmentationParams(method="stardist", model="bundled:stardist_nuclei", min_umi=20)
-TYPING = CellTypingParams(min_cells_per_type=5, sigma_fit_min_umi=50, small_types="drop")
+from spatial_assets.params import SoScopeParams
+from tests.io.conftest import assert_not_blank, rendered_png
 
 
-@pytest.fixture(scope="module")
-def run(demo_small):
-    inputs = sa.io.load_slide(demo_small.slide, "visium", demo_small.image, name="demo")
-    reference = sa.io.load_reference(demo_small.reference, "cell_type")
-    seg = sa.seg.segment_sample(inputs.slide, inputs.image, "visium", SEG)
-    typed = sa.tl.cell_types(inputs.slide, reference, "cell_type", seg, TYPING)
-    cells = sa.tl.decompose(inputs.slide, typed, reference, "cell_type")
-    return inputs, seg, typed, cells
-
-
-def _rendered_png(plot) -> np.ndarray:
-    """Render with pyplot on Agg, return the RGB pixels of the saved PNG."""
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    plt.close("all")
-    plot()
-    buf = io.BytesIO()
-    plt.gcf().savefig(buf, format="png", dpi=60)
-    plt.close("all")
-    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), dtype=float)
-
-
-def _assert_not_blank(px: np.ndarray) -> None:
-    # a blank figure is (almost) one colour; the H&E under coloured spots gives many distinct colours
-    assert px.std() > 10
-    assert len(np.unique(px.reshape(-1, 3).round(-1), axis=0)) > 50
-
-
-def test_decomposed_cells_render_in_scanpy_and_squidpy(run):
+def test_decomposed_cells_render_in_scanpy_and_squidpy(api_run):
     import scanpy as sc
     import squidpy as sq
 
-    inputs, _, _, cells = run
+    inputs, _, _, cells = api_run
     lib = next(iter(cells.uns["spatial"]))
     assert lib == "demo"
     np.testing.assert_allclose(cells.obsm["spatial"], cells.obs[["x", "y"]].to_numpy())
     sf = cells.uns["spatial"][lib]["scalefactors"]
     assert sf["spot_diameter_fullres"] == inputs.slide.uns["spatial"]["demo"]["scalefactors"]["spot_diameter_fullres"]
-    _assert_not_blank(_rendered_png(lambda: sc.pl.spatial(cells, color="cell_type", spot_size=20, show=False)))
-    _assert_not_blank(_rendered_png(lambda: sq.pl.spatial_scatter(cells, color="cell_type", shape=None, size=20)))
+    assert_not_blank(rendered_png(lambda: sc.pl.spatial(cells, color="cell_type", spot_size=20, show=False)))
+    assert_not_blank(rendered_png(lambda: sq.pl.spatial_scatter(cells, color="cell_type", shape=None, size=20)))
 
 
-def test_counts_layer_adds_back_up_to_the_raw_spots(run):
-    inputs, _, typed, cells = run
+def test_counts_layer_adds_back_up_to_the_raw_spots(api_run):
+    inputs, _, typed, cells = api_run
     assert "reference's normalised scale" in cells.uns["X_description"]
     C = pd.DataFrame(cells.layers["counts"], columns=cells.var_names).groupby(cells.obs["spot"].to_numpy()).sum()
     raw = inputs.slide[C.index].to_df()[C.columns].to_numpy()
@@ -75,8 +42,8 @@ def test_counts_layer_adds_back_up_to_the_raw_spots(run):
     assert rel < 0.1 < rel_x
 
 
-def test_spot_weights_cover_every_input_barcode_with_reasons(run):
-    inputs, seg, typed, _ = run
+def test_spot_weights_cover_every_input_barcode_with_reasons(api_run):
+    inputs, seg, typed, _ = api_run
     w = typed.spots
     assert list(w.obs_names) == list(inputs.slide.obs_names)
     assert list(w.var_names) == list(typed.weights.columns)
@@ -99,10 +66,10 @@ def test_spot_weights_cover_every_input_barcode_with_reasons(run):
         sa.io.spot_weights_anndata(pd.concat([weights, weights.iloc[:1].rename(index=lambda _: "nope")]), inputs.slide)
 
 
-def test_uns_spatial_is_built_from_the_image_when_the_slide_has_none(run):
+def test_uns_spatial_is_built_from_the_image_when_the_slide_has_none(api_run):
     import scanpy as sc
 
-    inputs, _, _, cells = run
+    inputs, _, _, cells = api_run
     slide = inputs.slide.copy()
     sf = dict(slide.uns["spatial"]["demo"]["scalefactors"])
     slide.uns["spatial"] = {"demo": {"scalefactors": {"spot_diameter_fullres": sf["spot_diameter_fullres"]}}}
@@ -113,8 +80,8 @@ def test_uns_spatial_is_built_from_the_image_when_the_slide_has_none(run):
     H, W = inputs.image.shape[:2]
     assert max(entry["images"]["hires"].shape[:2]) <= 2000 and max(entry["images"]["lowres"].shape[:2]) <= 600
     assert entry["images"]["lowres"].shape[0] == pytest.approx(H * entry["scalefactors"]["tissue_lowres_scalef"], abs=1)
-    _assert_not_blank(
-        _rendered_png(lambda: sc.pl.spatial(out, color="cell_type", img_key="lowres", spot_size=20, show=False))
+    assert_not_blank(
+        rendered_png(lambda: sc.pl.spatial(out, color="cell_type", img_key="lowres", spot_size=20, show=False))
     )
     bare = slide.copy()
     bare.uns["spatial"] = {"demo": {}}
@@ -125,13 +92,13 @@ def test_uns_spatial_is_built_from_the_image_when_the_slide_has_none(run):
 
 
 @pytest.mark.slow
-def test_enhanced_subspots_render_and_counts_conserve_spots(run):
+def test_enhanced_subspots_render_and_counts_conserve_spots(api_run):
     import scanpy as sc
 
-    inputs, seg, _, _ = run
+    inputs, seg, _, _ = api_run
     sub = sa.tl.enhance(inputs.slide, SoScopeParams(epochs=10, vgae_epochs=10, image_features="none"), nuclei=seg.cells)
     assert "demo" in sub.uns["spatial"]
     sums = pd.DataFrame(sub.layers["counts"], columns=sub.var_names).groupby(sub.obs["spot"].to_numpy()).sum()
     raw = inputs.slide[sums.index].to_df()[sums.columns].to_numpy()
     np.testing.assert_allclose(sums.to_numpy(), raw, rtol=1e-3, atol=1e-3)
-    _assert_not_blank(_rendered_png(lambda: sc.pl.spatial(sub, color=sub.var_names[0], spot_size=15, show=False)))
+    assert_not_blank(rendered_png(lambda: sc.pl.spatial(sub, color=sub.var_names[0], spot_size=15, show=False)))
