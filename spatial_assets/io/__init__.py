@@ -29,6 +29,13 @@ from ._scanpy_ready import (
     spatial_uns,
     spot_weights_anndata,
 )
+from ._spatialdata_in import (
+    read_spatialdata_zarr,
+    read_visium,
+    read_visium_hd_bins,
+    read_xenium,
+    spatialdata_to_anndata,
+)
 from ._spatialdata_out import to_spatialdata, write_spatialdata
 from ._stores import (
     atomic_path,
@@ -71,7 +78,12 @@ __all__ = [
     "read_image",
     "read_spatial",
     "require_columns",
+    "read_spatialdata_zarr",
+    "read_visium",
+    "read_visium_hd_bins",
+    "read_xenium",
     "scalefactors",
+    "spatialdata_to_anndata",
     "store_path",
     "validate_counts",
     "validate_spatial",
