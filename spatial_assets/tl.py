@@ -51,9 +51,15 @@ def cell_types(
     CellTypingResult
         ``cells``, ``weights``, ``platform_effect``, ``info``; plus ``spots``: the scanpy-ready spots x types
         AnnData over every input barcode (``obs['typing_status']`` says why a spot was not typed).
+
+    Raises
+    ------
+    InputError
+        Slide and reference share too few genes (the message says why: Ensembl vs symbols, species' case).
     """
     from . import celltyping
 
+    sio.check_gene_ids(slide, reference.var_names)
     cells = segmented.cells if hasattr(segmented, "cells") else segmented
     spots = getattr(segmented, "spots", None)
     typed_slide, typed_cells, _ = celltyping.typing_inputs(slide, cells, spots, platform)

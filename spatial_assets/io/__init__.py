@@ -8,6 +8,7 @@
   either whole or absent.
 """
 
+from ._genes import check_gene_ids, id_kind, reference_gene_names
 from ._readers import (
     InputError,
     check_image_covers_spots,
@@ -62,10 +63,12 @@ __all__ = [
     "InputError",
     "SlideInputs",
     "atomic_path",
+    "check_gene_ids",
     "check_image_covers_spots",
     "count_spots",
     "describe",
     "disk_size",
+    "id_kind",
     "image_shape",
     "is_complete",
     "library_id",
@@ -77,6 +80,7 @@ __all__ = [
     "read_dataframe",
     "read_image",
     "read_spatial",
+    "reference_gene_names",
     "require_columns",
     "read_spatialdata_zarr",
     "read_visium",

@@ -48,8 +48,16 @@ def slide_inputs(context: dg.AssetExecutionContext, project: ProjectResource) ->
     """A sample's spot counts (AnnData zarr) and H&E image (chunked zarr), validated: counts, coordinates,
     scale factors, and that the image covers the spots."""
     s = project.sample(context.partition_key)
-    loaded = sio.load_slide(s.spatial, s.platform, s.image, name=s.name)
+    loaded = sio.load_slide(s.spatial, s.platform, s.image, name=s.name, image_scale=s.image_scale)
     loaded.slide.uns["sample"].update(z=s.z, slices=s.slices or "none")
+    ref = project.reference_of(s.name)  # gene IDs against the reference, before any stage runs
+    if ref.path.suffix == ".h5ad" and ref.path.exists():
+        sio.check_gene_ids(
+            loaded.slide,
+            sio.reference_gene_names(ref.path),
+            slide_source=str(s.spatial),
+            reference_source=str(ref.path),
+        )
     report = Report(context.log.warning)
     report.value(**loaded.info)
     if loaded.image is not None:
