@@ -138,7 +138,7 @@ def load_slide(
     """
     platform = Platform(platform)
     slide = read_spatial(spatial, table=table)
-    validate_counts(slide, str(spatial), require_integer=platform != Platform.MERFISH)
+    validate_counts(slide, str(spatial), require_integer=not platform.imaging)
     slide.uns["sample"] = {
         "name": name or Path(spatial).stem,
         "platform": platform.value,
