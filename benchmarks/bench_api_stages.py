@@ -50,7 +50,11 @@ def main() -> None:
     typed = timed(
         "tl.cell_types (RCTD+Potts)",
         lambda: sa.tl.cell_types(
-            inputs.slide, ref, "cell_type", seg, CellTypingParams(min_cells_per_type=5, sigma_fit_min_umi=50)
+            inputs.slide,
+            ref,
+            "cell_type",
+            seg,
+            CellTypingParams(min_cells_per_type=5, sigma_fit_min_umi=50, small_types="drop"),
         ),
     )
     cells = timed("tl.decompose (Gaussian)", lambda: sa.tl.decompose(inputs.slide, typed, ref, "cell_type"))
