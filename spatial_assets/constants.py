@@ -12,11 +12,17 @@ class Platform(StrEnum):
     SQUARE_GRID = "square_grid"  # spots on a square grid (e.g. Spatial-CITE-seq, DBiT-seq)
     SLIDESEQ = "slideseq"  # 10-um beads: each bead holds one or two cells (RCTD doublet mode)
     MERFISH = "merfish"  # imaging: each segmented cell is its own spot with a small panel of genes
+    XENIUM = "xenium"  # 10x Xenium: cells come segmented (imaging panel; genes outside it are imputed)
 
     @property
     def image_free(self) -> bool:
         """Every spot / bead / imaged cell is already a cell: no nuclei segmentation of an image."""
-        return self in (Platform.SLIDESEQ, Platform.MERFISH)
+        return self in (Platform.SLIDESEQ, Platform.MERFISH, Platform.XENIUM)
+
+    @property
+    def imaging(self) -> bool:
+        """An imaging panel: each segmented cell is its own spot, counts may be non-integer, missing genes imputed."""
+        return self in (Platform.MERFISH, Platform.XENIUM)
 
 
 PLATFORMS: tuple[str, ...] = tuple(p.value for p in Platform)

@@ -118,7 +118,7 @@ def subspot_offsets(
         ang = np.deg2rad(np.arange(6) * 60.0)
         ring = np.stack([r * np.cos(ang), r * np.sin(ang)], 1)
         return np.vstack([[0.0, 0.0], ring])
-    if platform in (Platform.SQUARE_GRID, Platform.SLIDESEQ, Platform.MERFISH):
+    if platform in (Platform.SQUARE_GRID, Platform.SLIDESEQ, Platform.MERFISH, Platform.XENIUM):
         n = int(grid_subdivision)
         if n not in (2, 3):
             raise ValueError(f"grid_subdivision must be 2 or 3 for square grids, got {n}")

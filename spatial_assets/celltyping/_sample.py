@@ -66,7 +66,7 @@ def typing_inputs(
         slide = slide[keep].copy()
         cells = cells[cells["spot"].isin(slide.obs_names)]
         info["spots_qc_dropped"] = int((~keep).sum())
-    if platform == Platform.MERFISH:
+    if platform.imaging:
         slide, rinfo = integer_counts(slide)
         info["rounding"] = rinfo
     return slide, cells, info

@@ -47,7 +47,7 @@ def decompose_range(
     inputs = prepare_spots(
         slide, cells, model, platform_effect, spot_range=spot_range, leave_out_genes=params.leave_out_genes
     )
-    if platform == Platform.MERFISH:
+    if platform.imaging:
         extra.update(genes_measured=int(inputs.in_slide.sum()), genes_imputed=int((~inputs.in_slide).sum()))
     prior = None
     if params.estimator == "mixture":

@@ -8,6 +8,7 @@
   either whole or absent.
 """
 
+from ._genes import check_gene_ids, id_kind, reference_gene_names
 from ._readers import (
     InputError,
     check_image_covers_spots,
@@ -22,6 +23,21 @@ from ._readers import (
     validate_spatial,
 )
 from ._samples import SlideInputs, load_reference, load_slide
+from ._scanpy_ready import (
+    STORE_CONTENTS,
+    decomposed_counts,
+    make_scanpy_ready,
+    spatial_uns,
+    spot_weights_anndata,
+)
+from ._spatialdata_in import (
+    read_spatialdata_zarr,
+    read_visium,
+    read_visium_hd_bins,
+    read_xenium,
+    spatialdata_to_anndata,
+)
+from ._spatialdata_out import to_spatialdata, write_spatialdata
 from ._stores import (
     MARKER_ATTR,
     atomic_path,
@@ -56,6 +72,11 @@ from ._validate import (
 
 __all__ = [
     "MARKER_ATTR",
+    "STORE_CONTENTS",
+    "decomposed_counts",
+    "make_scanpy_ready",
+    "spatial_uns",
+    "spot_weights_anndata",
     "InputError",
     "UnsafeNameError",
     "check_cell_types",
@@ -72,10 +93,12 @@ __all__ = [
     "SlideInputs",
     "atomic_path",
     "current_range_stores",
+    "check_gene_ids",
     "check_image_covers_spots",
     "count_spots",
     "describe",
     "disk_size",
+    "id_kind",
     "image_shape",
     "is_complete",
     "library_id",
@@ -87,13 +110,21 @@ __all__ = [
     "read_dataframe",
     "read_image",
     "read_spatial",
+    "reference_gene_names",
     "require_columns",
+    "read_spatialdata_zarr",
+    "read_visium",
+    "read_visium_hd_bins",
+    "read_xenium",
     "scalefactors",
+    "spatialdata_to_anndata",
     "store_path",
     "validate_counts",
     "validate_spatial",
     "write_anndata",
     "write_arrays",
     "write_dataframe",
+    "to_spatialdata",
     "write_directory",
+    "write_spatialdata",
 ]

@@ -25,8 +25,9 @@ class InputError(ValueError):
 # ---------------------------------------------------------------------------------------------------------------
 # spatial data
 # ---------------------------------------------------------------------------------------------------------------
-def read_spatial(path: str | os.PathLike, *, require_spatial: bool = True) -> ad.AnnData:
-    """Read a slide (spots x genes) from .h5ad, an AnnData .zarr store or a Space Ranger output folder."""
+def read_spatial(path: str | os.PathLike, *, require_spatial: bool = True, table: str = "table") -> ad.AnnData:
+    """Read a slide (spots x genes) from .h5ad, an AnnData .zarr store, a SpatialData zarr (its table ``table``)
+    or a Space Ranger output folder."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: spatial data not found")
@@ -42,6 +43,10 @@ def read_spatial(path: str | os.PathLike, *, require_spatial: bool = True) -> ad
             and not (path / ".zgroup").exists()
         ):
             adata = _read_spaceranger(path)
+        elif path.is_dir() and (path / "tables").is_dir():  # a SpatialData zarr: its table named `table`
+            from ._spatialdata_in import read_spatialdata_zarr
+
+            adata = read_spatialdata_zarr(path, table)
         elif path.suffix == ".zarr" or (path / "zarr.json").exists() or (path / ".zgroup").exists():
             adata = ad.read_zarr(path)
         elif path.suffix in (".h5ad", ".h5"):
@@ -247,7 +252,9 @@ def check_image_covers_spots(
         raise InputError(
             f"{image_source} (width {W} x height {H} px) does not cover the spots of {source}: spot extent "
             f"x {lo[0]:.0f}..{hi[0]:.0f}, y {lo[1]:.0f}..{hi[1]:.0f} px (incl. spot radius {r:.0f}); "
-            f"{n_out} spot centres lie outside. Are obsm['spatial'] coordinates in full-resolution pixels of this image?"
+            f"{n_out} spot centres lie outside. Are obsm['spatial'] coordinates in full-resolution pixels of this image? "
+            "For a downscaled image (e.g. Space Ranger's spatial/tissue_hires_image.png) give its scale: "
+            "image_scale: tissue_hires_scalef"
         )
 
 

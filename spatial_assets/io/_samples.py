@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,15 @@ import anndata as ad
 import numpy as np
 
 from ..constants import Platform
-from ._readers import InputError, check_image_covers_spots, read_image, read_spatial, scalefactors, validate_counts
+from ._readers import (
+    InputError,
+    check_image_covers_spots,
+    library_id,
+    read_image,
+    read_spatial,
+    scalefactors,
+    validate_counts,
+)
 from ._validate import check_not_empty, check_raw_counts, check_unique_names, read_h5ad_file, zero_count_spots
 
 
@@ -57,6 +66,48 @@ def load_reference(path: str | os.PathLike, cell_type_key: str, *, require_integ
     return adata
 
 
+#: Nuclei (about 8 um across) fewer pixels across than this segment poorly (StarDist is trained at ~0.25-0.5 um/px).
+MIN_NUCLEUS_PX = 6.0
+NUCLEUS_UM = 8.0
+
+
+def _rescale_to_image(slide: ad.AnnData, source: str, image_scale: float | str) -> dict[str, Any]:
+    """Bring ``obsm['spatial']`` and the scale factors into the pixels of an image at ``image_scale`` x full res."""
+    lib = library_id(slide, source)
+    sf = slide.uns["spatial"][lib].setdefault("scalefactors", {})
+    if isinstance(image_scale, str):
+        if image_scale not in sf:
+            raise InputError(
+                f"{source}: image_scale '{image_scale}' is not in uns['spatial']['{lib}']['scalefactors'] "
+                f"(keys: {sorted(sf)}); expected e.g. 'tissue_hires_scalef' or a number"
+            )
+        factor = float(sf[image_scale])
+    else:
+        factor = float(image_scale)
+    if not np.isfinite(factor) or factor <= 0:
+        raise InputError(f"{source}: image_scale = {factor}; expected a positive factor (image px / full-res px)")
+    um_full = float(sf["microns_per_pixel"]) if "microns_per_pixel" in sf else 55.0 / float(sf["spot_diameter_fullres"])
+    slide.obsm["spatial"] = np.asarray(slide.obsm["spatial"], dtype=float) * factor
+    slide.uns["sample"]["fullres_to_image_scale"] = factor
+    for k in ("spot_diameter_fullres", "fiducial_diameter_fullres"):
+        if k in sf:
+            sf[k] = float(sf[k]) * factor
+    for k in ("tissue_hires_scalef", "tissue_lowres_scalef"):
+        if k in sf:
+            sf[k] = float(sf[k]) / factor
+    sf["microns_per_pixel"] = um_full / factor
+    nucleus_px = NUCLEUS_UM / sf["microns_per_pixel"]
+    if nucleus_px < MIN_NUCLEUS_PX:
+        warnings.warn(
+            f"{source}: at image_scale {factor:.4g} a pixel is {sf['microns_per_pixel']:.2f} um, so nuclei are about "
+            f"{nucleus_px:.1f} px across (fewer than {MIN_NUCLEUS_PX:g}); segmentation will miss or merge nuclei. "
+            "Give the full-resolution image if you have it.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return {"image_scale": factor, "microns_per_pixel_image": sf["microns_per_pixel"], "nucleus_px": nucleus_px}
+
+
 @dataclass
 class SlideInputs:
     """A sample's spots (AnnData, ``obsm['spatial']`` in full-resolution image pixels) and its image, if any."""
@@ -72,6 +123,8 @@ def load_slide(
     image: str | os.PathLike | None = None,
     *,
     name: str | None = None,
+    image_scale: float | str | None = None,
+    table: str = "table",
 ) -> SlideInputs:
     """Read and validate a sample: counts (raw integers, except imaging panels), coordinates, scale factors, and
     that the image (if given) covers the spots.
@@ -79,13 +132,21 @@ def load_slide(
     Parameters
     ----------
     spatial
-        ``.h5ad``, AnnData ``.zarr`` or a Space Ranger output folder.
+        ``.h5ad``, AnnData ``.zarr``, a SpatialData ``.zarr`` (see ``table``) or a Space Ranger output folder.
     platform
         One of :class:`spatial_assets.constants.Platform`; MERFISH-like imaging may hold non-integer counts.
     image
         The full-resolution H&E (tif / jpg / png) in whose pixels ``obsm['spatial']`` is given.
     name
         The sample's name, recorded in ``slide.uns['sample']``.
+    table
+        The table to read when ``spatial`` is a SpatialData zarr.
+    image_scale
+        ``image`` is the full-resolution image scaled by this factor (e.g. a Space Ranger folder's
+        ``spatial/tissue_hires_image.png`` with ``'tissue_hires_scalef'``, read from the scale factors, or a
+        number). Coordinates and ``spot_diameter_fullres`` are rescaled into that image's pixels (the originals are
+        kept in ``uns['sample']``), so segmentation runs at that resolution; a warning is given when nuclei would be
+        fewer than :data:`MIN_NUCLEUS_PX` pixels across.
 
     Returns
     -------
@@ -96,12 +157,13 @@ def load_slide(
     ------
     InputError
         Unreadable files, no spots, duplicated barcodes or genes, non-integer / negative counts, every spot empty,
-        missing scale factors or an image that does not cover the spots; the message names file and field.
+        missing scale factors, a missing SpatialData table, an unknown ``image_scale`` key, or an image that does
+        not cover the spots; the message names file and field.
     """
     platform = Platform(platform)
-    slide = read_spatial(spatial)
+    slide = read_spatial(spatial, table=table)
     check_not_empty(slide, str(spatial), "spots")
-    if platform == Platform.MERFISH:
+    if platform.imaging:
         validate_counts(slide, str(spatial), require_integer=False)
     else:
         check_raw_counts(slide, str(spatial))
@@ -127,6 +189,8 @@ def load_slide(
     if zero_names:
         info["zero_count_spots_examples"] = ", ".join(zero_names[:10])
     img = None
+    if image is not None and image_scale is not None:
+        info.update(_rescale_to_image(slide, str(spatial), image_scale))
     if image is not None:
         scalefactors(slide, str(spatial))
         img = read_image(image)

@@ -50,6 +50,9 @@ class ReferenceConfig(_Named):
 class SampleConfig(_Named):
     spatial: Path
     image: Path | None = None
+    # The image is the full-resolution one scaled by this factor: a number, or a scale-factor key of the slide
+    # (e.g. tissue_hires_scalef with a Space Ranger folder's spatial/tissue_hires_image.png).
+    image_scale: float | str | None = None
     platform: Platform = Platform.VISIUM
     reference: str
     # Square grids: sub-spots per spot side (2 -> 4 sub-spots, 3 -> 9).
@@ -160,6 +163,12 @@ class ProjectConfig(_Strict):
         if dup:
             raise ValueError(f"samples: duplicate name(s) {dup}")
         for i, s in enumerate(self.samples):
+            if not s.platform.image_free and s.image is None:  # what each platform needs, checked before any run
+                raise ValueError(
+                    f"samples[{i}] ({s.name}).image: platform '{s.platform.value}' needs an H&E image (nuclei "
+                    "segmentation) and none is given; set image: to the full-resolution TIFF, or to Space Ranger's "
+                    "spatial/tissue_hires_image.png with image_scale: tissue_hires_scalef"
+                )
             if s.reference not in refs:
                 raise ValueError(
                     f"samples[{i}] ({s.name}).reference: '{s.reference}' is not a reference name; "

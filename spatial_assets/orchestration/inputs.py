@@ -54,8 +54,15 @@ def slide_inputs(context: dg.AssetExecutionContext, project: ProjectResource) ->
     """A sample's spot counts (AnnData zarr) and H&E image (chunked zarr), validated: counts, coordinates,
     scale factors, and that the image covers the spots."""
     s = project.sample(context.partition_key)
-    loaded = sio.load_slide(s.spatial, s.platform, s.image, name=s.name)
-    ref = project.reference_of(s.name)
+    loaded = sio.load_slide(s.spatial, s.platform, s.image, name=s.name, image_scale=s.image_scale)
+    ref = project.reference_of(s.name)  # gene IDs against the reference, before any stage runs
+    if ref.path.suffix == ".h5ad" and ref.path.exists():  # names the cause: Ensembl vs symbols, species' case
+        sio.check_gene_ids(
+            loaded.slide,
+            sio.reference_gene_names(ref.path),
+            slide_source=str(s.spatial),
+            reference_source=str(ref.path),
+        )
     ref_store = project.stores.reference(ref.name)
     ref_genes = sio.read_anndata(ref_store).var_names if sio.is_complete(ref_store) else sio.gene_names(ref.path)
     shared = sio.check_shared_genes(

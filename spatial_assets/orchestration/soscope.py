@@ -13,7 +13,7 @@ from .metadata import Report, check_result, name_items
 from .partitions import samples_partitions
 from .resources import GPU_OP_TAGS, ComputeResource, ProjectResource
 from .retries import run_with_transient_retries
-from .spatialscope import _device
+from .spatialscope import _device, _sample_image
 
 
 @dg.asset(
@@ -53,6 +53,13 @@ def enhanced_subspots(
             grid_subdivision=s.grid_subdivision,
         ),
     )
+    image = image if image is not None else _sample_image(project, s)
+    try:  # scanpy-ready: uns['spatial'] (images, scale factors); counts layer = the spot-conserving split
+        sio.make_scanpy_ready(
+            res.adata, slide, image, store="enhanced_subspots", counts=res.adata.layers.get("conserved")
+        )
+    except sio.InputError as e:  # image-free platforms without Visium scale factors
+        context.log.info(f"enhanced sub-spots without uns['spatial']: {e}")
     path = sio.write_anndata(res.adata, project.stores.subspots(s.name))
     report.figure("marker_maps", lambda: pl.enhanced_maps(slide, res.adata), "spot vs enhanced")
     report.value(seconds=round(time.time() - t0, 1), subspots=int(res.adata.n_obs))

@@ -243,6 +243,7 @@ def typed_cells(context: dg.AssetExecutionContext, project: ProjectResource) -> 
         sio.write_dataframe(res.platform_effect.rename("estimated_be").to_frame(), t.platform_effect)
         if res.beads is not None:
             sio.write_dataframe(res.beads, t.beads)
+        sio.write_anndata(_spot_weights(project, s, res), t.spots)
     report.figure("cell_types_figure", lambda: pl.cell_types(res.cells))
     xy = pd.DataFrame(np.asarray(slide.obsm["spatial"])[:, :2], index=slide.obs_names, columns=["x", "y"])
     report.figure("proportions_figure", lambda: pl.spot_proportions(res.weights, xy.loc[res.weights.index]))
@@ -256,6 +257,22 @@ def typed_cells(context: dg.AssetExecutionContext, project: ProjectResource) -> 
     report.store(out.cells, "cells_")
     report.details(**res.info)
     return report.result()
+
+
+def _sample_image(project: ProjectResource, s):
+    """The sample's stored H&E (lazy), or None (image-free platforms, no image configured)."""
+    if s.image is None or s.platform.image_free or not sio.is_complete(project.stores.slide_image(s.name)):
+        return None
+    return sio.read_arrays(project.stores.slide_image(s.name), ["image"], lazy=True)["image"]
+
+
+def _spot_weights(project: ProjectResource, s, res):
+    """Typed cells' weights as a scanpy-ready spots x types AnnData over every input barcode."""
+    seg = project.stores.segmented(s.name)
+    spots = sio.read_dataframe(seg.spots) if sio.is_complete(seg.spots) else None
+    slide = sio.read_anndata(project.stores.slide(s.name))
+    skipped = res.info.get("skipped_spots", {})
+    return sio.spot_weights_anndata(res.weights, slide, spots=spots, skipped=skipped, image=_sample_image(project, s))
 
 
 @dg.asset_check(
@@ -526,6 +543,14 @@ def decomposed_cells_by_sample(context: dg.AssetExecutionContext, project: Proje
             f"(spot_range_size={size}): {', '.join(stale)}"
         )
     combined = decomposition.combine_ranges(ranges, expected_ranges=list(expected), slide=slide, source=str(folder))
+    if combined.n_obs:  # scanpy-ready: obsm/uns['spatial'], raw-scale counts layer
+        sio.make_scanpy_ready(
+            combined,
+            slide,
+            _sample_image(project, project.sample(sample)),
+            store="decomposed_cells",
+            counts=sio.decomposed_counts(combined),
+        )
     path = sio.write_anndata(combined, project.stores.decomposed(sample))
     report = Report(context.log.warning)
     if combined.n_obs:

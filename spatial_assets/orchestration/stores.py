@@ -4,7 +4,7 @@
     <root>/slide_inputs/<sample>.zarr               AnnData (spot counts, obsm['spatial'])
     <root>/slide_image/<sample>.zarr                chunked H&E image
     <root>/segmented_slide/<sample>/{labels,cells,spots}.zarr
-    <root>/typed_cells/<sample>/{cells,weights,platform_effect[,beads]}.zarr
+    <root>/typed_cells/<sample>/{cells,weights,platform_effect,spots[,beads]}.zarr
     <root>/score_checkpoint/<reference>/            model.safetensors + config.json + quality.json + .complete
     <root>/score_checkpoint_state/<reference>/      resumable training state (train_state.safetensors, saves)
     <root>/decomposed_cells/<sample>/<range>.zarr   AnnData per spot range
@@ -79,6 +79,11 @@ class TypedStores:
     @property
     def beads(self) -> Path:
         return self.folder / "beads.zarr"
+
+    @property
+    def spots(self) -> Path:
+        """Scanpy-ready spots x types AnnData over every input barcode (``obs['typing_status']``)."""
+        return self.folder / "spots.zarr"
 
     def inside(self, tmp: Path) -> TypedStores:
         return TypedStores(Path(tmp))

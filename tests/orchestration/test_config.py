@@ -11,6 +11,7 @@ from spatial_assets.orchestration.config import ConfigError, load_config
 def _write(tmp_path: Path, doc: dict) -> Path:
     (tmp_path / "slide.h5ad").write_bytes(b"x")
     (tmp_path / "ref.h5ad").write_bytes(b"x")
+    (tmp_path / "he.tif").write_bytes(b"x")
     p = tmp_path / "dagster_project.yaml"
     p.write_text(yaml.safe_dump(doc))
     return p
@@ -20,7 +21,9 @@ def _good() -> dict:
     return {
         "storage_root": "store",
         "references": [{"name": "ctx", "path": "ref.h5ad", "cell_type_key": "cell_type"}],
-        "samples": [{"name": "s1", "spatial": "slide.h5ad", "platform": "visium", "reference": "ctx"}],
+        "samples": [
+            {"name": "s1", "spatial": "slide.h5ad", "image": "he.tif", "platform": "visium", "reference": "ctx"}
+        ],
         "parameters": {"segmentation": {"method": "watershed"}, "cell_typing": {"nu": 5}},
     }
 
@@ -54,6 +57,10 @@ def test_per_sample_parameter_overrides(tmp_path):
         (lambda d: d["samples"][0].pop("spatial"), "key 'samples[0].spatial': required key is missing"),
         (lambda d: d["samples"][0].update(spatial="missing.h5ad"), "key 'samples[0].spatial': file not found"),
         (lambda d: d["samples"][0].update(reference="nope"), "'nope' is not a reference name"),
+        (
+            lambda d: d["samples"][0].pop("image"),
+            "samples[0] (s1).image: platform 'visium' needs an H&E image (nuclei segmentation) and none is given",
+        ),
         (lambda d: d["parameters"]["cell_typing"].update(nu="lots"), "key 'parameters.cell_typing.nu'"),
         (lambda d: d["parameters"]["segmentation"].update(prob_thresh=2), "key 'parameters.segmentation.prob_thresh'"),
         (
