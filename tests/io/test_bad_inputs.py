@@ -357,7 +357,7 @@ def _cfg(tmp, demo, **over) -> Path:
     cfg = {
         "storage_root": str(tmp / "store"),
         "references": [{"name": "ref", "path": str(demo.reference), "cell_type_key": "cell_class"}],
-        "samples": [{"name": "s1", "spatial": str(demo.slide), "reference": "ref"}],
+        "samples": [{"name": "s1", "spatial": str(demo.slide), "image": str(demo.image), "reference": "ref"}],
     }
     for k, v in over.items():
         cfg[k] = v
@@ -367,12 +367,20 @@ def _cfg(tmp, demo, **over) -> Path:
 
 
 def config_missing_spatial(tmp, demo):
-    p = _cfg(tmp, demo, samples=[{"name": "s1", "spatial": str(tmp / "gone.h5ad"), "reference": "ref"}])
+    p = _cfg(
+        tmp,
+        demo,
+        samples=[{"name": "s1", "spatial": str(tmp / "gone.h5ad"), "image": str(demo.image), "reference": "ref"}],
+    )
     return lambda: load_config(p), ConfigError, [str(p), "samples[0].spatial", "file not found", "gone.h5ad"]
 
 
 def config_unknown_reference(tmp, demo):
-    p = _cfg(tmp, demo, samples=[{"name": "s1", "spatial": str(demo.slide), "reference": "other"}])
+    p = _cfg(
+        tmp,
+        demo,
+        samples=[{"name": "s1", "spatial": str(demo.slide), "image": str(demo.image), "reference": "other"}],
+    )
     return lambda: load_config(p), ConfigError, [str(p), "samples[0]", "'other'", "expected one of ['ref']"]
 
 
