@@ -206,7 +206,7 @@ def test_names_cannot_escape_storage_root(tmp_path, demo_small, where, bad):
             call()
         return
     ref = {"name": "ref", "path": str(demo_small.reference)}
-    sample = {"name": "s", "spatial": str(demo_small.slide), "reference": "ref"}
+    sample = {"name": "s", "spatial": str(demo_small.slide), "image": str(demo_small.image), "reference": "ref"}
     if where == "sample":
         sample["name"] = bad
     elif where == "reference":
@@ -352,7 +352,9 @@ def test_up_to_date_range_is_kept_and_stale_one_recomputed(tmp_path, demo_small)
                 "storage_root": str(tmp_path / "st"),
                 "partitions": {"spot_range_size": 10},
                 "references": [{"name": "ref", "path": str(demo_small.reference)}],
-                "samples": [{"name": "s", "spatial": str(demo_small.slide), "reference": "ref"}],
+                "samples": [
+                    {"name": "s", "spatial": str(demo_small.slide), "image": str(demo_small.image), "reference": "ref"}
+                ],
             }
         )
     )
