@@ -47,10 +47,13 @@ SETTINGS = {
 def _config(tmp_path: Path, soscope: dict):
     (tmp_path / "slide.h5ad").write_bytes(b"x")
     (tmp_path / "ref.h5ad").write_bytes(b"x")
+    (tmp_path / "he.tif").write_bytes(b"x")
     doc = {
         "storage_root": "store",
         "references": [{"name": "ctx", "path": "ref.h5ad", "cell_type_key": "cell_type"}],
-        "samples": [{"name": "s1", "spatial": "slide.h5ad", "platform": "visium", "reference": "ctx"}],
+        "samples": [
+            {"name": "s1", "spatial": "slide.h5ad", "image": "he.tif", "platform": "visium", "reference": "ctx"}
+        ],
         "parameters": {"soscope": soscope},
     }
     p = tmp_path / "dagster_project.yaml"
