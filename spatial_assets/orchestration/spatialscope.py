@@ -355,7 +355,7 @@ def score_checkpoint(
     t_q = time.time()
     context.log.info("checkpoint quality: generating pseudo-cells and comparing them with the reference ...")
     try:
-        q = generative.checkpoint_quality(model, reference, ref.cell_type_key, params)
+        q = generative.checkpoint_quality(model, reference, ref.cell_type_key, params, log=context.log.info)
         context.log.info(f"checkpoint quality evaluated in {time.time() - t_q:.0f} s: passed={q.get('passed')}")
     except Exception as e:
         q = {"passed": False, "reason": f"quality evaluation failed: {type(e).__name__}: {e}"}
