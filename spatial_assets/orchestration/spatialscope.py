@@ -217,6 +217,7 @@ def typed_cells(context: dg.AssetExecutionContext, project: ProjectResource) -> 
     report.value(platform=s.platform.value, typing_mode="doublet" if s.platform.value == Platform.SLIDESEQ else "full")
     t0 = time.time()
     kw = {"class_key": ref.class_key, "max_cells_per_spot": params.segmentation.max_cells_per_spot}
+    kw["log"] = context.log.info  # Potts sweep progress
     if len(group) > 1:
         slices = {t.name: (slide, cells) if t.name == s.name else _typing_inputs(project, t.name) for t in group}
         res, ginfo = celltyping.type_slice_jointly(

@@ -79,3 +79,39 @@ def test_checkpoint_quality_time_budget_lowers_cells_then_stride(quality_model):
     roomy = checkpoint_quality(model, ref, "cell_class", p, time_budget_s=3600.0, n_per_type=20)
     assert roomy["bounded_by"] == [] and roomy["n_per_type"] == 20 and roomy["level_stride"] == 1
     assert 0 < roomy["estimated_sample_seconds"] < 3600.0
+
+
+def _final(lines, label):
+    done = [s for s in lines if s.startswith(label)]
+    assert done, lines
+    return done[-1]
+
+
+def test_sampler_langevin_and_mixture_loops_report_levels_and_rounds(quality_model):
+    """Progress per noise level / round (not per cell): the final line counts the levels / rounds actually run."""
+    import torch
+
+    from spatial_assets.decomposition import annealed_langevin, mixture_posterior
+
+    model, _, _ = quality_model
+    t = torch.zeros(7, dtype=torch.int64)
+    lines = []
+    model.sample(t, level_stride=4, log=lines.append)
+    n_lev = len(model.sigmas[::4])
+    assert _final(lines, "sampling 7 pseudo-cells: noise levels").startswith(
+        f"sampling 7 pseudo-cells: noise levels: {n_lev}/{n_lev} (100%) in "
+    )
+    lines = []
+    annealed_langevin(model, t, levels=np.arange(0, len(model.sigmas), 5), log=lines.append)
+    n_lev = len(range(0, len(model.sigmas), 5))
+    assert _final(lines, "decomposition Langevin noise levels (7 rows)").startswith(
+        f"decomposition Langevin noise levels (7 rows): {n_lev}/{n_lev} (100%)"
+    )
+    g = torch.Generator().manual_seed(0)
+    cand = torch.rand(6, 3, 5, generator=g) + 0.1
+    raw = torch.poisson(torch.full((2, 5), 4.0), generator=g)
+    lines = []
+    mixture_posterior(raw, torch.tensor([0, 0, 0, 1, 1, 1]), 2, cand, torch.zeros(6, 3), n_iter=9, log=lines.append)
+    assert lines == [s for s in lines if s.startswith("mixture posterior rounds (6 cells x 3 components): ")]
+    assert lines[-1].startswith("mixture posterior rounds (6 cells x 3 components): 9/9 (100%) in ")
+    assert len(lines) == 1  # fast loop: only the final line with the default 10 s interval
