@@ -286,7 +286,7 @@ def _pilot_seconds_per_cell(model: ScoreModel, level_stride: int, n_cells: int, 
     """Sampling seconds per pseudo-cell at ``level_stride``, from a short timed run (a few levels, few cells)."""
     n_levels = len(model.sigmas[::level_stride])
     pilot_stride = max(level_stride, len(model.sigmas) // 8)  # ~8 levels
-    k = int(min(max(n_cells, 1), 256))
+    k = int(min(max(n_cells, 1), 1024))
     t = torch.zeros(k, dtype=torch.int64)
     t0 = time.perf_counter()
     model.sample(t, seed=seed, level_stride=pilot_stride)
@@ -315,10 +315,11 @@ def checkpoint_quality(
     correlation at least the Gaussian's - ``margin`` (:func:`evaluate_samples` on the reference cells).
 
     The evaluation is bounded: at most ``params.quality_max_cells`` cells in all (cells per type lowered to fit,
-    at least 2), and, with a time budget, a short timed pilot run of the sampler estimates the cost per pseudo-cell
-    (a conservative estimate: small batches cost more per cell); cells per type are then lowered to fit the budget
-    and, when 2 per type still do not fit, the noise-level stride is raised. What was evaluated and why is returned
-    and logged.
+    at least 2), and, with a time budget, a short timed pilot run of the sampler (~8 noise levels, up to 1,024
+    cells) estimates the cost per pseudo-cell; cells per type are then lowered to fit the budget, down to
+    ``params.quality_min_cells_per_type``, and when that still does not fit the noise-level stride is raised. The
+    budget covers the sampling only (not the pilot, PCA or classifier). A bounded evaluation is noisier (fewer cells)
+    or coarser (fewer levels): ``reason`` says so. What was evaluated and why is returned and logged.
 
     Parameters
     ----------
@@ -375,9 +376,10 @@ def checkpoint_quality(
         est = per_cell * n_per_type * n_types
         if est > budget:
             bounded.append("time_budget")
-            n_per_type = max(2, int(budget / (per_cell * n_types)))
+            floor = min(n_per_type, params.quality_min_cells_per_type)
+            n_per_type = max(floor, int(budget / (per_cell * n_types)))
             est = per_cell * n_per_type * n_types
-            if est > budget:  # still too slow at 2 cells per type: coarser schedule
+            if est > budget:  # still too slow at the floor of cells per type: coarser schedule
                 n_levels = len(model.sigmas[::level_stride])
                 keep = max(2, int(n_levels * budget / est))
                 level_stride = max(level_stride, -(-len(model.sigmas) // keep))
@@ -437,5 +439,10 @@ def checkpoint_quality(
             f"(Gaussian {out['gaussian_mean_corr']:.3f}) within {margin} of the Gaussian or better"
         )
     )
+    if bounded:
+        out["reason"] += (
+            f" [bounded evaluation ({' and '.join(bounded)}): {n_per_type} cells per type, noise-level stride "
+            f"{level_stride}]"
+        )
     out.update(samples=q["samples"], real=q["real"], type_idx=q["type_idx"])
     return out

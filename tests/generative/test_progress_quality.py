@@ -72,12 +72,14 @@ def test_checkpoint_quality_time_budget_lowers_cells_then_stride(quality_model):
     lines = []
     q = checkpoint_quality(model, ref, "cell_class", p, time_budget_s=1e-6, log=lines.append)
     assert "time_budget" in q["bounded_by"]
-    assert q["n_per_type"] == 2 and q["n_cells"] == 2 * q["n_types"]
+    assert q["n_per_type"] == p.quality_min_cells_per_type == 20  # the floor, then a coarser schedule
+    assert q["n_cells"] <= 20 * q["n_types"] and "bounded evaluation (time_budget)" in q["reason"]
     assert q["level_stride"] > 1 and len(model.sigmas[:: q["level_stride"]]) <= 2
     assert q["time_budget_s"] == 1e-6 and np.isfinite(q["estimated_sample_seconds"])
     assert any("budget 1e-06 s" in s and "time_budget" in s for s in lines)
     roomy = checkpoint_quality(model, ref, "cell_class", p, time_budget_s=3600.0, n_per_type=20)
     assert roomy["bounded_by"] == [] and roomy["n_per_type"] == 20 and roomy["level_stride"] == 1
+    assert "bounded evaluation" not in roomy["reason"]
     assert 0 < roomy["estimated_sample_seconds"] < 3600.0
 
 
