@@ -3,7 +3,8 @@
 On the bundled MOp scRNA reference (500 genes, 'cell_class', 12 types) a score model with the default architecture
 and noise schedule is trained briefly (the sampling cost does not depend on training length), then
 ``checkpoint_quality`` runs unbounded (the baseline: every type's ``quality_cells_per_type`` cells, full schedule) and
-under time budgets. Printed per run: cells per type, noise-level stride, the pilot's estimated sampling seconds,
+under time budgets. Printed per run: cells per type, noise-level stride, the pilot's estimated sampling seconds
+(``over_budget`` when even ``quality_min_cells_per_type`` cells per type do not fit),
 the measured sampling seconds and total wall seconds, and the verdict metrics (AUC, mean correlation) beside the
 Gaussian baseline's, so one sees what a budget costs in evaluation fidelity.
 
@@ -50,6 +51,7 @@ def main(quick: bool = False, seed: int = 0) -> list[dict]:
             "gaussian_auc": round(q["gaussian_auc"], 3),
             "mean_corr": round(q["mean_corr"], 3),
             "gaussian_mean_corr": round(q["gaussian_mean_corr"], 3),
+            "over_budget": q["over_budget"],
             "passed": q["passed"],
             "bounded_by": q["bounded_by"],
         }

@@ -261,12 +261,12 @@ class ScoreModelParams(_Params):
         Cells compared in all at most (the per-type count is lowered to fit; at least 2 per type).
     quality_time_budget_s : float or None, default 300.0
         Sampling-time budget of the quality evaluation, estimated from a short timed pilot: cells per type are
-        lowered (down to ``quality_min_cells_per_type``) and then the noise-level stride raised to fit (None = no
-        budget); what was evaluated is recorded.
+        lowered to fit, down to ``quality_min_cells_per_type`` (None = no budget); what was evaluated is recorded.
     quality_min_cells_per_type : int, default 20
         Fewest cells per type the time budget may lower the evaluation to (fewer make the AUC pure noise).
     quality_level_stride : int, default 1
-        Noise-level stride of the quality evaluation's sampler (before the time budget raises it).
+        Noise-level stride of the quality evaluation's sampler (1 = the whole schedule; coarser fails good
+        checkpoints).
     """
 
     n_genes: int = Field(2000, ge=2)  # used when the reference has no var['Marker'] column
