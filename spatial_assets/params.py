@@ -255,6 +255,18 @@ class ScoreModelParams(_Params):
         Steps between evaluations of the held-out loss (EMA network, fixed seeded noise draws).
     holdout_fraction : float, default 0.1
         Fraction of the reference's training cells held out for the stop rule.
+    quality_cells_per_type : int, default 100
+        Reference cells per type compared with as many pseudo-cells by the checkpoint quality evaluation.
+    quality_max_cells : int, default 2000
+        Cells compared in all at most (the per-type count is lowered to fit; at least 2 per type).
+    quality_time_budget_s : float or None, default 300.0
+        Sampling-time budget of the quality evaluation, estimated from a short timed pilot: cells per type are
+        lowered to fit, down to ``quality_min_cells_per_type`` (None = no budget); what was evaluated is recorded.
+    quality_min_cells_per_type : int, default 20
+        Fewest cells per type the time budget may lower the evaluation to (fewer make the AUC pure noise).
+    quality_level_stride : int, default 1
+        Noise-level stride of the quality evaluation's sampler (1 = the whole schedule; coarser fails good
+        checkpoints).
     """
 
     n_genes: int = Field(2000, ge=2)  # used when the reference has no var['Marker'] column
@@ -285,6 +297,12 @@ class ScoreModelParams(_Params):
     early_stop_min_delta: float = Field(0.002, ge=0)
     eval_every: int = Field(250, ge=1)
     holdout_fraction: float = Field(0.1, gt=0, lt=0.5)
+    # Bounds of checkpoint_quality (pseudo-cells x reference cells): subsample and time budget (issue #13).
+    quality_cells_per_type: int = Field(100, ge=2)
+    quality_max_cells: int = Field(2000, ge=2)
+    quality_time_budget_s: float | None = Field(300.0, gt=0)
+    quality_min_cells_per_type: int = Field(20, ge=2)
+    quality_level_stride: int = Field(1, ge=1)
 
 
 class DecompositionParams(_Params):

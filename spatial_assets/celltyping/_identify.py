@@ -117,6 +117,7 @@ def identify_cell_types(
     refit_sigma: bool = True,
     mode: str = "full",
     class_key: str | None = None,
+    log=None,
 ) -> CellTypingResult:
     """Cell types of the segmented cells of a slide from a reference (SpatialScope step 2; RCTD full + Potts).
 
@@ -161,6 +162,8 @@ def identify_cell_types(
         apart (:func:`spatial_assets.platforms.cells_from_beads`).
     class_key : str, optional
         Column of ``reference.obs`` with coarser classes (doublet mode's type classes; small-types merging).
+    log : callable, optional
+        Receives progress lines (Potts sweeps done / total, time left) at most every 10 s; None = silent.
 
     Returns
     -------
@@ -436,6 +439,7 @@ def identify_cell_types(
             seed=seed,
             sigma_spots=sig_spots,
             refit_sigma=refit_sigma,
+            log=log,
         )
         tn = np.asarray(type_names, dtype=object)
         idx = np.flatnonzero(lab)

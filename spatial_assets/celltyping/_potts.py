@@ -9,6 +9,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.spatial import cKDTree
 
+from ..progress import Progress
 from ._rctd import (
     MIN_LAMBDA,
     choose_sigma,
@@ -151,6 +152,7 @@ def potts_labels(
     seed: int = 0,
     sigma_spots: np.ndarray | None = None,
     refit_sigma: bool = True,
+    log=None,
 ) -> PottsResult:
     """Per-cell type labels within spots: SpatialScope's likelihood + Potts energy minimised by batched ICM.
 
@@ -192,6 +194,8 @@ def potts_labels(
         Spots used to refit sigma after each sweep (default: all spots with cells).
     refit_sigma : bool, default True
         Refit sigma after each sweep.
+    log : callable, optional
+        Receives progress lines (ICM sweeps done / total, time left) at most every 10 s; None = silent.
 
     Returns
     -------
@@ -315,6 +319,7 @@ def potts_labels(
     sweeps = []
     sig_hist = [float(sigma)]
     cell_multi = multi[cell_spot]
+    prog = Progress(max_sweeps, f"Potts ICM sweeps ({n} cells)", log)
     for sweep in range(max_sweeps):
         key = rng.random(n)
         order = np.lexsort((key, cell_spot))
@@ -357,7 +362,9 @@ def potts_labels(
         sweeps.append(int(changed))
         sig_changed = new_sigma != sig_hist[-1]
         sig_hist.append(float(new_sigma))
+        prog.update()
         if changed == 0 and not sig_changed:
+            prog.close("converged: no label changed")
             break
 
     # confidence: softmax over candidates of the single-cell conditional energies

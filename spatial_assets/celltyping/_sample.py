@@ -89,6 +89,7 @@ def type_sample(
     platform: str | Platform = Platform.VISIUM,
     class_key: str | None = None,
     max_cells_per_spot: int = 20,
+    log=None,
 ) -> CellTypingResult:
     """Cell types of one sample: RCTD full mode + Potts labels, or RCTD doublet mode on Slide-seq beads.
 
@@ -114,6 +115,8 @@ def type_sample(
         Reference class column (doublet mode's type classes; small-types merging).
     max_cells_per_spot : int, default 20
         Cap on the cells per spot.
+    log : callable, optional
+        Receives progress lines (Potts sweeps done / total, time left); None = silent.
 
     Returns
     -------
@@ -135,6 +138,7 @@ def type_sample(
         cells,
         params,
         max_cells_per_spot=max_cells_per_spot,
+        log=log,
         **_mode_kwargs(platform, class_key),
     )
 
@@ -150,6 +154,7 @@ def type_slice_jointly(
     *,
     class_key: str | None = None,
     max_cells_per_spot: int = 20,
+    log=None,
 ) -> tuple[CellTypingResult, dict]:
     """One slice of a group of aligned slices, typed jointly with all of them.
 
@@ -177,6 +182,8 @@ def type_slice_jointly(
         Reference class column.
     max_cells_per_spot : int, default 20
         Cap on the cells per spot.
+    log : callable, optional
+        Receives progress lines (Potts sweeps done / total, time left); None = silent.
 
     Returns
     -------
@@ -206,6 +213,7 @@ def type_slice_jointly(
         joint_cells,
         params,
         max_cells_per_spot=max_cells_per_spot,
+        log=log,
         **_mode_kwargs(kinds[name], class_key),
     )
     info = {

@@ -9,6 +9,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from ..progress import Progress
+
 CLIP_SPOT = 1.0  # spot residual r_s clipped to [-1, 1] (SpatialScope)
 
 
@@ -84,7 +86,8 @@ def annealed_langevin(
 
     Without ``target`` this samples the prior (no spot term). With it, rows belong to segments ``seg`` (spots)
     whose summed ``exp(x + mu) - 1`` must match ``target - n_cells`` i.e. ``target`` = n_s (1 + y_s) (K, G); genes
-    where ``spot_mask`` is 0 get no spot term. ``step`` defaults to the model's decomposition step.
+    where ``spot_mask`` is 0 get no spot term. ``step`` defaults to the model's decomposition step. ``log``
+    receives progress lines (noise levels done / total, time left) at most every 10 s and at the end.
     """
     dev = model.type_means.device
     type_idx = type_idx.to(dev)
@@ -128,8 +131,9 @@ def annealed_langevin(
     def _spot_term() -> torch.Tensor:
         return spot_term(x, mu, seg, target, mask, clip_spot=clip_spot, clip_cell=clip_cell, out=e, seg_sum=ssum)
 
+    prog = Progress(len(levels), f"decomposition Langevin noise levels ({M} rows)", log)
     with torch.no_grad():
-        for li, lev in enumerate(levels):
+        for lev in levels:
             sigma = float(sig[lev])
             eta = step * (sigma / sigma_end) ** 2
             lam = 1.0 / sigma**sigma_power
@@ -144,8 +148,7 @@ def annealed_langevin(
                 t_other += time.perf_counter() - t0
                 c_other += time.thread_time() - c0
                 n_steps += 1
-            if log is not None and (li + 1) % max(1, len(levels) // 4) == 0:
-                log(f"decomposition: level {li + 1}/{len(levels)} (sigma {sigma:.3g}), {M} rows")
+            prog.update()
         # final denoising step at sigma_end
         sc = _score(sigma_end)
         t0, c0 = time.perf_counter(), time.thread_time()

@@ -27,6 +27,7 @@ import scipy.sparse as sp
 import torch
 
 from ..params import DecompositionParams
+from ..progress import Progress
 
 
 @dataclass
@@ -151,6 +152,7 @@ def mixture_posterior(
     size_shrink: float = 0.0,
     spot_values: torch.Tensor | None = None,
     batch_rows: int = 2_000_000,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean-field responsibilities of every cell's candidate components given its spot's counts (all batched).
 
@@ -178,6 +180,8 @@ def mixture_posterior(
         The spots on the candidates' gene scale for the size updates (default ``raw``).
     batch_rows : int
         Cells x candidates per chunk (bounds memory: chunk x G floats).
+    log : callable, optional
+        Receives progress lines (rounds done / total, time left) at most every 10 s and at the end.
 
     Returns
     -------
@@ -195,6 +199,7 @@ def mixture_posterior(
     size = torch.ones(C, dtype=cand.dtype)
     ymat = raw if spot_values is None else spot_values
     ytot = ymat.sum(1)
+    prog = Progress(int(n_iter), f"mixture posterior rounds ({C} cells x {K} components)", log)
     for _ in range(n_iter):
         mean = torch.einsum("ck,ckg->cg", resp, cand)
         sm = size[:, None] * mean
@@ -217,6 +222,7 @@ def mixture_posterior(
             ll = (raw[seg[a:b]][:, None, :] * mix.log()).sum(-1) - tot[seg[a:b]][:, None] * mix.sum(-1).log()
             new[a:b] = torch.softmax(cand_logw[a:b] + temperature * ll, 1)
         resp = (1 - damping) * resp + damping * new
+        prog.update()
     mean = torch.einsum("ck,ckg->cg", resp, cand)
     return resp, mean, size
 
@@ -414,6 +420,7 @@ def decompose_mixture(
             size_shrink=params.mixture_size_shrink,
             spot_values=torch.as_tensor(inputs.counts[:, observed], dtype=torch.float32),
             batch_rows=params.batch_cells,
+            log=log,
         )
 
     resp, _, size = posterior(logw_t[ti])

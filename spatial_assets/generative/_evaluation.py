@@ -171,6 +171,7 @@ def evaluate_samples(
     min_cells: int = 10,
     n_pcs: int = 30,
     return_samples: bool = False,
+    log=None,
 ) -> dict:
     """Compare generated pseudo-cells with held-out reference cells, per type, beside baselines.
 
@@ -205,6 +206,8 @@ def evaluate_samples(
         PCA components of the AUC space.
     return_samples : bool, default False
         Also return the arrays ``samples`` (generated), ``real`` (the compared held-out cells) and ``type_idx``.
+    log : callable, optional
+        Receives the sampler's progress lines; None = silent.
 
     Returns
     -------
@@ -246,7 +249,7 @@ def evaluate_samples(
     real, real_t = x[rows], tidx[rows]
     pca = PCA(n_components=int(min(n_pcs, x.shape[1], len(real) - 1)), random_state=seed).fit(real)
     t0 = time.perf_counter()
-    fake = model.sample(torch.from_numpy(real_t), seed=seed, level_stride=level_stride).cpu().numpy()
+    fake = model.sample(torch.from_numpy(real_t), seed=seed, level_stride=level_stride, log=log).cpu().numpy()
     sample_s = time.perf_counter() - t0
     finite = np.isfinite(fake).all(1)
     fake = np.where(finite[:, None], fake, 0.0).astype(np.float32)
@@ -279,23 +282,46 @@ def evaluate_samples(
     return out
 
 
+def _pilot_seconds_per_cell(model: ScoreModel, level_stride: int, n_cells: int, seed: int) -> float:
+    """Sampling seconds per pseudo-cell at ``level_stride``, from a short timed run (a few levels, few cells)."""
+    n_levels = len(model.sigmas[::level_stride])
+    pilot_stride = max(level_stride, len(model.sigmas) // 8)  # ~8 levels
+    k = int(min(max(n_cells, 1), 1024))
+    t = torch.zeros(k, dtype=torch.int64)
+    t0 = time.perf_counter()
+    model.sample(t, seed=seed, level_stride=pilot_stride)
+    dt = time.perf_counter() - t0
+    return dt / k * n_levels / max(len(model.sigmas[::pilot_stride]), 1)
+
+
 def checkpoint_quality(
     model: ScoreModel,
     reference: AnnData,
     cell_type_key: str,
     params,
     *,
-    n_per_type: int = 100,
+    n_per_type: int | None = None,
     seed: int = 0,
     margin: float = 0.05,
-    level_stride: int = 1,
+    level_stride: int | None = None,
     min_cells: int = 3,
+    time_budget_s: float | None | str = "params",
+    log=None,
 ) -> dict:
     """Whether a trained checkpoint is worth using: its pseudo-cells against the reference's, beside the Gaussian.
 
     The baseline is the per-type diagonal Gaussian (the network's analytic part, i.e. what training must improve
     on). Passes when the two-sample kNN AUC is at most the Gaussian's + ``margin`` and the per-type mean
     correlation at least the Gaussian's - ``margin`` (:func:`evaluate_samples` on the reference cells).
+
+    The evaluation is bounded: at most ``params.quality_max_cells`` cells in all (cells per type lowered to fit,
+    at least 2), and, with a time budget, a short timed pilot run of the sampler (~8 noise levels, up to 1,024
+    cells) estimates the cost per pseudo-cell; cells per type are then lowered to fit the budget, down to
+    ``params.quality_min_cells_per_type`` (below that the AUC is noise). When even that does not fit, the floor is
+    kept and ``over_budget`` is set (the noise schedule is never coarsened: that fails good checkpoints). The budget
+    covers the sampling only (not the pilot, PCA or classifier); the pilot's estimate is short and can be off by
+    tens of percent on a loaded machine. A bounded evaluation is noisier (fewer cells): ``reason`` says so. What
+    was evaluated and why is returned and logged.
 
     Parameters
     ----------
@@ -306,25 +332,64 @@ def checkpoint_quality(
     cell_type_key : str
         Column of ``reference.obs`` with the cell types.
     params : spatial_assets.params.ScoreModelParams
-        Parameters of the model's training data (cells per type, seed).
-    n_per_type : int, default 100
-        Cells compared per type.
+        Parameters of the model's training data (cells per type, seed) and of the bounds (``quality_*``).
+    n_per_type : int, optional
+        Cells compared per type; default ``params.quality_cells_per_type``.
     seed : int, default 0
         Seed of the comparison (recorded).
     margin : float, default 0.05
         Tolerance of the pass rule.
-    level_stride : int, default 1
-        Noise-level stride of the sampler.
+    level_stride : int, optional
+        Noise-level stride of the sampler; default ``params.quality_level_stride``.
     min_cells : int, default 3
         Types with fewer cells are left out.
+    time_budget_s : float or None, default "params"
+        Sampling-time budget in seconds; ``"params"`` = ``params.quality_time_budget_s``; None = no budget.
+    log : callable, optional
+        Receives what is evaluated (cells, types, stride, estimated seconds) and the sampler's progress lines.
 
     Returns
     -------
     dict
-        ``auc``, ``mean_corr``, ``var_corr`` and their ``gaussian_`` counterparts, ``n_cells``, ``level_stride``,
+        ``auc``, ``mean_corr``, ``var_corr`` and their ``gaussian_`` counterparts, ``n_cells``, ``n_types``,
+        ``n_per_type``, ``level_stride``, ``time_budget_s``, ``estimated_sample_seconds`` (None without a budget),
+        ``sample_seconds``, ``over_budget`` (the estimate exceeds the budget even at the floor), ``bounded_by`` (``"max_cells"`` / ``"time_budget"`` when they lowered the work),
         ``seed``, ``margin``, ``against``, ``passed``, ``reason`` (what failed, with the values and the rule), and
         the ``samples`` / ``real`` / ``type_idx`` arrays for a figure (not JSON: drop them before saving).
+
+    Raises
+    ------
+    KeyError
+        If ``reference.obs`` has no ``cell_type_key`` column.
     """
+    n_per_type = int(params.quality_cells_per_type if n_per_type is None else n_per_type)
+    level_stride = int(params.quality_level_stride if level_stride is None else level_stride)
+    budget = params.quality_time_budget_s if isinstance(time_budget_s, str) else time_budget_s
+    if cell_type_key not in reference.obs:
+        raise KeyError(f"reference.obs has no column {cell_type_key!r} (cell types)")
+    counts = pd.Series(reference.obs[cell_type_key].astype(str).to_numpy()).value_counts()
+    n_types = int(sum(int(counts.get(t, 0)) >= min_cells for t in model.cell_types))
+    bounded = []
+    if n_types and n_per_type * n_types > params.quality_max_cells:
+        n_per_type, bounded = max(2, params.quality_max_cells // n_types), ["max_cells"]
+    est = None
+    if budget is not None and n_types:
+        per_cell = _pilot_seconds_per_cell(model, level_stride, n_per_type * n_types, seed)
+        est = per_cell * n_per_type * n_types
+        if est > budget:
+            bounded.append("time_budget")
+            floor = min(n_per_type, params.quality_min_cells_per_type)
+            n_per_type = max(floor, int(budget / (per_cell * n_types)))
+            est = per_cell * n_per_type * n_types
+            # still over budget at the floor: keep the floor and the schedule (a coarser schedule makes worse
+            # samples and fails good checkpoints, bench_quality_budget.py) and say so
+    if log is not None:
+        log(
+            f"checkpoint quality: {n_per_type} cells per type x {n_types} types, noise-level stride {level_stride}"
+            + (f", estimated sampling {est:.0f} s (budget {budget:g} s)" if est is not None else "")
+            + (f"; bounded by {' and '.join(bounded)}" if bounded else "")
+            + ("; over budget even at the floor of cells per type" if est is not None and est > budget else "")
+        )
     train = prepare_training_data(reference, cell_type_key, params, genes=model.genes, target_sum=model.target_sum)
     q = evaluate_samples(
         model,
@@ -335,6 +400,7 @@ def checkpoint_quality(
         return_samples=True,
         train_data=train,
         min_cells=min_cells,
+        log=log,
     )
     metrics = {k: float(v) for k, v in q["model"].items() if isinstance(v, (int, float))}
     base = {f"gaussian_{k}": float(v) for k, v in q["diag_gaussian"].items() if isinstance(v, (int, float))}
@@ -342,7 +408,14 @@ def checkpoint_quality(
         **metrics,
         **base,
         "n_cells": q["n_cells"],
+        "n_types": q["n_types"],
+        "n_per_type": n_per_type,
         "level_stride": level_stride,
+        "time_budget_s": budget,
+        "estimated_sample_seconds": est,
+        "sample_seconds": q["sample_seconds"],
+        "over_budget": bool(est is not None and est > budget),
+        "bounded_by": bounded,
         "seed": seed,
         "margin": margin,
         "against": "reference cells",
@@ -367,5 +440,10 @@ def checkpoint_quality(
             f"(Gaussian {out['gaussian_mean_corr']:.3f}) within {margin} of the Gaussian or better"
         )
     )
+    if bounded:
+        out["reason"] += (
+            f" [bounded evaluation ({' and '.join(bounded)}): {n_per_type} cells per type, noise-level stride "
+            f"{level_stride}]"
+        )
     out.update(samples=q["samples"], real=q["real"], type_idx=q["type_idx"])
     return out

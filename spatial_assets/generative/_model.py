@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..params import ScoreModelParams
+from ..progress import Progress
 from ._data import TrainingData, reference_fingerprint
 from ._network import ScoreNet
 
@@ -235,6 +236,7 @@ class ScoreModel:
         steps_per_level: int | None = None,
         step: float | None = None,
         batch_size: int = 20_000,
+        log=None,
     ) -> torch.Tensor:
         """Annealed Langevin pseudo-cells of the given types (SpatialScope's / NCSN's sampler).
 
@@ -257,6 +259,8 @@ class ScoreModel:
             Base step size; default the checkpoint's ``sampling_step``.
         batch_size : int, default 20000
             Cells sampled at once.
+        log : callable, optional
+            Receives progress lines (noise levels done / total, time left) at most every 10 s; None = silent.
 
         Returns
         -------
@@ -277,6 +281,8 @@ class ScoreModel:
         sigma_end = float(self._sigmas_cpu[-1])
         g = torch.Generator(device=self.device).manual_seed(int(seed))
         out = []
+        n_batches = -(-type_idx.shape[0] // batch_size)
+        prog = Progress(n_batches * len(sigmas), f"sampling {type_idx.shape[0]} pseudo-cells: noise levels", log)
         for start in range(0, type_idx.shape[0], batch_size):
             t = type_idx[start : start + batch_size]
             x = torch.randn(t.shape[0], len(self.genes), generator=g, device=self.device)
@@ -285,6 +291,7 @@ class ScoreModel:
                 for _ in range(n_steps):
                     noise = torch.randn(x.shape, generator=g, device=self.device)
                     x = x + eta * self.score(x, t, sigma) + math.sqrt(2 * eta) * noise
+                prog.update()
             x = x + sigma_end**2 * self.score(x, t, sigma_end)
             out.append(x + self.type_means[t])
         if not out:

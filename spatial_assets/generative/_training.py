@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ..params import ScoreModelParams
+from ..progress import Progress
 from ._data import TrainingData, prepare_training_data
 from ._model import _TRAIN_KEYS, STATE_FILE, ScoreModel, _atomic_save_safetensors, _geometric_sigmas, _model_config
 from ._network import ScoreNet
@@ -86,6 +87,7 @@ def fit_score_model(
     n_fourier: int = 16,
     skip: Literal["gaussian", "zi_gaussian"] = "gaussian",
     log_every: int = 200,
+    progress_every: float = 10.0,
     on_step: Callable[[int, float], None] | None = None,
 ) -> ScoreModel:
     """Train the score network on prepared data by denoising score matching (see :func:`train_score_model`).
@@ -120,7 +122,9 @@ def fit_score_model(
     skip : {"gaussian", "zi_gaussian"}, default "gaussian"
         Analytic part of the network (:class:`ScoreNet`).
     log_every : int, default 200
-        Steps between progress lines.
+        Steps between loss lines.
+    progress_every : float, default 10.0
+        Seconds between ``done/total`` progress lines with the time left (:class:`spatial_assets.progress.Progress`).
     on_step : callable, optional
         Called as ``on_step(step, loss)`` after every step.
 
@@ -264,6 +268,7 @@ def fit_score_model(
         Path(out_dir).mkdir(parents=True, exist_ok=True)
     net.train()
     t0, run_loss, n_run, start_step = time.perf_counter(), 0.0, 0, step
+    prog = Progress(stop, "score model training steps", log, progress_every, start=min(step, stop))
     while step < stop and es_state["stop_reason"] is None:
         g = torch.Generator(device=device).manual_seed(_step_seed(params.seed, step))
         idx = train_idx[torch.randint(len(train_idx), (params.batch_size,), generator=g, device=device)]
@@ -290,6 +295,7 @@ def fit_score_model(
         run_loss, n_run = run_loss + lv, n_run + 1
         if on_step is not None:
             on_step(step, lv)
+        prog.set(step)
         if step % log_every == 0 or step == stop:
             rate = (step - start_step) / max(time.perf_counter() - t0, 1e-9)
             log(f"score model: step {step}/{params.train_steps} loss {run_loss / n_run:.4f} ({rate:.1f} steps/s)")
@@ -311,6 +317,7 @@ def fit_score_model(
                 log(f"score model: stopping at step {step}: {es_state['stop_reason']}")
         if out_dir is not None and step % params.save_every == 0 and step < stop and es_state["stop_reason"] is None:
             save_all(step)
+    prog.close(es_state["stop_reason"] or "")
     return save_all(step)
 
 

@@ -217,6 +217,7 @@ def typed_cells(context: dg.AssetExecutionContext, project: ProjectResource) -> 
     report.value(platform=s.platform.value, typing_mode="doublet" if s.platform.value == Platform.SLIDESEQ else "full")
     t0 = time.time()
     kw = {"class_key": ref.class_key, "max_cells_per_spot": params.segmentation.max_cells_per_spot}
+    kw["log"] = context.log.info  # Potts sweep progress
     if len(group) > 1:
         slices = {t.name: (slide, cells) if t.name == s.name else _typing_inputs(project, t.name) for t in group}
         res, ginfo = celltyping.type_slice_jointly(
@@ -355,7 +356,7 @@ def score_checkpoint(
     t_q = time.time()
     context.log.info("checkpoint quality: generating pseudo-cells and comparing them with the reference ...")
     try:
-        q = generative.checkpoint_quality(model, reference, ref.cell_type_key, params)
+        q = generative.checkpoint_quality(model, reference, ref.cell_type_key, params, log=context.log.info)
         context.log.info(f"checkpoint quality evaluated in {time.time() - t_q:.0f} s: passed={q.get('passed')}")
     except Exception as e:
         q = {"passed": False, "reason": f"quality evaluation failed: {type(e).__name__}: {e}"}

@@ -15,6 +15,7 @@ import torch
 from ..constants import Platform
 from ..metrics import pearson_columns as pearson_per_gene  # this module's public name for it
 from ..params import SoScopeParams
+from ..progress import Progress
 from . import _features as _ft
 from . import _geometry as _geo
 from ._model import Decoder, SoScopeNet, exp_schedule, image_regulariser, spot_nll, subspot_mean
@@ -342,6 +343,7 @@ def _enhance(
     # ---- stage 1: spot-level variational graph autoencoder (K = 1) --------------------------------------------
     opt = torch.optim.Adam(list(net.parameters()) + list(vgae_decoder.parameters()), lr=params.lr_vgae)
     t0 = time.perf_counter()
+    prog = Progress(params.vgae_epochs, "soScope stage 1 (spot VGAE) epochs", log)
     for ep in range(params.vgae_epochs):
         opt.zero_grad(set_to_none=True)
         z, kl = encode(True)
@@ -355,6 +357,7 @@ def _enhance(
         history["vgae_loss"].append(float(loss.detach()))
         if log_every and (ep + 1) % log_every == 0:
             say(f"soScope VGAE epoch {ep + 1}/{params.vgae_epochs}: loss {float(loss.detach()):.4g}")
+        prog.update()
     sec_vgae = (time.perf_counter() - t0) / max(params.vgae_epochs, 1)
 
     # ---- stage 2: soScope (sub-spots), encoder (and optionally decoder) initialised by the VGAE ---------------
@@ -364,6 +367,7 @@ def _enhance(
     n_w = len(w_edges)
     n_neg = params.negative_edges_per_edge * n_w
     t0, c0 = time.perf_counter(), time.process_time()
+    prog = Progress(params.epochs, "soScope stage 2 (sub-spots) epochs", log)
     for ep in range(params.epochs):
         opt.zero_grad(set_to_none=True)
         z, kl = encode(True)
@@ -396,6 +400,7 @@ def _enhance(
                 f"soScope epoch {ep + 1}/{params.epochs}: loss {float(loss.detach()):.4g} (recon {float(recon.detach()):.4g}, "
                 f"kl {float(kl.detach()):.4g}, image {float(reg.detach()):.4g}) {time.perf_counter() - t0:.1f}s"
             )
+        prog.update()
     sec_main = (time.perf_counter() - t0) / max(params.epochs, 1)
     cpu_main = (time.process_time() - c0) / max(params.epochs, 1)
 
