@@ -254,7 +254,8 @@ def mixed_cluster():
 
 
 def _executed_keys(worker) -> set[str]:
-    return {rec[0] for rec in worker.state.log if len(rec) > 2 and rec[2] == "memory"}
+    """Keys the worker ran itself (it moved them to "executing"), not results it fetched for a downstream task."""
+    return {rec[0] for rec in worker.state.log if len(rec) > 2 and rec[2] == "executing"}
 
 
 @pytest.mark.slow
