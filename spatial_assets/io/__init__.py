@@ -37,7 +37,13 @@ from ._spatialdata_in import (
     read_xenium,
     spatialdata_to_anndata,
 )
-from ._spatialdata_out import to_spatialdata, write_spatialdata
+from ._spatialdata_out import (
+    describe_spatialdata,
+    render_spatialdata,
+    spatialdata_from_stores,
+    to_spatialdata,
+    write_spatialdata,
+)
 from ._stores import (
     MARKER_ATTR,
     atomic_path,
@@ -125,6 +131,9 @@ __all__ = [
     "write_arrays",
     "write_dataframe",
     "to_spatialdata",
+    "spatialdata_from_stores",
+    "describe_spatialdata",
+    "render_spatialdata",
     "write_directory",
     "write_spatialdata",
 ]

@@ -223,3 +223,143 @@ def write_spatialdata(sdata, path: str | os.PathLike) -> Path:
         sdata.write(tmp, overwrite=False)
         (tmp / ".complete").write_text('{"complete": true}')
     return path
+
+
+def spatialdata_from_stores(
+    slide: str | os.PathLike,
+    *,
+    image: str | os.PathLike | None = None,
+    labels: str | os.PathLike | None = None,
+    cells: str | os.PathLike | None = None,
+    spot_weights: str | os.PathLike | None = None,
+    decomposed: str | os.PathLike | None = None,
+    subspots: str | os.PathLike | None = None,
+    sample: str = "sample",
+    scale_factors: tuple[int, ...] = (2, 2),
+):
+    """Gather a sample's stores (as the assets write them) into one :class:`spatialdata.SpatialData`.
+
+    Every store but ``slide`` is optional: one that is not given, or not complete (never materialized, e.g.
+    soScope not run for the sample), is left out and named in the returned ``missing``.
+
+    Parameters
+    ----------
+    slide
+        The slide-inputs AnnData store (spots).
+    image
+        The slide-image arrays store (array ``image``, (H, W, 3)).
+    labels
+        The segmented slide's nuclei labels store (array ``labels``).
+    cells
+        The typed cells' cells table (``x``, ``y`` in pixels, ``cell_type``, ...).
+    spot_weights
+        The typed cells' spots x types AnnData (``obs['typing_status']``).
+    decomposed
+        The sample's decomposed cells (all spot ranges combined).
+    subspots
+        soScope's enhanced sub-spots.
+    sample
+        Prefix of the image / labels element names.
+    scale_factors
+        Downsampling factors of the image and labels pyramids.
+
+    Returns
+    -------
+    (spatialdata.SpatialData, list[str])
+        The SpatialData object and the names of the optional stores left out (not given or not complete).
+
+    Raises
+    ------
+    InputError
+        ``slide`` is not a complete store, or the stores disagree (see :func:`to_spatialdata`).
+    """
+    from ._stores import is_complete, read_anndata, read_arrays, read_dataframe
+
+    if not is_complete(slide):
+        raise InputError(f"{slide}: the slide-inputs store is missing or incomplete; materialize slide_inputs first")
+    given = {
+        "image": image,
+        "labels": labels,
+        "cells": cells,
+        "spot_weights": spot_weights,
+        "decomposed": decomposed,
+        "subspots": subspots,
+    }
+    present = {k: p for k, p in given.items() if p is not None and is_complete(p)}
+    missing = [k for k in given if k not in present]
+    readers = {
+        "image": lambda p: read_arrays(p, ["image"])["image"],
+        "labels": lambda p: read_arrays(p, ["labels"])["labels"],
+        "cells": read_dataframe,
+        "spot_weights": read_anndata,
+        "decomposed": read_anndata,
+        "subspots": read_anndata,
+    }
+    parts = {k: readers[k](p) for k, p in present.items()}
+    if "decomposed" in parts and "cells" not in parts:
+        missing.append("decomposed")  # decomposed cells annotate the cells shapes: nothing to attach them to
+        parts.pop("decomposed")
+    sdata = to_spatialdata(read_anndata(slide), sample=sample, scale_factors=scale_factors, **parts)
+    return sdata, missing
+
+
+def describe_spatialdata(sdata) -> dict:
+    """Elements, tables (shape, region) and coordinate systems of a SpatialData object, for reports.
+
+    Parameters
+    ----------
+    sdata
+        :class:`spatialdata.SpatialData`.
+
+    Returns
+    -------
+    dict
+        ``images``, ``labels``, ``shapes`` (name -> count), ``tables`` (name -> ``{"shape", "region"}``) and
+        ``coordinate_systems``.
+    """
+    tables = {}
+    for name, t in sdata.tables.items():
+        attrs = t.uns.get("spatialdata_attrs", {})
+        tables[name] = {"shape": [int(t.n_obs), int(t.n_vars)], "region": attrs.get("region")}
+    return {
+        "images": sorted(sdata.images),
+        "labels": sorted(sdata.labels),
+        "shapes": {k: len(v) for k, v in sdata.shapes.items()},
+        "tables": tables,
+        "coordinate_systems": sorted(sdata.coordinate_systems),
+    }
+
+
+def render_spatialdata(sdata, image: str | None = None, table: str = "typed_cells", color: str = "cell_type"):
+    """A spatialdata-plot render of the H&E with the cells coloured by type, as a Matplotlib figure.
+
+    Parameters
+    ----------
+    sdata
+        :class:`spatialdata.SpatialData` (as :func:`to_spatialdata` builds it).
+    image
+        The image element; default: the first one (none: cells only).
+    table
+        The table annotating ``cells`` whose column ``color`` colours them; without it, the spots are drawn.
+    color
+        Column of ``table`` to colour by.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    import matplotlib.pyplot as plt
+    import spatialdata_plot  # noqa: F401  (registers the .pl accessor)
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    plot = sdata  # each render_* returns a new SpatialData carrying the render plan
+    if image is None and len(sdata.images):
+        image = sorted(sdata.images)[0]
+    if image is not None:
+        plot = plot.pl.render_images(image)
+    if table in sdata.tables and "cells" in sdata.shapes and color in sdata.tables[table].obs:
+        plot = plot.pl.render_shapes("cells", color=color, table_name=table)
+    else:
+        plot = plot.pl.render_shapes("spots", fill_alpha=0.3)
+    plot.pl.show(coordinate_systems="global", ax=ax)
+    return fig

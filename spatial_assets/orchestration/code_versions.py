@@ -28,6 +28,7 @@ SCIENCE: dict[str, tuple[str, ...]] = {
     "decomposed_cells_by_sample": ("decomposition/_sample.py", "orchestration/spatialscope.py"),
     "enhanced_subspots": ("soscope", "geometry.py", "metrics.py", "orchestration/soscope.py"),
     "combined_slices": ("platforms/_slices.py", "orchestration/slices.py"),
+    "sample_spatialdata": ("io/_spatialdata_out.py", "io/_stores.py", "orchestration/spatialdata.py"),
 }
 
 

@@ -22,6 +22,7 @@ from .schedules import build_freshness_checks, build_schedules
 from .sensors import SENSORS
 from .slices import combined_slices
 from .soscope import enhanced_subspots, subspots_sum_to_spot
+from .spatialdata import sample_spatialdata
 from .spatialscope import (
     cells_per_spot_in_range,
     checkpoint_sample_quality,
@@ -45,6 +46,7 @@ ASSETS = [
     decomposed_cells_by_sample,
     enhanced_subspots,
     combined_slices,
+    sample_spatialdata,
 ]
 CHECKS = [
     checkpoint_sample_quality,

@@ -163,7 +163,7 @@ def _stages(cfg) -> list[tuple[str, str, object]]:
                     key,
                 )
             )
-        out.append((f"sample {s.name}: combine spot ranges", "combine_job", s.name))
+        out.append((f"sample {s.name}: combine spot ranges, SpatialData", "combine_job", s.name))
     return out
 
 

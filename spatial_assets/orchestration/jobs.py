@@ -26,9 +26,9 @@ decomposition_job = dg.define_asset_job(
 )
 combine_job = dg.define_asset_job(
     "combine_job",
-    selection=dg.AssetSelection.assets("decomposed_cells_by_sample"),
+    selection=dg.AssetSelection.assets("decomposed_cells_by_sample", "sample_spatialdata"),
     partitions_def=samples_partitions,
-    description="Combine a sample's decomposed spot ranges",
+    description="Combine a sample's decomposed spot ranges and write its SpatialData store",
 )
 
 JOBS = [reference_job, sample_job, decomposition_job, combine_job]

@@ -11,6 +11,7 @@
     <root>/decomposed_cells_by_sample/<sample>.zarr AnnData of all ranges
     <root>/enhanced_subspots/<sample>.zarr          AnnData of sub-spots
     <root>/combined_slices/<group>.zarr             table of typed cells of a slices group
+    <root>/spatialdata/<sample>.zarr                SpatialData (H&E, nuclei, spots / cells / sub-spots + tables)
 
 Folders holding several stores (segmented slide, typed cells, checkpoint) are written atomically as a whole.
 """
@@ -37,6 +38,7 @@ class Asset:
     DECOMPOSED_CELLS_BY_SAMPLE = "decomposed_cells_by_sample"
     ENHANCED_SUBSPOTS = "enhanced_subspots"
     COMBINED_SLICES = "combined_slices"
+    SPATIALDATA = "spatialdata"  # stored by sample_spatialdata
 
 
 @dataclass(frozen=True)
@@ -148,3 +150,7 @@ class Stores:
 
     def slices(self, group: str) -> Path:
         return self._file(Asset.COMBINED_SLICES, group)
+
+    def spatialdata(self, sample: str) -> Path:
+        """The sample's SpatialData zarr (written by ``sample_spatialdata``)."""
+        return self._file(Asset.SPATIALDATA, sample)

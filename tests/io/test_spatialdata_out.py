@@ -101,3 +101,9 @@ def test_write_is_atomic_and_errors_name_the_problem(api_run, tmp_path):
             cells=typed.cells.iloc[1:],
             decomposed=cells[cells.obs_names.isin(typed.cells.index[:1])].copy(),
         )
+
+
+def test_from_stores_names_a_missing_slide_store(tmp_path):
+    missing = tmp_path / "slide_inputs" / "s.zarr"
+    with pytest.raises(sa.io.InputError, match=r"s\.zarr: the slide-inputs store is missing or incomplete"):
+        sa.io.spatialdata_from_stores(missing, cells=tmp_path / "cells.zarr")

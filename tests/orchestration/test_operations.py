@@ -130,7 +130,11 @@ def _schedule_story(cfg, defs, names, inst):
     _materialize_event(inst, defs, "decomposed_cells", ranges[-1])
     reqs, _ = _tick(defs, inst, "nightly_combine_job")
     assert [r.partition_key for r in reqs] == ["s1"]
+    assert {k.to_user_string() for k in reqs[0].asset_selection} == {"decomposed_cells_by_sample", "sample_spatialdata"}
     _materialize_event(inst, defs, "decomposed_cells_by_sample", "s1")
+    reqs, _ = _tick(defs, inst, "nightly_combine_job")  # the SpatialData store is still missing
+    assert [[k.to_user_string() for k in r.asset_selection] for r in reqs] == [["sample_spatialdata"]]
+    _materialize_event(inst, defs, "sample_spatialdata", "s1")
     for n in names:
         assert _tick(defs, inst, n)[0] == [], n  # all up to date
 

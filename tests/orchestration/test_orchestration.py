@@ -27,6 +27,7 @@ EXPECTED = {
     "decomposed_cells_by_sample",
     "enhanced_subspots",
     "combined_slices",
+    "sample_spatialdata",
 }
 
 
@@ -48,6 +49,13 @@ def test_asset_graph_lineage():
     assert parents("decomposed_cells") == {"typed_cells", "slide_inputs", "score_checkpoint"}
     assert parents("decomposed_cells_by_sample") == {"decomposed_cells"}
     assert parents("enhanced_subspots") == {"slide_inputs", "segmented_slide"}
+    assert parents("sample_spatialdata") == {
+        "slide_inputs",
+        "segmented_slide",
+        "typed_cells",
+        "decomposed_cells_by_sample",
+        "enhanced_subspots",
+    }
 
 
 def test_partitions_and_gpu_tags():

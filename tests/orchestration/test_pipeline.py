@@ -78,6 +78,12 @@ def test_every_store_is_complete_and_plain_readable(pipeline):
     ]:
         assert storage.is_complete(root / p), p
         ad.read_zarr(root / p)  # plain anndata
+    import spatialdata as sd
+
+    assert storage.is_complete(root / "spatialdata/crop.zarr")
+    s = sd.read_zarr(root / "spatialdata/crop.zarr")
+    assert set(s.shapes) == {"spots", "cells", "subspots"} and set(s.images) == {"crop_he"}
+    assert set(s.tables) == {"spot_weights", "typed_cells", "decomposed_cells", "enhanced_subspots"}
     import zarr
 
     labels = zarr.open_group(str(root / "segmented_slide/crop/labels.zarr"), mode="r")["labels"]
@@ -96,6 +102,7 @@ def test_lineage_partitions_and_checks_recorded(pipeline):
         "decomposed_cells",
         "decomposed_cells_by_sample",
         "enhanced_subspots",
+        "sample_spatialdata",
     ]:
         ev = inst.get_latest_materialization_event(dg.AssetKey(name))
         assert ev is not None, name
