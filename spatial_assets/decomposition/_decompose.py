@@ -15,7 +15,7 @@ import torch
 
 from ..metrics import pearson_columns
 from ..params import DecompositionParams
-from ._inputs import DecompositionInput, _check_model, _targets
+from ._inputs import DecompositionInput, _check_model, _targets, hidden_genes
 from ._langevin import CLIP_CELL, CLIP_SPOT, EXPM1_MAX, annealed_langevin, noise_levels
 
 
@@ -103,13 +103,7 @@ def decompose(
         return decompose_mixture(inputs, model, prior, params, log=log)
     if device is not None and torch.device(device).type != model.type_means.device.type:
         raise ValueError(f"device: asked for '{device}' but the score model is on '{model.type_means.device}'")
-    genes = list(inputs.genes)
-    extra = [g for g in params.leave_out_genes if g not in inputs.leave_out]
-    bad = [g for g in extra if g not in set(np.asarray(genes)[inputs.in_slide])]
-    if bad:
-        raise ValueError(f"params.leave_out_genes: {bad[:10]} are not among the genes shared by slide and model")
-    leave_out = list(inputs.leave_out) + extra
-    hidden = np.isin(genes, leave_out)
+    genes, leave_out, hidden = hidden_genes(inputs, params.leave_out_genes)
     sig = model.sigmas.detach().float().cpu().numpy()
     levels = noise_levels(model, params.level_stride)
     info: dict[str, Any] = {k: v for k, v in inputs.info.items()}

@@ -310,3 +310,37 @@ def _targets(inputs: DecompositionInput, model, hidden: np.ndarray) -> tuple[np.
     lib = inputs.counts[:, observed].sum(1)
     scale = ref_lib * n / lib
     return inputs.counts * scale[:, None], scale, observed
+
+
+def hidden_genes(inputs, leave_out_genes) -> tuple[list[str], list[str], np.ndarray]:
+    """The genes hidden from the spot likelihood: the inputs' own (model genes missing from the slide) plus
+    ``leave_out_genes`` (leave-genes-out validation).
+
+    Parameters
+    ----------
+    inputs : DecompositionInput
+        From :func:`prepare_spots`.
+    leave_out_genes : sequence of str
+        Extra genes to hide; each must be among the genes slide and model share.
+
+    Returns
+    -------
+    genes : list of str
+        The model's genes, in order.
+    leave_out : list of str
+        Every hidden gene.
+    hidden : numpy.ndarray
+        ``(G,)`` bool mask of the hidden genes.
+
+    Raises
+    ------
+    ValueError
+        A gene of ``leave_out_genes`` is not shared by slide and model.
+    """
+    genes = list(inputs.genes)
+    extra = [g for g in leave_out_genes if g not in inputs.leave_out]
+    bad = [g for g in extra if g not in set(np.asarray(genes)[inputs.in_slide])]
+    if bad:
+        raise ValueError(f"params.leave_out_genes: {bad[:10]} are not among the genes shared by slide and model")
+    leave_out = list(inputs.leave_out) + extra
+    return genes, leave_out, np.isin(genes, leave_out)

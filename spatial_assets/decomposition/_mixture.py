@@ -28,6 +28,7 @@ import torch
 
 from ..params import DecompositionParams
 from ..progress import Progress
+from ._inputs import hidden_genes
 
 
 @dataclass
@@ -348,13 +349,7 @@ def decompose_mixture(
             f"(prior {len(prior.genes)} genes, {len(prior.cell_types)} types; model {len(inputs.genes)} genes, "
             f"{len(model.cell_types)} types)"
         )
-    genes = list(inputs.genes)
-    extra = [g for g in params.leave_out_genes if g not in inputs.leave_out]
-    bad = [g for g in extra if g not in set(np.asarray(genes)[inputs.in_slide])]
-    if bad:
-        raise ValueError(f"params.leave_out_genes: {bad[:10]} are not among the genes shared by slide and model")
-    leave_out = list(inputs.leave_out) + extra
-    hidden = np.isin(genes, leave_out)
+    genes, leave_out, hidden = hidden_genes(inputs, params.leave_out_genes)
     info: dict[str, Any] = dict(inputs.info)
     info.update(
         estimator="mixture",

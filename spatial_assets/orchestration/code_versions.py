@@ -23,7 +23,7 @@ SCIENCE: dict[str, tuple[str, ...]] = {
     "slide_inputs": ("io", "orchestration/inputs.py"),
     "segmented_slide": ("segmentation", "platforms/_imaging.py", "geometry.py", "io", "orchestration/spatialscope.py"),
     "typed_cells": ("celltyping", "platforms", "geometry.py", "orchestration/spatialscope.py"),
-    "score_checkpoint": ("generative", "orchestration/spatialscope.py"),
+    "score_checkpoint": ("generative", "orchestration/spatialscope.py", "orchestration/pipes_worker.py"),
     "decomposed_cells": ("decomposition", "generative", "metrics.py", "orchestration/spatialscope.py"),
     "decomposed_cells_by_sample": ("decomposition/_sample.py", "orchestration/spatialscope.py"),
     "enhanced_subspots": ("soscope", "geometry.py", "metrics.py", "orchestration/soscope.py"),

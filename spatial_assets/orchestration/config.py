@@ -74,6 +74,9 @@ class ComputeConfig(_Strict):
     devices: list[str] = Field(default_factory=lambda: ["cuda"])
     max_gpu_steps: int = Field(1, ge=1)
     max_cpu_steps: int = Field(2, ge=1)
+    # "subprocess": score-model training runs in a process of its own through Dagster Pipes
+    # (PipesSubprocessClient; orchestration/pipes_worker.py), its log lines streamed to the step's log.
+    pipes: Literal["none", "subprocess"] = "none"
 
 
 class PartitionConfig(_Strict):

@@ -88,6 +88,7 @@ def build_definitions(cfg: ProjectConfig) -> dg.Definitions:
         resources={
             "project": ProjectResource(config_path=str(cfg.source)),
             "compute": ComputeResource(devices=cfg.compute.devices),
+            "pipes_subprocess_client": dg.PipesSubprocessClient(),
         },
     )
 

@@ -310,6 +310,35 @@ def proportions_result(w: pd.DataFrame, cells: pd.DataFrame) -> dg.AssetCheckRes
 # -------------------------------------------------------------------------------------------------------------
 # score checkpoint
 # -------------------------------------------------------------------------------------------------------------
+def _train_externally(context, project, ref, params, device, client: dg.PipesSubprocessClient):
+    """Score-model training through Dagster Pipes (``orchestration/pipes_worker.py`` in a subprocess): its log lines
+    reach this step's log; the finished model comes back as safetensors + JSON (loaded without unpickling)."""
+    import shutil
+    import sys
+
+    state = project.stores.checkpoint_state(ref.name)
+    model_out = state.parent / f"{state.name}.external_model"
+    shutil.rmtree(model_out, ignore_errors=True)
+    invocation = client.run(
+        context=context,
+        command=[sys.executable, "-m", "spatial_assets.orchestration.pipes_worker"],
+        extras={
+            "reference_store": str(project.stores.reference(ref.name)),
+            "cell_type_key": ref.cell_type_key,
+            "params_json": params.model_dump_json(),
+            "state_folder": str(state),
+            "device": str(device),
+            "model_out": str(model_out),
+        },
+    )
+    reported = invocation.get_custom_messages()
+    if not reported or reported[-1].get("model_out") != str(model_out):
+        raise RuntimeError(f"external training (Dagster Pipes) reported no model; expected one in {model_out}")
+    model = generative.ScoreModel.load(model_out, device=device)
+    context.log.info(f"external training done: step {reported[-1]['train_step']}, model from {model_out}")
+    return model
+
+
 @dg.asset(
     partitions_def=references_partitions,
     group_name="spatialscope",
@@ -321,7 +350,10 @@ def proportions_result(w: pd.DataFrame, cells: pd.DataFrame) -> dg.AssetCheckRes
     automation_condition=EAGER,
 )
 def score_checkpoint(
-    context: dg.AssetExecutionContext, project: ProjectResource, compute: ComputeResource
+    context: dg.AssetExecutionContext,
+    project: ProjectResource,
+    compute: ComputeResource,
+    pipes_subprocess_client: dg.PipesSubprocessClient,
 ) -> dg.MaterializeResult:
     """A cell-type-conditioned score model of the reference (denoising score matching over a geometric noise
     schedule). Saved periodically: a restarted materialization resumes from the last saved step. Its generated
@@ -335,17 +367,20 @@ def score_checkpoint(
     t0 = time.time()
     # periodic saves go to a separate state folder (resumable); the checkpoint folder itself is written once,
     # atomically, with `.complete` last, so a killed retrain never leaves a half-trained model looking complete
-    model = run_with_transient_retries(
-        context,
-        lambda scale: generative.train_score_model(
-            reference,
-            ref.cell_type_key,
-            params.model_copy(update={"batch_size": scaled(params.batch_size, scale)}),
-            project.stores.checkpoint_state(ref.name),
-            device=dev,
-            log=context.log.info,
-        ),
-    )
+    if project.config.compute.pipes == "subprocess":  # Dagster Pipes: training in a process of its own
+        model = _train_externally(context, project, ref, params, dev, pipes_subprocess_client)
+    else:
+        model = run_with_transient_retries(
+            context,
+            lambda scale: generative.train_score_model(
+                reference,
+                ref.cell_type_key,
+                params.model_copy(update={"batch_size": scaled(params.batch_size, scale)}),
+                project.stores.checkpoint_state(ref.name),
+                device=dev,
+                log=context.log.info,
+            ),
+        )
     report.value(
         seconds=round(time.time() - t0, 1),
         genes=len(model.genes),

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._training import DEFAULT_DATA, load_img2d, split_regions
+from ._training import DEFAULT_DATA, load_img2d, new_stardist_model, split_regions
 
 H_VEC = np.array([0.65, 0.70, 0.29])  # Ruifrok & Johnston's hematoxylin optical density (RGB)
 E_VEC = np.array([0.07, 0.99, 0.11])  # ... and eosin
@@ -294,32 +294,22 @@ def train_he(
     random.seed(seed)
     np.random.seed(seed)  # noqa: NPY002 - csbdeep / StarDist data generators draw from the global numpy RNG
     tf.keras.utils.set_random_seed(seed)
-    from stardist.models import Config2D, StarDist2D
 
     out = Path(out)
     t0 = time.time()
     (X, Y), (Xv, Yv), dinfo = training_sets(seed, data_dir, realistic_dir)
     t_data = time.time() - t0
-    conf = Config2D(
-        n_rays=32,
-        grid=(2, 2),
+    model = new_stardist_model(
+        out,
         n_channel_in=3,
-        unet_n_depth=n_depth,
-        unet_n_filter_base=n_filter_base,
-        net_conv_after_unet=64,
-        train_patch_size=(patch, patch),
-        train_batch_size=batch_size,
-        train_epochs=epochs,
-        train_steps_per_epoch=steps_per_epoch,
-        train_learning_rate=1e-3,
-        train_tensorboard=False,
-        train_reduce_lr={"factor": 0.5, "patience": 6, "min_delta": 0},
-        use_gpu=False,
+        n_depth=n_depth,
+        n_filter_base=n_filter_base,
+        patch=patch,
+        batch_size=batch_size,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        lr_patience=6,
     )
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    model = StarDist2D(conf, name=out.name, basedir=str(out.parent))
     t1 = time.time()
     hist = model.train(
         X,

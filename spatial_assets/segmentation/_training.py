@@ -140,6 +140,63 @@ def make_augmenter(rng: np.random.Generator):
     return augment
 
 
+def new_stardist_model(
+    out: Path,
+    *,
+    n_channel_in: int,
+    n_depth: int,
+    n_filter_base: int,
+    patch: int,
+    batch_size: int,
+    epochs: int,
+    steps_per_epoch: int,
+    lr_patience: int,
+):
+    """A fresh StarDist2D (32 rays, grid 2, CPU) in the folder ``out`` (replaced if it exists), configured for
+    training: ``patch`` x ``patch`` patches, Adam at 1e-3 halved after ``lr_patience`` epochs without improvement.
+
+    Parameters
+    ----------
+    out : pathlib.Path
+        Model folder (its name is the model's name).
+    n_channel_in : int
+        1 (a single channel, e.g. hematoxylin) or 3 (RGB).
+    n_depth, n_filter_base : int
+        U-Net depth and base filter count.
+    patch, batch_size, epochs, steps_per_epoch : int
+        Training patch side, batch size, epochs and steps per epoch.
+    lr_patience : int
+        Epochs without validation improvement before the learning rate is halved.
+
+    Returns
+    -------
+    stardist.models.StarDist2D
+        The untrained model.
+    """
+    from stardist.models import Config2D, StarDist2D
+
+    conf = Config2D(
+        n_rays=32,
+        grid=(2, 2),
+        n_channel_in=n_channel_in,
+        unet_n_depth=n_depth,
+        unet_n_filter_base=n_filter_base,
+        net_conv_after_unet=64,
+        train_patch_size=(patch, patch),
+        train_batch_size=batch_size,
+        train_epochs=epochs,
+        train_steps_per_epoch=steps_per_epoch,
+        train_learning_rate=1e-3,
+        train_tensorboard=False,
+        train_reduce_lr={"factor": 0.5, "patience": lr_patience, "min_delta": 0},
+        use_gpu=False,
+    )
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return StarDist2D(conf, name=out.name, basedir=str(out.parent))
+
+
 def train(
     out: str | os.PathLike,
     seed: int = 0,
@@ -164,32 +221,22 @@ def train(
         tf.config.experimental.enable_op_determinism()
     except Exception:  # pragma: no cover - older TF
         pass
-    from stardist.models import Config2D, StarDist2D
 
     out = Path(out)
     img, mask = load_img2d(data_dir)
     X, Y = multiscale_set(split_regions(img, mask, "train"), TRAIN_SCALES, patch)
     Xv, Yv = multiscale_set(split_regions(img, mask, "val"), (0.45, 0.7, 1.0), patch)
-    conf = Config2D(
-        n_rays=32,
-        grid=(2, 2),
+    model = new_stardist_model(
+        out,
         n_channel_in=1,
-        unet_n_depth=n_depth,
-        unet_n_filter_base=n_filter_base,
-        net_conv_after_unet=64,
-        train_patch_size=(patch, patch),
-        train_batch_size=batch_size,
-        train_epochs=epochs,
-        train_steps_per_epoch=steps_per_epoch,
-        train_learning_rate=1e-3,
-        train_tensorboard=False,
-        train_reduce_lr={"factor": 0.5, "patience": 8, "min_delta": 0},
-        use_gpu=False,
+        n_depth=n_depth,
+        n_filter_base=n_filter_base,
+        patch=patch,
+        batch_size=batch_size,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        lr_patience=8,
     )
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    model = StarDist2D(conf, name=out.name, basedir=str(out.parent))
     t0 = time.time()
     rng = np.random.default_rng(seed)
     hist = model.train(
