@@ -36,6 +36,7 @@ COVERED_MODULES = (
     "spatial_assets.metrics",
     "spatial_assets.params",
     "spatial_assets.decomposition",
+    "spatial_assets.segmentation",
 )
 
 #: Qualified names left out on purpose, with the reason.
