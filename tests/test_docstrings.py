@@ -37,6 +37,7 @@ COVERED_MODULES = (
     "spatial_assets.params",
     "spatial_assets.decomposition",
     "spatial_assets.segmentation",
+    "spatial_assets.soscope",
 )
 
 #: Qualified names left out on purpose, with the reason.
