@@ -35,6 +35,9 @@ COVERED_MODULES = (
     "spatial_assets.geometry",
     "spatial_assets.metrics",
     "spatial_assets.params",
+    "spatial_assets.decomposition",
+    "spatial_assets.segmentation",
+    "spatial_assets.soscope",
 )
 
 #: Qualified names left out on purpose, with the reason.

@@ -28,6 +28,30 @@ def baseline_type_mean(
     the spot is split among its cells in proportion to their type means (hidden genes keep the per-spot factor).
     ``profiles`` (n_types x genes, expression scale): type profiles to use instead of ``expm1(model.type_means)``
     (e.g. the arithmetic mean of the reference's normalised expression, :func:`reference_type_profiles`).
+
+    Parameters
+    ----------
+    inputs : DecompositionInput
+        The prepared spots and cells (from :func:`prepare_spots`).
+    model : MixturePrior-like model
+        The fitted prior model; its ``type_means`` (log1p scale) give the type profiles unless ``profiles`` is set.
+    per_gene : bool
+        Split each observed gene of a spot among its cells in proportion to their type means, instead of one
+        factor per spot.
+    leave_out_genes : sequence of str
+        Genes treated as hidden in addition to ``inputs.leave_out``.
+    profiles : numpy.ndarray or None
+        Type profiles (n_types x genes, expression scale) to use instead of ``expm1(model.type_means)``.
+
+    Returns
+    -------
+    numpy.ndarray
+        Estimated expression of each cell, cells x genes (float64).
+
+    Raises
+    ------
+    ValueError
+        If ``profiles`` does not have the shape of ``model.type_means``.
     """
     hidden = np.isin(inputs.genes, list(inputs.leave_out) + list(leave_out_genes))
     target, _, observed = _targets(inputs, model, hidden)
@@ -54,7 +78,18 @@ def baseline_type_mean(
 
 
 def reference_type_profiles(prior) -> np.ndarray:
-    """Arithmetic mean expression of each type (n_types x genes) from a :class:`MixturePrior`'s weighted clusters."""
+    """Arithmetic mean expression of each type (n_types x genes) from a :class:`MixturePrior`'s weighted clusters.
+
+    Parameters
+    ----------
+    prior : MixturePrior
+        The prior whose cluster profiles, type indices and log weights are averaged per type.
+
+    Returns
+    -------
+    numpy.ndarray
+        Weighted mean profile of each type, n_types x genes (float64).
+    """
     T = len(prior.cell_types)
     w = np.exp(prior.log_weights)[:, None] * prior.profiles.astype(np.float64)
     out = np.zeros((T, prior.profiles.shape[1]))

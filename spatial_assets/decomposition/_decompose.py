@@ -24,7 +24,15 @@ from ._langevin import CLIP_CELL, CLIP_SPOT, EXPM1_MAX, annealed_langevin, noise
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
 class DecompositionResult:
-    """``adata``: cells x model genes, X = posterior mean expression (reference scale); ``info``: the run's summary."""
+    """The decomposed cells of a spot set and the run's summary.
+
+    Attributes
+    ----------
+    adata : anndata.AnnData
+        Cells x model genes, X = posterior mean expression (reference scale).
+    info : dict
+        The run's summary (settings, counts, timings, recovery scores).
+    """
 
     adata: ad.AnnData
     info: dict[str, Any]
@@ -84,6 +92,38 @@ def decompose(
     ``inputs.leave_out`` plus ``params.leave_out_genes``; their recovery is scored against the spot values
     (``info['leave_out_spot_r']``). Cells whose result is not finite are re-run with their spots (whole spot
     replicates) up to ``params.max_retries`` rounds with seeds ``seed + round``; the rest are reported and NaN.
+
+    Parameters
+    ----------
+    inputs : DecompositionInput
+        The prepared spots and cells (from :func:`prepare_spots`, with the same model).
+    model : ScoreModel
+        The fitted score model (the prior over each type's expression).
+    params : DecompositionParams or None
+        Estimator, replicates, seeds, genes left out etc.; the defaults when None.
+    device : str or torch.device or None
+        Device the decomposition must run on (Langevin); must be the model's device.
+    log : callable or None
+        Receives progress lines.
+    clip_spot : float
+        Bound on the absolute spot residual of the Langevin spot term.
+    clip_cell : float
+        Bound on the absolute per-cell Langevin spot term.
+    prior : MixturePrior or None
+        The mixture prior; required with ``params.estimator == "mixture"``.
+
+    Returns
+    -------
+    DecompositionResult
+        The decomposed cells and the run's summary.
+
+    Raises
+    ------
+    TypeError
+        If ``model`` lacks the score model interface.
+    ValueError
+        If the model's genes differ from the inputs', the mixture estimator is asked for without ``prior``,
+        ``device`` is not the model's device, or every shared gene is left out.
     """
     params = params or DecompositionParams()
     _check_model(model)

@@ -26,6 +26,30 @@ def evaluate_against_truth(
     median over genes of the Pearson r across cells (linear and log1p), the median over cells of the Pearson r
     across genes (linear and log1p), and the relative error of per-spot sums. ``genes`` restricts the genes scored (e.g. held-out
     ones); ``prediction`` (cells x genes of the result) scores another estimate (e.g. a baseline) on the same cells.
+
+    Parameters
+    ----------
+    result : DecompositionResult or anndata.AnnData
+        The decomposition (or its ``adata``): cells x genes with ``spot`` and ``spot_scale`` in ``obs``.
+    truth : anndata.AnnData
+        True cells x genes (raw counts), obs names = cell ids.
+    genes : sequence of str or None
+        Genes to score; all genes in both (and, if marked, in the slide) when None.
+    prediction : numpy.ndarray or None
+        Another estimate (cells x genes of the result) to score instead of the result's ``X``.
+    multi_cell_only : bool
+        Score only cells whose spot holds more than one scored cell.
+
+    Returns
+    -------
+    dict
+        ``cells`` and ``genes`` (counts scored), ``gene_r_median``, ``gene_r_log1p_median``, ``cell_r_median``,
+        ``cell_r_log1p_median``, ``spot_rel_error`` and ``rmse_log1p``.
+
+    Raises
+    ------
+    ValueError
+        If ``truth`` is not an AnnData, shares no cell ids with the decomposition, or lacks some of ``genes``.
     """
     a = result.adata if isinstance(result, DecompositionResult) else result
     if not isinstance(truth, ad.AnnData):

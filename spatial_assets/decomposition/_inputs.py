@@ -53,6 +53,25 @@ class DecompositionInput:
     ``counts``: (S, G) slide counts divided by the platform effect (0 for model genes absent from the slide);
     ``cells``: index cell id, columns spot, spot_idx (row in ``spots``), type_idx (row in model.cell_types),
     cell_type, x, y, sorted by spot; ``spots``: index spot name (slide order), columns n_cells, x, y.
+
+    Attributes
+    ----------
+    genes : list of str
+        The score model's genes (the gene axis of ``counts``).
+    counts : numpy.ndarray
+        (S, G) slide counts divided by the platform effect; 0 for model genes absent from the slide.
+    spots : pandas.DataFrame
+        The range's spots kept, index spot name (slide order), columns n_cells, x, y.
+    cells : pandas.DataFrame
+        Their cells, index cell id, columns spot, spot_idx, type_idx, cell_type, x, y, sorted by spot.
+    in_slide : numpy.ndarray
+        Boolean per gene: measured on the slide.
+    platform_effect : numpy.ndarray
+        Platform effect per gene (1 where unknown or not in the slide).
+    leave_out : list of str
+        Genes hidden from the spot term.
+    info : dict
+        Summary of the selection (range, dropped cells, skipped spots, ...).
     """
 
     genes: list[str]
@@ -132,6 +151,38 @@ def prepare_spots(
     ``x``, ``y``. Cells whose spot is not in the slide are dropped and counted; spots of the range without cells, or
     with no counts on the genes used, are skipped and listed in ``info``. A range starting beyond the last spot
     gives an empty input (``info['empty_reason']``). ``cell_type_key``: if given, checked against the model's.
+
+    Parameters
+    ----------
+    slide : anndata.AnnData
+        The sample's spots x genes (raw counts).
+    cells : pandas.DataFrame
+        Typed cells indexed by cell id, with columns ``spot``, ``type_column`` and optionally ``x``, ``y``.
+    model : ScoreModel
+        The fitted score model (its genes form the gene axis).
+    platform_effect : pandas.Series or None
+        Per-gene platform effect indexed by gene; 1 for all genes when None.
+    spot_range : tuple of int or None
+        ``(start, stop)`` spot positions in slide order; all spots when None.
+    leave_out_genes : sequence of str
+        Shared genes hidden from the spot term (to score their recovery).
+    cell_type_key : str or None
+        If given, checked against the model's cell type key.
+    type_column : str
+        Column of ``cells`` holding the cell type.
+
+    Returns
+    -------
+    DecompositionInput
+        The range's spots and cells on the model's gene axis.
+
+    Raises
+    ------
+    TypeError
+        If ``model`` lacks the score model interface.
+    ValueError
+        If the model, slide, cells, platform effect, ``leave_out_genes`` or ``spot_range`` are invalid, or no
+        slide genes or cell spots match.
     """
     _check_model(model)
     if cell_type_key is not None and hasattr(model, "check_compatible"):

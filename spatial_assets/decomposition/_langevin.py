@@ -46,6 +46,32 @@ def spot_term(
     ``r_s = clip(sum_{c in s} (exp(x_c + mu_c) - 1) - y_s n_s, +-clip_spot) * mask`` with ``target`` = n_s (1 + y_s)
     (K, G) and ``seg`` (M,) the segment of each row; ``g_c = clip(exp(x_c + mu_c) r_s(c), +-clip_cell)``.
     ``out`` (M, G) and ``seg_sum`` (K, G) are optional work buffers.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        Current state (M, G), log1p expression minus ``mu``.
+    mu : torch.Tensor
+        Type mean of each row (M, G), log1p scale.
+    seg : torch.Tensor
+        Segment (spot) index of each row (M,).
+    target : torch.Tensor
+        Per-segment target n_s (1 + y_s) (K, G).
+    mask : torch.Tensor
+        Per-gene weight of the spot residual (G,); 0 switches a gene's spot term off.
+    clip_spot : float
+        Bound on the absolute spot residual r_s.
+    clip_cell : float
+        Bound on the absolute per-cell term g_c.
+    out : torch.Tensor or None
+        Work buffer (M, G) for the result; a new tensor when None.
+    seg_sum : torch.Tensor or None
+        Work buffer (K, G) for the segment sums; a new tensor when None.
+
+    Returns
+    -------
+    torch.Tensor
+        The per-cell spot term g (M, G) (``out`` when given).
     """
     e = torch.add(x, mu, out=out) if out is not None else x + mu
     e.clamp_(EXP_FLOOR, EXP_CAP).exp_()
@@ -59,7 +85,20 @@ def spot_term(
 
 
 def noise_levels(model, level_stride: int = 1) -> np.ndarray:
-    """Indices of the noise levels used: every ``level_stride``-th, always ending on the last (sigma_end)."""
+    """Indices of the noise levels used: every ``level_stride``-th, always ending on the last (sigma_end).
+
+    Parameters
+    ----------
+    model : score model
+        The prior model; only the length of its ``sigmas`` is used.
+    level_stride : int
+        Keep every ``level_stride``-th level, counted back from the last.
+
+    Returns
+    -------
+    numpy.ndarray
+        Increasing level indices, the last being ``len(model.sigmas) - 1``.
+    """
     L = len(model.sigmas)
     return np.arange(L - 1, -1, -int(level_stride))[::-1].copy()
 
@@ -88,6 +127,45 @@ def annealed_langevin(
     whose summed ``exp(x + mu) - 1`` must match ``target - n_cells`` i.e. ``target`` = n_s (1 + y_s) (K, G); genes
     where ``spot_mask`` is 0 get no spot term. ``step`` defaults to the model's decomposition step. ``log``
     receives progress lines (noise levels done / total, time left) at most every 10 s and at the end.
+
+    Parameters
+    ----------
+    model : score model
+        The fitted prior (``type_means``, ``sigmas``, ``steps_per_level``, ``decomposition_step`` and the score
+        network).
+    type_idx : torch.Tensor
+        Cell type index of each row (M,).
+    seg : torch.Tensor or None
+        Segment (spot) index of each row (M,); needed with ``target``.
+    target : torch.Tensor or None
+        Per-segment target n_s (1 + y_s) (K, G); None samples the prior.
+    n_seg : int or None
+        Number of segments; ``target.shape[0]`` when None.
+    spot_mask : torch.Tensor or None
+        Per-gene weight of the spot term (G,); all ones when None.
+    levels : numpy.ndarray or None
+        Noise level indices to run; :func:`noise_levels` of the model when None.
+    step : float or None
+        Langevin step size at sigma_end; the model's ``decomposition_step`` when None.
+    sigma_power : float
+        The spot term is weighted by ``1 / sigma ** sigma_power``.
+    seed : int
+        Seed of the random generator (initial state and noise).
+    batch_cells : int
+        Rows per batch of score network evaluations.
+    clip_spot : float
+        Bound on the absolute spot residual (see :func:`spot_term`).
+    clip_cell : float
+        Bound on the absolute per-cell spot term (see :func:`spot_term`).
+    timings : dict or None
+        If given, network / other wall and CPU seconds and the step count are added to it.
+    log : callable or None
+        Receives progress lines.
+
+    Returns
+    -------
+    torch.Tensor
+        Sampled log1p expression ``x + mu`` (M, G), on the model's device.
     """
     dev = model.type_means.device
     type_idx = type_idx.to(dev)

@@ -38,6 +38,21 @@ class MixturePrior:
     ``profiles``: (K, G) mean normalised expression (not log) of each cluster, in the model's ``target_sum``
     scale; ``type_idx``: (K,) row of the cluster's type in ``cell_types``; ``log_weights``: (K,) log of the
     cluster's share of its type's reference cells.
+
+    Attributes
+    ----------
+    genes : list of str
+        The model's genes (the gene axis of ``profiles``).
+    cell_types : list of str
+        The model's cell types.
+    profiles : numpy.ndarray
+        (K, G) mean normalised expression (not log) of each cluster, in the model's ``target_sum`` scale.
+    type_idx : numpy.ndarray
+        (K,) row of each cluster's type in ``cell_types``.
+    log_weights : numpy.ndarray
+        (K,) log of each cluster's share of its type's reference cells.
+    info : dict
+        Summary of the fit.
     """
 
     genes: list[str]

@@ -36,6 +36,40 @@ def decompose_range(
 
     ``params.estimator == "mixture"`` (default) fits the mixture prior on ``reference`` (required then: raw
     counts with the model's cell-type column) with ``params.mixture_components`` clusters per type.
+
+    Parameters
+    ----------
+    slide : anndata.AnnData
+        The sample's spots x genes (raw counts).
+    cells : pandas.DataFrame
+        The sample's typed cells with their spots (see :func:`prepare_spots`).
+    model : ScoreModel
+        The fitted score model.
+    platform_effect : pandas.Series or None
+        Per-gene platform effect (slide / reference scale); none when None.
+    spot_range : tuple of int or None
+        ``(start, stop)`` spot positions in slide order; all spots when None.
+    params : DecompositionParams or None
+        Decomposition settings; the defaults when None.
+    platform : str or Platform
+        The slide's platform (decides how untyped cells and missing genes are handled).
+    device : str or torch.device or None
+        Device to run on (see :func:`decompose`).
+    log : callable or None
+        Receives progress lines.
+    reference : anndata.AnnData or None
+        The reference cells (raw counts) to fit the mixture prior on; required with the mixture estimator.
+
+    Returns
+    -------
+    DecompositionResult
+        The range's decomposed cells; its ``info`` is also stored in ``adata.uns['decomposition']``.
+
+    Raises
+    ------
+    ValueError
+        If the mixture estimator is asked for without ``reference``, or the inputs are invalid (see
+        :func:`prepare_spots` and :func:`decompose`).
     """
     params = params or DecompositionParams()
     platform = Platform(platform)

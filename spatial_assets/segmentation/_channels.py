@@ -28,6 +28,16 @@ def hematoxylin(rgb: np.ndarray) -> np.ndarray:
     """Hematoxylin channel of an RGB block, float32; equals ``skimage.color.rgb2hed(rgb)[..., 0]``.
 
     Computes only the H column of the deconvolution (a third of rgb2hed's float64 memory).
+
+    Parameters
+    ----------
+    rgb : numpy.ndarray
+        RGB(A) pixels (..., 3|4), integer (scaled by the dtype's maximum) or float in [0, 1].
+
+    Returns
+    -------
+    numpy.ndarray
+        Hematoxylin optical density of each pixel, float32, clipped at 0.
     """
     rgb = np.asarray(rgb)
     if np.issubdtype(rgb.dtype, np.integer):
@@ -51,6 +61,13 @@ class ChannelView:
 
     ``mode``: 'hematoxylin', 'gray' (2-D float32) or 'rgb' (the raw (H, W, 3) pixels). Supports the basic
     slicing StarDist's block reader and strided sub-sampling use.
+
+    Parameters
+    ----------
+    rgb : array-like
+        The RGB(A) image (H, W, 3|4): numpy array, ``zarr.Array``, memmap, ...
+    mode : str
+        'hematoxylin', 'gray' or 'rgb'.
     """
 
     def __init__(self, rgb, mode: str):
@@ -79,7 +96,26 @@ class ChannelView:
 
 
 def as_rgb_image(image, name: str = "image"):
-    """Validate an H&E image (path, numpy array or array-like (H, W, 3|4)); returns an array-like, never a copy."""
+    """Validate an H&E image (path, numpy array or array-like (H, W, 3|4)); returns an array-like, never a copy.
+
+    Parameters
+    ----------
+    image : str or os.PathLike or array-like
+        An image file (read lazily) or an RGB(A) array-like of shape (H, W, 3|4).
+    name : str
+        Name of the input in error messages.
+
+    Returns
+    -------
+    array-like
+        The image itself, or the lazily read file.
+
+    Raises
+    ------
+    InputError
+        If the image is not an RGB array-like of at least 16 x 16 px with integer or float values, or the file
+        cannot be read as RGB.
+    """
     if isinstance(image, (str, os.PathLike)):
         return read_image(image, lazy=True, require_rgb=True)
     shape = getattr(image, "shape", None)

@@ -11,7 +11,27 @@ from ..io._readers import InputError
 # accuracy
 # ---------------------------------------------------------------------------------------------------------------
 def match_f1(pred_labels: np.ndarray, true_labels: np.ndarray, iou: float = 0.5) -> dict:
-    """Instance matching at an IoU threshold (stardist.matching): f1, precision, recall, tp, fp, fn, counts."""
+    """Instance matching at an IoU threshold (stardist.matching): f1, precision, recall, tp, fp, fn, counts.
+
+    Parameters
+    ----------
+    pred_labels : numpy.ndarray
+        Predicted label image (0 = background).
+    true_labels : numpy.ndarray
+        Ground-truth label image of the same shape.
+    iou : float
+        Matching threshold.
+
+    Returns
+    -------
+    dict
+        ``f1``, ``precision``, ``recall``, ``tp``, ``fp``, ``fn``, ``n_true``, ``n_pred`` and ``iou``.
+
+    Raises
+    ------
+    InputError
+        If the two label images differ in shape.
+    """
     from stardist.matching import matching
 
     pred_labels, true_labels = np.asarray(pred_labels), np.asarray(true_labels)

@@ -22,7 +22,13 @@ BUNDLED_HE_MODEL = BUNDLED_PREFIX + "stardist_he"
 
 
 def bundled_models() -> dict[str, Path]:
-    """The StarDist model folders shipped in the package, by name (found with importlib.resources)."""
+    """The StarDist model folders shipped in the package, by name (found with importlib.resources).
+
+    Returns
+    -------
+    dict
+        ``{folder name: folder path}`` of the bundled folders holding a ``config.json`` (empty if none).
+    """
     root = Path(str(files("spatial_assets.segmentation").joinpath("models")))
     return {p.name: p for p in sorted(root.iterdir()) if (p / "config.json").exists()} if root.is_dir() else {}
 
@@ -68,7 +74,24 @@ def _resolve_folder(spec: str) -> Path | None:
 
 
 def validate_model_folder(folder: str | os.PathLike) -> dict:
-    """Check a StarDist model folder (config.json of a StarDist2D model + ``*.h5`` weights); return its config."""
+    """Check a StarDist model folder (config.json of a StarDist2D model + ``*.h5`` weights); return its config.
+
+    Parameters
+    ----------
+    folder : str or os.PathLike
+        The model folder.
+
+    Returns
+    -------
+    dict
+        The parsed ``config.json``.
+
+    Raises
+    ------
+    ModelUnavailableError
+        If the folder does not exist, lacks a valid StarDist2D ``config.json`` or has no ``*.h5`` / ``*.hdf5``
+        weights.
+    """
     import json
 
     folder = Path(folder)
@@ -104,6 +127,24 @@ def load_stardist_model(spec: str) -> tuple[Any, dict]:
     """Load a StarDist2D model from a registry name or a local folder; returns (model, info). Cached per spec.
 
     Raises :class:`ModelUnavailableError` saying why and how to configure another model; never falls back.
+
+    Parameters
+    ----------
+    spec : str
+        A StarDist registry name or alias (e.g. ``2D_versatile_he``), a bundled model (``bundled:<name>``) or a
+        local model folder (relative to the working directory).
+
+    Returns
+    -------
+    tuple
+        ``(model, info)``: the StarDist2D model and a dict with ``model``, ``model_source``, ``model_path``,
+        ``n_channel_in``, ``n_rays``, ``grid`` and ``stardist_version``.
+
+    Raises
+    ------
+    ModelUnavailableError
+        If ``spec`` is neither a registry name nor an existing folder, the folder is invalid or cannot be loaded,
+        or the registry model cannot be obtained.
     """
     folder = _resolve_folder(spec)
     keys, alias_of = _registry_names()

@@ -23,7 +23,17 @@ BIG_PIXELS = 25_000_000
 
 @dataclass
 class SegmentationResult:
-    """Label image (0 = background; numpy int32 or the given zarr array), nuclei table, and what ran."""
+    """Label image (0 = background; numpy int32 or the given zarr array), nuclei table, and what ran.
+
+    Attributes
+    ----------
+    labels : numpy.ndarray or zarr.Array
+        (H, W) label image at full resolution, 0 = background.
+    nuclei : pandas.DataFrame
+        One row per nucleus: label, x, y (centroid) and area (full-resolution pixels).
+    info : dict
+        What ran: method, model, channel, thresholds, number of nuclei, seconds, ...
+    """
 
     labels: Any
     nuclei: pd.DataFrame  # columns label, x, y, area (full-resolution pixels)
@@ -37,6 +47,20 @@ def nuclei_table(labels, n_labels: int | None = None, block_rows: int | None = N
     """label, x, y (centroid, full-res px; pixel centres at integer coordinates) and area (px) of every label > 0.
 
     Reads ``labels`` (numpy or zarr) in row bands and accumulates ``np.bincount`` sums: linear memory.
+
+    Parameters
+    ----------
+    labels : numpy.ndarray or zarr.Array
+        (H, W) integer label image, 0 = background.
+    n_labels : int or None
+        Largest label; read from the image when None.
+    block_rows : int or None
+        Rows per band read; about 2 million pixels per band when None.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns label, x, y, area, one row per label present, in label order.
     """
     H, W = int(labels.shape[0]), int(labels.shape[1])
     block_rows = block_rows or max(16, 2_000_000 // max(W, 1))  # ~2 M pixels per band
@@ -88,6 +112,38 @@ def segment_nuclei(
     ``big_pixels`` are predicted in blocks of ``block_size`` model pixels overlapping by ``min_overlap``
     (larger than any nucleus). ``watershed_sigma`` (Gaussian smoothing, px) and ``watershed_min_area`` (px,
     smaller objects removed) apply to the watershed method only.
+
+    Parameters
+    ----------
+    image : str or os.PathLike or array-like
+        The H&E image: a file or an RGB(A) array-like (H, W, 3|4).
+    params : SegmentationParams or None
+        Method, model, channel, thresholds, scale, ...; the defaults when None.
+    labels_out : array-like or None
+        Pre-allocated (H, W) integer array to write the labels into.
+    big_pixels : int
+        Images with more pixels (or any image with ``labels_out``) are predicted block-wise by StarDist.
+    block_size : int
+        Block size (model pixels) of block-wise prediction.
+    min_overlap : int
+        Overlap of the blocks (px), larger than any nucleus.
+    watershed_sigma : float
+        Gaussian smoothing (px) before the watershed.
+    watershed_min_area : int
+        Watershed objects smaller than this (px) are removed.
+
+    Returns
+    -------
+    SegmentationResult
+        The label image, the nuclei table and what ran.
+
+    Raises
+    ------
+    InputError
+        If the image or ``labels_out`` is invalid, the channel does not suit the method or model, or the
+        channel is constant.
+    ModelUnavailableError
+        If the StarDist model cannot be obtained and ``params.fallback`` is not ``'watershed'``.
     """
     params = params or SegmentationParams()
     img = as_rgb_image(image)

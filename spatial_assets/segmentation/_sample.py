@@ -18,7 +18,21 @@ from ._spots import segment_slide
 @dataclass
 class SampleCells:
     """Cells of a sample (``cells``: id, x, y, area, spot, ...), spots with their cell counts and QC (``spots``),
-    the label image (None on image-free platforms), and what ran (``info``, ``summary``)."""
+    the label image (None on image-free platforms), and what ran (``info``, ``summary``).
+
+    Attributes
+    ----------
+    cells : pandas.DataFrame
+        The sample's cells: id, x, y, area, spot, ...
+    spots : pandas.DataFrame
+        The spots with their cell counts and QC.
+    labels : numpy.ndarray or zarr.Array or None
+        The nuclei label image; None on image-free platforms.
+    summary : dict
+        Counts of the assignment to spots.
+    info : dict
+        What ran (segmentation method, model, ...).
+    """
 
     cells: pd.DataFrame
     spots: pd.DataFrame
@@ -41,10 +55,30 @@ def segment_sample(
     Visium-like platforms segment the nuclei of ``image`` (:func:`segment_slide`); on image-free platforms
     (Slide-seq beads, imaged cells) every spot is one cell (:func:`spatial_assets.platforms.cells_from_spots`).
 
+    Parameters
+    ----------
+    slide : anndata.AnnData
+        The sample's spots x genes.
+    image : str or os.PathLike or array-like or None
+        The H&E image; required on platforms that are not image-free.
+    platform : str or Platform
+        The sample's platform.
+    params : SegmentationParams or None
+        Segmentation parameters; the defaults when None.
+    sample : str
+        The sample's name in error messages.
+    labels_out : array-like or None
+        Pre-allocated (H, W) integer array (e.g. zarr) for the labels.
+
+    Returns
+    -------
+    SampleCells
+        The sample's cells, spots, label image and what ran.
+
     Raises
     ------
     InputError
-        A platform that needs an image has none.
+        A platform that needs an image has none, or the inputs are invalid (see :func:`segment_slide`).
     """
     platform = Platform(platform)
     if platform.image_free:

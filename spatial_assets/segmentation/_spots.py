@@ -76,14 +76,51 @@ def cap_report(n_raw: np.ndarray, qc_pass: np.ndarray, names: np.ndarray, cap: i
 # spots
 # ---------------------------------------------------------------------------------------------------------------
 def spot_diameter_px(slide: ad.AnnData, library_id: str | None = None, source: str = "slide") -> float:
-    """``uns['spatial'][library_id]['scalefactors']['spot_diameter_fullres']`` with errors naming the field."""
+    """``uns['spatial'][library_id]['scalefactors']['spot_diameter_fullres']`` with errors naming the field.
+
+    Parameters
+    ----------
+    slide : anndata.AnnData
+        The slide with Visium-style ``uns['spatial']`` scalefactors.
+    library_id : str or None
+        Key of ``uns['spatial']``; the only one when None.
+    source : str
+        Name of the slide in error messages.
+
+    Returns
+    -------
+    float
+        The spot diameter in full-resolution pixels.
+
+    Raises
+    ------
+    InputError
+        If ``uns['spatial']``, the library or the scalefactor is missing.
+    """
     return scalefactors(slide, source, library_id)["spot_diameter_fullres"]
 
 
 def check_image_covers_spots(
     image_shape, slide: ad.AnnData, source: str = "slide", image_source: str = "image"
 ) -> None:
-    """Every spot circle must lie inside the image; the error gives both extents."""
+    """Every spot circle must lie inside the image; the error gives both extents.
+
+    Parameters
+    ----------
+    image_shape : tuple of int
+        The image's shape; its first two entries (H, W) are used.
+    slide : anndata.AnnData
+        The spots (``obsm['spatial']`` in full-resolution pixels, Visium scalefactors).
+    source : str
+        Name of the slide in error messages.
+    image_source : str
+        Name of the image in error messages.
+
+    Raises
+    ------
+    InputError
+        If the slide's coordinates or scalefactors are invalid, or some spot circle lies outside the image.
+    """
     validate_spatial(slide, source)
     spot_diameter_px(slide, source=source)
     _check_cover(tuple(image_shape[:2]), slide, source=source, image_source=image_source)
@@ -105,6 +142,30 @@ def assign_cells_to_spots(
 
     Warns :class:`CellCapWarning` (and logs) when more than ``params.max_capped_fraction`` of the QC-passing
     spots exceed ``params.max_cells_per_spot``; the summary then holds the message in ``cap_warning``.
+
+    Parameters
+    ----------
+    nuclei : pandas.DataFrame
+        The nuclei table (columns x, y in full-resolution pixels; optionally label, area and other columns).
+    slide : anndata.AnnData
+        The spots (``obsm['spatial']`` in full-resolution pixels, Visium scalefactors) with their counts.
+    params : SegmentationParams or None
+        Cap (``max_cells_per_spot``), UMI QC bounds and ``max_capped_fraction``; the defaults when None.
+    library_id : str or None
+        Key of ``uns['spatial']``; the only one when None.
+    source : str
+        Name of the slide in error messages.
+
+    Returns
+    -------
+    tuple
+        ``(cells, spots, summary)``: the kept cells, the spots with their cell counts and QC, and a dict of
+        counts (including :func:`cap_report`'s entries).
+
+    Raises
+    ------
+    InputError
+        If ``nuclei`` lacks x or y, or the slide's coordinates or scalefactors are invalid.
     """
     params = params or SegmentationParams()
     missing = [c for c in ("x", "y") if c not in nuclei.columns]

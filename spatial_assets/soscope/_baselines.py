@@ -8,12 +8,43 @@ from . import _geometry as _geo
 
 
 def baseline_split(x: np.ndarray, k: int) -> np.ndarray:
-    """Every sub-spot = its spot / K; (N K, G), spot-major."""
+    """Every sub-spot = its spot / K; (N K, G), spot-major.
+
+    Parameters
+    ----------
+    x : numpy.ndarray
+        Spot values (N, G).
+    k : int
+        Sub-spots per spot (K).
+
+    Returns
+    -------
+    numpy.ndarray
+        Sub-spot values (N K, G), float64, spot-major.
+    """
     return np.repeat(np.asarray(x, dtype=np.float64) / k, k, axis=0)
 
 
 def baseline_idw(x: np.ndarray, geom: _geo.SubspotGeometry, n_neighbors: int = 7, power: float = 2.0) -> np.ndarray:
-    """Inverse-distance weighting of spot values at each sub-spot position, rescaled to sum to the spot."""
+    """Inverse-distance weighting of spot values at each sub-spot position, rescaled to sum to the spot.
+
+    Parameters
+    ----------
+    x : numpy.ndarray
+        Spot values (N, G), in the order of ``geom``'s spots.
+    geom : SubspotGeometry
+        The spots and their sub-spot positions.
+    n_neighbors : int
+        Nearest spots weighted at each sub-spot (at most the number of spots).
+    power : float
+        Exponent of the inverse distance.
+
+    Returns
+    -------
+    numpy.ndarray
+        Sub-spot values (N K, G), spot-major; each spot's sub-spots sum to the spot (split evenly where the
+        estimate is 0).
+    """
     from scipy.spatial import cKDTree
 
     x = np.asarray(x, dtype=np.float64)

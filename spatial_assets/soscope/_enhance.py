@@ -31,7 +31,15 @@ KIND_CODE = {"nb": 0, "poisson": 1, "gaussian": 2}
 
 @dataclass
 class EnhancementResult:
-    """Sub-spot AnnData (X enhanced profiles; obs spot, subspot, x, y; obsm['spatial']) and the run's info."""
+    """Sub-spot AnnData (X enhanced profiles; obs spot, subspot, x, y; obsm['spatial']) and the run's info.
+
+    Attributes
+    ----------
+    adata : anndata.AnnData
+        Sub-spots x features: X the enhanced profiles; obs spot, subspot, x, y; obsm['spatial'].
+    info : dict
+        The run's summary (settings, features, losses, timings, ...).
+    """
 
     adata: ad.AnnData
     info: dict = field(default_factory=dict)
@@ -42,7 +50,26 @@ def _dense(x) -> np.ndarray:
 
 
 def feature_kinds(slide: ad.AnnData, params: SoScopeParams) -> np.ndarray:
-    """Per-feature likelihood code (0 NB, 1 Poisson, 2 Gaussian); 'joint' reads var[params.modality_key]."""
+    """Per-feature likelihood code (0 NB, 1 Poisson, 2 Gaussian); 'joint' reads var[params.modality_key].
+
+    Parameters
+    ----------
+    slide : anndata.AnnData
+        The spots x features.
+    params : SoScopeParams
+        ``likelihood`` ('nb', 'poisson', 'gaussian' or 'joint'), and for 'joint' ``modality_key`` and
+        ``protein_likelihood`` (RNA features get NB).
+
+    Returns
+    -------
+    numpy.ndarray
+        (G,) int64 likelihood code of each feature.
+
+    Raises
+    ------
+    ValueError
+        With 'joint', if ``slide.var`` lacks ``params.modality_key`` or holds an unknown modality.
+    """
     g = slide.n_vars
     if params.likelihood != "joint":
         return np.full(g, KIND_CODE[params.likelihood], np.int64)
@@ -64,7 +91,24 @@ def feature_kinds(slide: ad.AnnData, params: SoScopeParams) -> np.ndarray:
 
 
 def check_values(x: np.ndarray, kinds: np.ndarray, likelihood: str, name: str = "slide.X") -> None:
-    """Raise if ``x`` has NaN/inf, or count likelihoods meet negative or non-integer values."""
+    """Raise if ``x`` has NaN/inf, or count likelihoods meet negative or non-integer values.
+
+    Parameters
+    ----------
+    x : numpy.ndarray
+        (N, G) spot values.
+    kinds : numpy.ndarray
+        (G,) likelihood code of each feature (see :func:`feature_kinds`); codes other than 2 are counts.
+    likelihood : str
+        The configured likelihood, for the error message.
+    name : str
+        Name of ``x`` in error messages.
+
+    Raises
+    ------
+    ValueError
+        If ``x`` has NaN / inf values, or count features have negative or non-integer values.
+    """
     bad = ~np.isfinite(x)
     if bad.any():
         raise ValueError(
@@ -89,7 +133,20 @@ def check_values(x: np.ndarray, kinds: np.ndarray, likelihood: str, name: str = 
 
 
 def select_genes(x: np.ndarray, n_genes: int | None) -> np.ndarray:
-    """Indices of the ``n_genes`` most variable features (variance of log1p of library-normalised values)."""
+    """Indices of the ``n_genes`` most variable features (variance of log1p of library-normalised values).
+
+    Parameters
+    ----------
+    x : numpy.ndarray
+        (N, G) spot values.
+    n_genes : int or None
+        Features to keep; all when None or at least G.
+
+    Returns
+    -------
+    numpy.ndarray
+        Sorted indices of the features kept.
+    """
     g = x.shape[1]
     if n_genes is None or n_genes >= g:
         return np.arange(g)
@@ -115,6 +172,22 @@ def conserve_spot_sums(m: np.ndarray, x: np.ndarray, k: int, counts) -> np.ndarr
     Count features: each sub-spot gets the observed spot value times its share of the model's spot sum (an even
     split where the model predicts zero for the whole spot). Continuous (Gaussian) features: the spot's residual is
     spread evenly. ``m``: (N*K, G) model means, spot-major; ``x``: (N, G) observed spots; ``counts``: (G,) bool.
+
+    Parameters
+    ----------
+    m : numpy.ndarray
+        (N K, G) model means, spot-major.
+    x : numpy.ndarray
+        (N, G) observed spots.
+    k : int
+        Sub-spots per spot (K).
+    counts : array-like of bool
+        (G,) True for count features, False for continuous ones.
+
+    Returns
+    -------
+    numpy.ndarray
+        (N K, G) float32 sub-spot values whose spot sums equal ``x``.
     """
     n, g = x.shape
     mm = m.reshape(n, k, g).astype(np.float64)

@@ -13,7 +13,20 @@ SQUIDPY_FEATURES = ("summary", "histogram", "texture")
 
 
 def positional_features(geom: SubspotGeometry, n_freq: int = 2) -> np.ndarray:
-    """Positional encoding of each sub-spot's offset from its spot centre (no image): (N K, 2 + 4 n_freq)."""
+    """Positional encoding of each sub-spot's offset from its spot centre (no image): (N K, 2 + 4 n_freq).
+
+    Parameters
+    ----------
+    geom : SubspotGeometry
+        The sub-spots.
+    n_freq : int
+        Number of sine / cosine frequencies.
+
+    Returns
+    -------
+    numpy.ndarray
+        (N K, 2 + 4 n_freq) float32 encoding, the same for every spot.
+    """
     rel = geom.offsets / max(float(np.abs(geom.offsets).max()), 1e-12)  # in [-1, 1]
     enc = [rel]
     for f in range(n_freq):
@@ -23,7 +36,25 @@ def positional_features(geom: SubspotGeometry, n_freq: int = 2) -> np.ndarray:
 
 
 def standardise(features: np.ndarray, name: str = "features") -> np.ndarray:
-    """Column z-scores (constant columns -> 0); raises on NaN / inf naming ``name``."""
+    """Column z-scores (constant columns -> 0); raises on NaN / inf naming ``name``.
+
+    Parameters
+    ----------
+    features : numpy.ndarray
+        (n, F) features.
+    name : str
+        Name of the features in error messages.
+
+    Returns
+    -------
+    numpy.ndarray
+        (n, F) float32 z-scores.
+
+    Raises
+    ------
+    ValueError
+        If ``features`` has NaN / inf values.
+    """
     f = np.asarray(features, dtype=np.float64)
     bad = ~np.isfinite(f)
     if bad.any():
@@ -53,6 +84,23 @@ def nuclei_features(nuclei: pd.DataFrame, geom: SubspotGeometry) -> np.ndarray:
 
     A nucleus belongs to the spot whose circle contains its centroid (square grids: whose square), then to the
     nearest sub-spot of that spot (as ``geometry.assign_to_subspots``).
+
+    Parameters
+    ----------
+    nuclei : pandas.DataFrame
+        One row per nucleus with columns x, y (full-resolution pixels) and area (px^2).
+    geom : SubspotGeometry
+        The sub-spots.
+
+    Returns
+    -------
+    numpy.ndarray
+        (N K, 2) float64: nuclei count and total nucleus area per sub-spot.
+
+    Raises
+    ------
+    ValueError
+        If ``nuclei`` lacks x, y or area, or has NaN / inf in them.
     """
     from ..io._readers import require_columns
 
@@ -83,6 +131,29 @@ def squidpy_features(
 
     Patch diameter: ``patch_scale`` x the sub-spot spacing. Returns (N K, F); NaN entries (e.g. texture
     correlation of a flat patch) are set to the column mean.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        The image (H, W) or (H, W, 3|4) in full-resolution pixels.
+    geom : SubspotGeometry
+        The sub-spots.
+    features : sequence of str
+        squidpy feature kinds to compute.
+    n_jobs : int
+        squidpy worker processes.
+    patch_scale : float
+        Patch diameter in sub-spot spacings.
+
+    Returns
+    -------
+    numpy.ndarray
+        (N K, F) float64 features.
+
+    Raises
+    ------
+    ValueError
+        If the image has a wrong shape or NaN / inf pixels.
     """
     import anndata as ad
     import squidpy as sq
@@ -110,7 +181,27 @@ def squidpy_features(
 
 
 def extract_patches(image: np.ndarray, centres: np.ndarray, size: int) -> np.ndarray:
-    """Square patches (n, size, size, C) centred on ``centres`` (x, y), zero-padded at the borders (vectorised)."""
+    """Square patches (n, size, size, C) centred on ``centres`` (x, y), zero-padded at the borders (vectorised).
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        The image (H, W) or (H, W, 3|4).
+    centres : numpy.ndarray
+        (n, 2) patch centres (x, y) in pixels.
+    size : int
+        Patch side in pixels.
+
+    Returns
+    -------
+    numpy.ndarray
+        (n, size, size, C) patches of the image's dtype (C = 1 or 3).
+
+    Raises
+    ------
+    ValueError
+        If the image has a wrong shape or NaN / inf pixels.
+    """
     img = _check_image(image)
     half = size // 2
     pad = np.pad(img, ((half + 1, half + 1), (half + 1, half + 1), (0, 0)))
@@ -123,7 +214,29 @@ def extract_patches(image: np.ndarray, centres: np.ndarray, size: int) -> np.nda
 
 
 def cnn_features(image: np.ndarray, geom: SubspotGeometry, weights_path: str, batch: int = 2048) -> np.ndarray:
-    """Embeddings of each sub-spot's patch by ``soscope_model.SmallCNN`` loaded from a torch state dict file."""
+    """Embeddings of each sub-spot's patch by ``soscope_model.SmallCNN`` loaded from a torch state dict file.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        The image (H, W) or (H, W, 3|4), 0-255 values, in full-resolution pixels.
+    geom : SubspotGeometry
+        The sub-spots.
+    weights_path : str
+        File of the SmallCNN state dict.
+    batch : int
+        Patches per forward pass.
+
+    Returns
+    -------
+    numpy.ndarray
+        (N K, D) float64 embeddings.
+
+    Raises
+    ------
+    ValueError
+        If the weights file is missing or not a SmallCNN state dict, or the image is malformed.
+    """
     import torch
 
     from ._model import SmallCNN

@@ -15,7 +15,31 @@ PLATFORMS = tuple(p.value for p in Platform)
 
 @dataclass
 class SubspotGeometry:
-    """Spots, their sub-spots (spot-major) and the spot graph, in full-resolution pixels."""
+    """Spots, their sub-spots (spot-major) and the spot graph, in full-resolution pixels.
+
+    Attributes
+    ----------
+    platform : str
+        The platform (a :class:`~spatial_assets.constants.Platform` value).
+    spot_names : numpy.ndarray
+        (N,) spot names (str).
+    spot_xy : numpy.ndarray
+        (N, 2) spot centres.
+    offsets : numpy.ndarray
+        (K, 2) sub-spot offsets from the spot centre.
+    positions : numpy.ndarray
+        (N K, 2) sub-spot centres, spot-major.
+    parent : numpy.ndarray
+        (N K,) spot index of each sub-spot.
+    k : numpy.ndarray
+        (N K,) sub-spot index 0..K-1 within its spot.
+    spot_diameter_px : float
+        Spot diameter.
+    spot_pitch_px : float
+        Lattice pitch (median nearest-spot distance).
+    spot_edges : numpy.ndarray
+        (E, 2) undirected spot graph edges, i < j.
+    """
 
     platform: str
     spot_names: np.ndarray  # (N,) str
@@ -60,7 +84,23 @@ def _spot_diameter_from_slide(slide) -> float | None:
 
 
 def spot_pitch(spot_xy: np.ndarray) -> float:
-    """Lattice pitch: median distance of each spot to its nearest other spot."""
+    """Lattice pitch: median distance of each spot to its nearest other spot.
+
+    Parameters
+    ----------
+    spot_xy : numpy.ndarray
+        (N, 2) spot centres.
+
+    Returns
+    -------
+    float
+        The pitch (same units as ``spot_xy``).
+
+    Raises
+    ------
+    ValueError
+        If there are fewer than 2 spots or the pitch is 0 (duplicated positions).
+    """
     if len(spot_xy) < 2:
         raise ValueError(f"slide.obsm['spatial']: need at least 2 spots to build a spot graph, found {len(spot_xy)}")
     d, _ = cKDTree(spot_xy).query(spot_xy, k=2)
@@ -71,7 +111,29 @@ def spot_pitch(spot_xy: np.ndarray) -> float:
 
 
 def spot_graph(spot_xy: np.ndarray, platform: str, n_neighbors: int = 6, pitch: float | None = None) -> np.ndarray:
-    """Undirected spot edges (E, 2): 6 lattice neighbours on Visium, 4 on square grids, else ``n_neighbors`` nearest."""
+    """Undirected spot edges (E, 2): 6 lattice neighbours on Visium, 4 on square grids, else ``n_neighbors`` nearest.
+
+    Parameters
+    ----------
+    spot_xy : numpy.ndarray
+        (N, 2) spot centres.
+    platform : str
+        The platform; decides the neighbourhood.
+    n_neighbors : int
+        Nearest neighbours on platforms other than Visium and square grids.
+    pitch : float or None
+        Lattice pitch (lattice neighbours lie within 1.2 pitches); :func:`spot_pitch` when None.
+
+    Returns
+    -------
+    numpy.ndarray
+        (E, 2) undirected edges between spot indices.
+
+    Raises
+    ------
+    ValueError
+        If ``pitch`` is None and :func:`spot_pitch` fails.
+    """
     pitch = spot_pitch(spot_xy) if pitch is None else pitch
     if platform == Platform.VISIUM:
         return geometry.grid_neighbors(spot_xy, 6, max_distance=1.2 * pitch)
@@ -81,7 +143,29 @@ def spot_graph(spot_xy: np.ndarray, platform: str, n_neighbors: int = 6, pitch: 
 
 
 def check_spot_graph(edges: np.ndarray, n_spots: int, platform: str, pitch: float) -> np.ndarray:
-    """Raise if the spot graph has no edges; return the indices of isolated spots (no neighbour)."""
+    """Raise if the spot graph has no edges; return the indices of isolated spots (no neighbour).
+
+    Parameters
+    ----------
+    edges : numpy.ndarray
+        (E, 2) spot graph edges.
+    n_spots : int
+        Number of spots.
+    platform : str
+        The platform, for the error message.
+    pitch : float
+        The nearest-spot distance, for the error message.
+
+    Returns
+    -------
+    numpy.ndarray
+        Indices of the spots without a neighbour.
+
+    Raises
+    ------
+    ValueError
+        If the graph has no edges.
+    """
     if len(edges) == 0:
         raise ValueError(
             f"spot graph: no edges between the {n_spots} spots (nearest-spot distance {pitch:.4g} px); "
@@ -92,7 +176,25 @@ def check_spot_graph(edges: np.ndarray, n_spots: int, platform: str, pitch: floa
 
 
 def expected_subspots(platform: str, grid_subdivision: int = 3) -> int:
-    """K of a platform: 7 for Visium, ``grid_subdivision`` ** 2 (4 or 9) otherwise."""
+    """K of a platform: 7 for Visium, ``grid_subdivision`` ** 2 (4 or 9) otherwise.
+
+    Parameters
+    ----------
+    platform : str
+        The platform.
+    grid_subdivision : int
+        Sub-spots per side on platforms other than Visium.
+
+    Returns
+    -------
+    int
+        Sub-spots per spot.
+
+    Raises
+    ------
+    ValueError
+        If ``platform`` is unknown.
+    """
     if platform not in PLATFORMS:
         raise ValueError(f"platform: expected one of {', '.join(PLATFORMS)}, found '{platform}'")
     return 7 if platform == Platform.VISIUM else int(grid_subdivision) ** 2
@@ -110,6 +212,32 @@ def build_subspots(
 
     ``spot_diameter_px`` defaults to ``uns['spatial'][lib]['scalefactors']['spot_diameter_fullres']``, else the
     lattice pitch. ``n_subspots`` (e.g. ``SoScopeParams.n_subspots``), when given, must match the platform.
+
+    Parameters
+    ----------
+    slide : anndata.AnnData
+        The spots (``obsm['spatial']`` centres in full-resolution pixels).
+    platform : str
+        The platform.
+    grid_subdivision : int
+        Sub-spots per side (2 or 3) on platforms other than Visium.
+    spot_diameter_px : float or None
+        Spot diameter; from the slide's scalefactors, else the lattice pitch, when None.
+    n_subspots : int or None
+        Expected sub-spots per spot (7 on Visium, 4 or 9 otherwise); overrides ``grid_subdivision`` off Visium.
+    n_neighbors : int
+        Neighbours in the spot graph off Visium and square grids (see :func:`spot_graph`).
+
+    Returns
+    -------
+    SubspotGeometry
+        The spots, their sub-spots and the spot graph.
+
+    Raises
+    ------
+    ValueError
+        If the platform, ``grid_subdivision``, ``n_subspots``, the spot positions or the spot diameter are
+        invalid.
     """
     if platform not in PLATFORMS:
         raise ValueError(f"platform: expected one of {', '.join(PLATFORMS)}, found '{platform}'")
@@ -163,6 +291,23 @@ def kernel_weights(d: np.ndarray, scale: float = 10.0) -> np.ndarray:
     """soScope's edge kernel: w = exp(-(d - d_min) / delta), delta = (d_median - d_min) / ln(scale).
 
     The closest pair gets weight 1 and the median distance 1 / ``scale``; equal distances all get 1.
+
+    Parameters
+    ----------
+    d : numpy.ndarray
+        Distances along the edges.
+    scale : float
+        Ratio of the largest weight to the weight at the median distance; must exceed 1.
+
+    Returns
+    -------
+    numpy.ndarray
+        Weight of each edge, in (0, 1].
+
+    Raises
+    ------
+    ValueError
+        If ``d`` is not empty and ``scale <= 1``.
     """
     d = np.asarray(d, dtype=float)
     if len(d) == 0:
@@ -177,7 +322,20 @@ def kernel_weights(d: np.ndarray, scale: float = 10.0) -> np.ndarray:
 
 
 def edge_distances(features: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """Euclidean feature distance along each edge (vectorised over edges)."""
+    """Euclidean feature distance along each edge (vectorised over edges).
+
+    Parameters
+    ----------
+    features : numpy.ndarray
+        (n, F) features of the nodes.
+    edges : numpy.ndarray
+        (E, 2) node index pairs.
+
+    Returns
+    -------
+    numpy.ndarray
+        (E,) distances, float64.
+    """
     f = np.asarray(features, dtype=np.float64)
     return np.sqrt(((f[edges[:, 0]] - f[edges[:, 1]]) ** 2).sum(1))
 
@@ -187,6 +345,18 @@ def subspot_graph(geom: SubspotGeometry, radius: float | None = None) -> np.ndar
 
     Default radius: 1.05 x the larger of the sub-spot spacing and the gap between facing sub-spots of adjacent
     spots, so W links neighbouring sub-spots within a spot and across adjacent spots. Linear memory.
+
+    Parameters
+    ----------
+    geom : SubspotGeometry
+        The sub-spots.
+    radius : float or None
+        Linking radius (full-resolution pixels); the default above when None.
+
+    Returns
+    -------
+    numpy.ndarray
+        (E, 2) int64 edges, i < j, sorted.
     """
     if radius is None:
         spacing = geom.subspot_diameter_px

@@ -84,7 +84,21 @@ class Decoder(nn.Module):
 
 
 class SoScopeNet(nn.Module):
-    """Encoder + decoder + per-feature likelihood parameters (NB dispersion, Gaussian noise scale)."""
+    """Encoder + decoder + per-feature likelihood parameters (NB dispersion, Gaussian noise scale).
+
+    Parameters
+    ----------
+    n_genes : int
+        Features per spot (G): the encoder's input and the decoder's output width.
+    n_feat : int
+        Image features per sub-spot (F).
+    hidden : int
+        Hidden width of the encoder and decoder.
+    z_dim : int
+        Latent dimension per spot.
+    heads : int
+        Attention heads of the encoder's TransformerConv layers.
+    """
 
     def __init__(self, n_genes: int, n_feat: int, hidden: int, z_dim: int, heads: int):
         super().__init__()
