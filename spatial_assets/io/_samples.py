@@ -110,7 +110,17 @@ def _rescale_to_image(slide: ad.AnnData, source: str, image_scale: float | str) 
 
 @dataclass
 class SlideInputs:
-    """A sample's spots (AnnData, ``obsm['spatial']`` in full-resolution image pixels) and its image, if any."""
+    """A sample's spots (AnnData, ``obsm['spatial']`` in full-resolution image pixels) and its image, if any.
+
+    Attributes
+    ----------
+    slide : anndata.AnnData
+        The validated spots x genes, zero-count spots removed, with ``uns['sample']``.
+    image : array-like or None
+        The (H, W, 3) H&E (a lazy ``zarr.Array`` for TIFFs), or ``None`` without an image.
+    info : dict
+        What was read (spots, genes, platform, median UMI, skipped zero-count spots, image size, rescaling).
+    """
 
     slide: ad.AnnData
     image: Any | None = None  # (H, W, 3) array-like, read lazily for TIFFs
