@@ -35,6 +35,7 @@ COVERED_MODULES = (
     "spatial_assets.geometry",
     "spatial_assets.metrics",
     "spatial_assets.params",
+    "spatial_assets.io",
 )
 
 #: Qualified names left out on purpose, with the reason.
