@@ -59,13 +59,13 @@ def check_gene_ids(
 
     Parameters
     ----------
-    slide
+    slide : anndata.AnnData
         The slide (``var_names`` and ``var`` columns such as ``gene_ids`` are inspected).
-    reference_genes
+    reference_genes : sequence of str or pandas.Index
         The reference's ``var_names``.
-    slide_source, reference_source
+    slide_source, reference_source : str
         Names (files) used in the message.
-    min_shared
+    min_shared : int
         Fewest shared genes accepted (as cell typing's ``min_shared_genes``).
 
     Returns

@@ -46,11 +46,11 @@ def spatialdata_to_anndata(sdata, table: str = "table", *, source: str = "Spatia
 
     Parameters
     ----------
-    sdata
+    sdata : spatialdata.SpatialData
         :class:`spatialdata.SpatialData`.
-    table
+    table : str
         Name of the table to read (``sdata.tables[table]``).
-    source
+    source : str
         What to name in errors (e.g. the zarr path).
 
     Returns
@@ -163,9 +163,9 @@ def read_visium(folder: str | os.PathLike, dataset_id: str | None = None, **kwar
 
     Parameters
     ----------
-    folder
+    folder : str or os.PathLike
         The ``outs/`` folder (``filtered_feature_bc_matrix.h5``, ``spatial/``).
-    dataset_id
+    dataset_id : str, optional
         Library id (default: the folder's name).
     **kwargs
         Passed to :func:`spatialdata_io.visium`.

@@ -37,9 +37,9 @@ def check_name(v: object, what: str = "name") -> str:
 
     Parameters
     ----------
-    v
+    v : object
         The name (a sample, reference, slices group or landing sub-folder).
-    what
+    what : str
         What the name is, for the message (e.g. ``"sample name"``).
 
     Returns
@@ -49,8 +49,8 @@ def check_name(v: object, what: str = "name") -> str:
 
     Raises
     ------
-    ValueError
-        (an :class:`InputError`) ``v`` is empty, ``.`` / ``..``, starts with ``.``, holds a path separator, a
+    UnsafeNameError
+        (an :class:`InputError`, so a ``ValueError``) ``v`` is not a string, is longer than 200 characters, is empty, ``.`` / ``..``, starts with ``.``, holds a path separator, a
         drive colon, a wildcard, quotes, ``<`` / ``>``, whitespace or a non-printable character, or is absolute.
     """
     if (
@@ -75,9 +75,9 @@ def read_h5ad_file(path: str | os.PathLike, what: str = "AnnData") -> ad.AnnData
 
     Parameters
     ----------
-    path
+    path : str or os.PathLike
         The file.
-    what
+    what : str
         What the file holds, for the message (e.g. ``"reference"``).
 
     Returns
@@ -251,11 +251,11 @@ def check_shared_genes(
 
     Parameters
     ----------
-    slide_genes, reference_genes
+    slide_genes, reference_genes : sequence of str
         The two ``var_names``.
-    slide_source, reference_source
+    slide_source, reference_source : str
         The files, for the message.
-    min_shared
+    min_shared : int
         Fewest shared genes accepted (``parameters.cell_typing.min_shared_genes``).
 
     Returns
