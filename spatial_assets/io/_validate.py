@@ -50,8 +50,9 @@ def check_name(v: object, what: str = "name") -> str:
     Raises
     ------
     UnsafeNameError
-        (an :class:`InputError`, so a ``ValueError``) ``v`` is not a string, is longer than 200 characters, is empty, ``.`` / ``..``, starts with ``.``, holds a path separator, a
-        drive colon, a wildcard, quotes, ``<`` / ``>``, whitespace or a non-printable character, or is absolute.
+        (an :class:`InputError`, so a ``ValueError``) ``v`` is not a string, is longer than 200 characters, is
+        empty, ``.`` / ``..``, starts with ``.``, holds a path separator, a drive colon, a wildcard, quotes,
+        ``<`` / ``>``, whitespace or a non-printable character, or is absolute.
     """
     if (
         not isinstance(v, str)
