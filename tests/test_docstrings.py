@@ -38,6 +38,7 @@ COVERED_MODULES = (
     "spatial_assets.decomposition",
     "spatial_assets.segmentation",
     "spatial_assets.soscope",
+    "spatial_assets.io",
 )
 
 #: Qualified names left out on purpose, with the reason.

@@ -16,8 +16,20 @@ _ENSEMBL = re.compile(r"^ENS[A-Z]{0,6}G\d{6,}(\.\d+)?$")
 
 
 def id_kind(genes: Sequence[str]) -> str:
-    """``'ensembl'``, ``'symbol (mouse-like case)'`` (``Gfap``), ``'symbol (human-like case)'`` (``GFAP``) or
-    ``'symbol'``, by majority over ``genes``."""
+    """The kind of gene identifiers in ``genes``, by majority.
+
+    Parameters
+    ----------
+    genes : sequence of str
+        Gene identifiers (e.g. ``var_names``).
+
+    Returns
+    -------
+    str
+        ``'ensembl'`` (more than half match an Ensembl gene ID), ``'symbol (human-like case)'`` (``GFAP``: over
+        80% of the names with letters are upper-case), ``'symbol (mouse-like case)'`` (``Gfap``: over 60% are
+        title-case), ``'symbol'`` otherwise, or ``'empty'`` when ``genes`` is empty.
+    """
     g = pd.Index(np.asarray(genes, dtype=str))
     if len(g) == 0:
         return "empty"
@@ -47,13 +59,13 @@ def check_gene_ids(
 
     Parameters
     ----------
-    slide
+    slide : anndata.AnnData
         The slide (``var_names`` and ``var`` columns such as ``gene_ids`` are inspected).
-    reference_genes
+    reference_genes : sequence of str or pandas.Index
         The reference's ``var_names``.
-    slide_source, reference_source
+    slide_source, reference_source : str
         Names (files) used in the message.
-    min_shared
+    min_shared : int
         Fewest shared genes accepted (as cell typing's ``min_shared_genes``).
 
     Returns
@@ -96,7 +108,18 @@ def check_gene_ids(
 
 
 def reference_gene_names(path) -> pd.Index:
-    """The ``var_names`` of a reference ``.h5ad`` without reading its counts."""
+    """The ``var_names`` of a reference ``.h5ad`` without reading its counts.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The ``.h5ad`` file.
+
+    Returns
+    -------
+    pandas.Index
+        The gene names, as strings.
+    """
     import h5py
 
     with h5py.File(path, "r") as f:

@@ -26,8 +26,30 @@ class InputError(ValueError):
 # spatial data
 # ---------------------------------------------------------------------------------------------------------------
 def read_spatial(path: str | os.PathLike, *, require_spatial: bool = True, table: str = "table") -> ad.AnnData:
-    """Read a slide (spots x genes) from .h5ad, an AnnData .zarr store, a SpatialData zarr (its table ``table``)
-    or a Space Ranger output folder."""
+    """Read a slide (spots x genes) from .h5ad, AnnData .zarr, SpatialData zarr or a Space Ranger folder.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        An ``.h5ad`` / ``.h5`` file, an AnnData ``.zarr`` store, a SpatialData zarr (a folder with ``tables/``) or a
+        Space Ranger output folder (with ``spatial/``).
+    require_spatial : bool
+        Also check ``obsm['spatial']`` (:func:`validate_spatial`).
+    table : str
+        The table to read when ``path`` is a SpatialData zarr.
+
+    Returns
+    -------
+    anndata.AnnData
+        The slide.
+
+    Raises
+    ------
+    InputError
+        The path is missing, of the wrong kind (a folder named ``.h5ad``, a file named ``.zarr``) or of an
+        unsupported format, cannot be read, has duplicated gene or spot names, or (``require_spatial``) invalid
+        ``obsm['spatial']``; the message names the path.
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: spatial data not found")
@@ -95,6 +117,25 @@ def _read_spaceranger(folder: Path) -> ad.AnnData:
 
 
 def library_id(adata: ad.AnnData, source: str = "slide") -> str:
+    """The first library id of ``uns['spatial']``.
+
+    Parameters
+    ----------
+    adata : anndata.AnnData
+        The slide.
+    source : str
+        The file, for the message.
+
+    Returns
+    -------
+    str
+        The first key of ``uns['spatial']``.
+
+    Raises
+    ------
+    InputError
+        ``uns['spatial']`` is missing, not a dict or empty.
+    """
     sp_uns = adata.uns.get("spatial")
     if not isinstance(sp_uns, dict) or not sp_uns:
         raise InputError(
@@ -105,7 +146,28 @@ def library_id(adata: ad.AnnData, source: str = "slide") -> str:
 
 
 def scalefactors(adata: ad.AnnData, source: str = "slide", library: str | None = None) -> dict[str, Any]:
-    """The Visium scale factors of ``library`` (default: the first); ``spot_diameter_fullres`` must be positive."""
+    """The Visium scale factors of ``library`` (default: the first); ``spot_diameter_fullres`` must be positive.
+
+    Parameters
+    ----------
+    adata : anndata.AnnData
+        The slide.
+    source : str
+        The file, for the message.
+    library : str, optional
+        The library id in ``uns['spatial']`` (default: the first, :func:`library_id`).
+
+    Returns
+    -------
+    dict
+        ``uns['spatial'][library]['scalefactors']``, scalar values as floats.
+
+    Raises
+    ------
+    InputError
+        ``uns['spatial']`` or the library is missing, the scale factors lack ``spot_diameter_fullres``, or it is
+        not a positive finite number.
+    """
     lib = library or library_id(adata, source)
     entry = adata.uns.get("spatial", {}).get(lib)
     if not isinstance(entry, dict):
@@ -128,7 +190,21 @@ def scalefactors(adata: ad.AnnData, source: str = "slide", library: str | None =
 
 
 def validate_spatial(adata: ad.AnnData, source: str = "slide") -> None:
-    """obsm['spatial'] present, finite and of shape (n_spots, 2)."""
+    """``obsm['spatial']`` present, finite and of shape (n_spots, 2).
+
+    Parameters
+    ----------
+    adata : anndata.AnnData
+        The slide.
+    source : str
+        The file, for the message.
+
+    Raises
+    ------
+    InputError
+        ``obsm['spatial']`` is missing, of another shape (fewer than 2 columns, or not one row per spot), or holds
+        non-finite coordinates.
+    """
     if "spatial" not in adata.obsm:
         raise InputError(
             f"{source}: obsm['spatial'] is missing; expected spot coordinates (x, y) in full-resolution image pixels"
@@ -141,7 +217,24 @@ def validate_spatial(adata: ad.AnnData, source: str = "slide") -> None:
 
 
 def validate_counts(adata: ad.AnnData, source: str, *, require_integer: bool = True, layer: str | None = None) -> None:
-    """Counts must be finite, non-negative and (if required) integers; the message says what was found."""
+    """Counts must be finite, non-negative and (if required) integers; the message says what was found.
+
+    Parameters
+    ----------
+    adata : anndata.AnnData
+        Spots or cells x genes.
+    source : str
+        The file, for the message.
+    require_integer : bool
+        Also require integer values.
+    layer : str, optional
+        A layer instead of ``X``.
+
+    Raises
+    ------
+    InputError
+        NaN or infinite values, negative values, or (``require_integer``) non-integer values.
+    """
     X = adata.layers[layer] if layer else adata.X
     data = X.data if sp.issparse(X) else np.asarray(X).ravel()
     field = f"layers['{layer}']" if layer else "X"
@@ -167,7 +260,23 @@ def validate_counts(adata: ad.AnnData, source: str, *, require_integer: bool = T
 # images
 # ---------------------------------------------------------------------------------------------------------------
 def image_shape(path: str | os.PathLike) -> tuple[int, ...]:
-    """(H, W[, C]) of an image file, without reading its pixels."""
+    """(H, W[, C]) of an image file, without reading its pixels.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A ``.tif`` / ``.tiff``, ``.jpg`` / ``.jpeg`` or ``.png`` file.
+
+    Returns
+    -------
+    tuple of int
+        The shape: a TIFF's first series shape; for Pillow images ``(H, W)`` for one band, else ``(H, W, C)``.
+
+    Raises
+    ------
+    InputError
+        The file is missing, of an unsupported format, or unreadable.
+    """
     path = Path(path)
     _check_image_path(path)
     try:
@@ -200,6 +309,25 @@ def read_image(path: str | os.PathLike, *, lazy: bool = True, require_rgb: bool 
     TIFFs are opened lazily (a ``zarr.Array`` backed by the file: tiles are read on demand), so a whole-slide image
     is not held in memory by the reader; JPEG / PNG are decoded once into a numpy array. With ``lazy=False`` a
     numpy array is always returned.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A ``.tif`` / ``.tiff`` (level 0 of a pyramid), ``.jpg`` / ``.jpeg`` or ``.png`` file.
+    lazy : bool
+        Return TIFFs as a lazy ``zarr.Array`` (``False``: read into a numpy array).
+    require_rgb : bool
+        Require an RGB(A) image; an alpha channel is dropped.
+
+    Returns
+    -------
+    numpy.ndarray or zarr.Array
+        The image, (H, W, 3) when ``require_rgb``.
+
+    Raises
+    ------
+    InputError
+        The file is missing, of an unsupported format, unreadable, or (``require_rgb``) not an RGB image.
     """
     path = Path(path)
     _check_image_path(path)
@@ -237,7 +365,25 @@ def read_image(path: str | os.PathLike, *, lazy: bool = True, require_rgb: bool 
 def check_image_covers_spots(
     image_hw: tuple[int, int], adata: ad.AnnData, source: str = "slide", image_source: str = "image"
 ) -> None:
-    """Every spot centre (plus its radius) must lie within the image; the error gives both extents."""
+    """Every spot centre (plus its radius) must lie within the image; the error gives both extents.
+
+    Parameters
+    ----------
+    image_hw : tuple of int
+        The image's (height, width) in pixels.
+    adata : anndata.AnnData
+        The slide, ``obsm['spatial']`` (x, y) in the image's pixels; the radius is half ``spot_diameter_fullres``
+        (0 without scale factors).
+    source : str
+        The slide's file, for the message.
+    image_source : str
+        The image's file, for the message.
+
+    Raises
+    ------
+    InputError
+        The spots' extent (with radius) leaves the image.
+    """
     xy = np.asarray(adata.obsm["spatial"], dtype=float)[:, :2]
     if len(xy) == 0:
         return
@@ -260,6 +406,17 @@ def check_image_covers_spots(
 
 def count_spots(path: str | os.PathLike) -> int:
     """Number of spots of a slide without reading its count matrix (obs index only).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        An ``.h5ad`` file, an AnnData ``.zarr`` store or a Space Ranger folder (barcodes of
+        ``filtered_feature_bc_matrix.h5``).
+
+    Returns
+    -------
+    int
+        The number of spots.
 
     Raises
     ------
@@ -300,7 +457,26 @@ def _count_spots(path: Path) -> int:
 
 
 def require_columns(df, what: str, columns: tuple[str, ...], hint: str, error: type[Exception] = InputError) -> None:
-    """``df`` must be a DataFrame with ``columns``; the error names ``what``, the missing columns and ``hint``."""
+    """``df`` must be a DataFrame with ``columns``; the error names ``what``, the missing columns and ``hint``.
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        The table to check.
+    what : str
+        What the table is, for the message.
+    columns : tuple of str
+        The required columns.
+    hint : str
+        What was expected, for the message.
+    error : type of Exception
+        The exception class raised.
+
+    Raises
+    ------
+    InputError
+        (or ``error``) ``df`` is not a DataFrame or lacks some of ``columns``.
+    """
     import pandas as pd
 
     if not isinstance(df, pd.DataFrame):

@@ -29,11 +29,11 @@ def load_reference(path: str | os.PathLike, cell_type_key: str, *, require_integ
 
     Parameters
     ----------
-    path
+    path : str or os.PathLike
         The ``.h5ad`` file.
-    cell_type_key
+    cell_type_key : str
         The ``obs`` column of cell types.
-    require_integer
+    require_integer : bool
         Counts must be raw integers (log-normalised / scaled references make the decomposed cells sum to many
         times their spot's counts); ``False`` only for notebook use on already-normalised data.
 
@@ -110,7 +110,17 @@ def _rescale_to_image(slide: ad.AnnData, source: str, image_scale: float | str) 
 
 @dataclass
 class SlideInputs:
-    """A sample's spots (AnnData, ``obsm['spatial']`` in full-resolution image pixels) and its image, if any."""
+    """A sample's spots (AnnData, ``obsm['spatial']`` in full-resolution image pixels) and its image, if any.
+
+    Attributes
+    ----------
+    slide : anndata.AnnData
+        The validated spots x genes, zero-count spots removed, with ``uns['sample']``.
+    image : array-like or None
+        The (H, W, 3) H&E (a lazy ``zarr.Array`` for TIFFs), or ``None`` without an image.
+    info : dict
+        What was read (spots, genes, platform, median UMI, skipped zero-count spots, image size, rescaling).
+    """
 
     slide: ad.AnnData
     image: Any | None = None  # (H, W, 3) array-like, read lazily for TIFFs
@@ -131,17 +141,17 @@ def load_slide(
 
     Parameters
     ----------
-    spatial
+    spatial : str or os.PathLike
         ``.h5ad``, AnnData ``.zarr``, a SpatialData ``.zarr`` (see ``table``) or a Space Ranger output folder.
-    platform
+    platform : str or Platform
         One of :class:`spatial_assets.constants.Platform`; MERFISH-like imaging may hold non-integer counts.
-    image
+    image : str or os.PathLike, optional
         The full-resolution H&E (tif / jpg / png) in whose pixels ``obsm['spatial']`` is given.
-    name
+    name : str, optional
         The sample's name, recorded in ``slide.uns['sample']``.
-    table
+    table : str
         The table to read when ``spatial`` is a SpatialData zarr.
-    image_scale
+    image_scale : float or str, optional
         ``image`` is the full-resolution image scaled by this factor (e.g. a Space Ranger folder's
         ``spatial/tissue_hires_image.png`` with ``'tissue_hires_scalef'``, read from the scale factors, or a
         number). Coordinates and ``spot_diameter_fullres`` are rescaled into that image's pixels (the originals are

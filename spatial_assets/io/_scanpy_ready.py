@@ -59,11 +59,11 @@ def spatial_uns(slide: ad.AnnData, image=None, library: str | None = None) -> tu
 
     Parameters
     ----------
-    slide
+    slide : anndata.AnnData
         The sample's spots, with ``uns['spatial'][library]['scalefactors']['spot_diameter_fullres']``.
-    image
+    image : array-like, optional
         The full-resolution H&E (array-like, H x W x 3), used when the slide carries no hires / lowres images.
-    library
+    library : str, optional
         The library id; default: the slide's first, or ``slide.uns['sample']['name']``, or ``'sample'``.
 
     Returns
@@ -115,19 +115,19 @@ def make_scanpy_ready(
 
     Parameters
     ----------
-    adata
+    adata : anndata.AnnData
         Cells, sub-spots or spots of the sample.
-    slide
+    slide : anndata.AnnData
         The sample's slide (its ``uns['spatial']`` scale factors and images).
-    image
+    image : array-like, optional
         Full-resolution H&E, used only when the slide has no images.
-    store
+    store : str
         Key of :data:`STORE_CONTENTS` naming what ``X`` / ``counts`` hold.
-    counts
+    counts : array-like or scipy.sparse matrix, optional
         The raw-scale matrix for ``layers['counts']`` (same shape as ``X``); None leaves layers as they are.
-    library
+    library : str, optional
         Library id (default: the slide's).
-    xy
+    xy : tuple of str
         ``obs`` columns holding full-resolution pixel coordinates.
 
     Returns
@@ -139,6 +139,8 @@ def make_scanpy_ready(
     ------
     InputError
         No coordinates (neither ``obsm['spatial']`` nor ``obs[xy]``), or the slide has no scale factors.
+    ValueError
+        ``counts`` is not of the shape of ``adata``.
     """
     if "spatial" not in adata.obsm:
         missing = [c for c in xy if c not in adata.obs]
@@ -169,7 +171,7 @@ def decomposed_counts(cells: ad.AnnData) -> np.ndarray:
 
     Parameters
     ----------
-    cells
+    cells : anndata.AnnData
         Output of :func:`spatial_assets.decomposition.decompose_range` / ``combine_ranges``.
 
     Returns
@@ -208,15 +210,15 @@ def spot_weights_anndata(
 
     Parameters
     ----------
-    weights
+    weights : pandas.DataFrame
         Fitted spots x types proportions (``CellTypingResult.weights``).
-    slide
+    slide : anndata.AnnData
         The whole input slide (all barcodes, ``obsm['spatial']``, scale factors).
-    spots
+    spots : pandas.DataFrame, optional
         Segmentation's spot table (``qc_pass``, ``qc_reason``), if any.
-    skipped
+    skipped : mapping of str to str, optional
         ``{spot: reason}`` of spots cell typing skipped (``CellTypingResult.info['skipped_spots']``).
-    image
+    image : array-like, optional
         Full-resolution H&E, used only when the slide has no images.
 
     Returns

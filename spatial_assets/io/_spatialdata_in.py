@@ -46,11 +46,11 @@ def spatialdata_to_anndata(sdata, table: str = "table", *, source: str = "Spatia
 
     Parameters
     ----------
-    sdata
+    sdata : spatialdata.SpatialData
         :class:`spatialdata.SpatialData`.
-    table
+    table : str
         Name of the table to read (``sdata.tables[table]``).
-    source
+    source : str
         What to name in errors (e.g. the zarr path).
 
     Returns
@@ -128,6 +128,18 @@ def spatialdata_to_anndata(sdata, table: str = "table", *, source: str = "Spatia
 def read_spatialdata_zarr(path: str | os.PathLike, table: str = "table") -> ad.AnnData:
     """A SpatialData zarr's table as a scanpy-layout slide (:func:`spatialdata_to_anndata`).
 
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The SpatialData zarr.
+    table : str
+        The table to read.
+
+    Returns
+    -------
+    anndata.AnnData
+        The slide.
+
     Raises
     ------
     InputError
@@ -151,9 +163,9 @@ def read_visium(folder: str | os.PathLike, dataset_id: str | None = None, **kwar
 
     Parameters
     ----------
-    folder
+    folder : str or os.PathLike
         The ``outs/`` folder (``filtered_feature_bc_matrix.h5``, ``spatial/``).
-    dataset_id
+    dataset_id : str, optional
         Library id (default: the folder's name).
     **kwargs
         Passed to :func:`spatialdata_io.visium`.
@@ -189,6 +201,18 @@ def read_xenium(folder: str | os.PathLike, **kwargs) -> ad.AnnData:
     centres in micrometres as ``obsm['spatial']`` (platform ``merfish``: each cell is its own spot; genes outside
     the panel are imputed by the decomposition).
 
+    Parameters
+    ----------
+    folder : str or os.PathLike
+        The Xenium output folder.
+    **kwargs
+        Passed to :func:`spatialdata_io.xenium` (``cells_as_circles`` is always ``True``).
+
+    Returns
+    -------
+    anndata.AnnData
+        Cells x panel genes.
+
     Raises
     ------
     InputError
@@ -210,6 +234,20 @@ def read_visium_hd_bins(folder: str | os.PathLike, bin_size: int = 2, **kwargs) 
     """Visium HD bins (``bin_size`` 2 / 8 / 16 um) through ``spatialdata_io.visium_hd``, as a slide of bins with
     centres in full-resolution pixels; turn them into cells with
     :func:`spatial_assets.platforms.bins_to_cells` and the nuclei of the H&E.
+
+    Parameters
+    ----------
+    folder : str or os.PathLike
+        The Visium HD output folder.
+    bin_size : int
+        The bin size in micrometres (its table's name ends with ``<bin_size:03d>um``).
+    **kwargs
+        Passed to :func:`spatialdata_io.visium_hd`.
+
+    Returns
+    -------
+    anndata.AnnData
+        Bins x genes.
 
     Raises
     ------

@@ -92,25 +92,25 @@ def to_spatialdata(
 
     Parameters
     ----------
-    slide
+    slide : anndata.AnnData
         The sample's spots (``obsm['spatial']`` in full-resolution pixels, Visium scale factors).
-    image
+    image : array-like, optional
         Full-resolution H&E, (H, W, 3); stored multiscale (``scale_factors``) as ``<sample>_he``.
-    labels
+    labels : array-like, optional
         Nuclei label image (H, W) of the same pixels, stored as ``<sample>_nuclei``.
-    cells
+    cells : pandas.DataFrame, optional
         Typed (or segmented) cells: ``x``, ``y`` in pixels, optional ``area`` (pixels) for the circle radius.
-    decomposed
+    decomposed : anndata.AnnData, optional
         Decomposed cells (obs names are cell ids of ``cells``).
-    spot_weights
+    spot_weights : anndata.AnnData, optional
         Spots x types proportions over the slide's barcodes (:func:`spot_weights_anndata`).
-    subspots
+    subspots : anndata.AnnData, optional
         Enhanced sub-spots (``obsm['spatial']`` in pixels, ``uns['soscope']['spot_diameter_px']`` optional).
-    um_per_px
+    um_per_px : float, optional
         Micrometres per pixel; default from the slide (:func:`spatial_assets.platforms.microns_per_pixel`).
-    scale_factors
+    scale_factors : tuple of int
         Downsampling factors of the image pyramid.
-    sample
+    sample : str
         Prefix of the image / labels element names.
 
     Returns
@@ -208,9 +208,9 @@ def write_spatialdata(sdata, path: str | os.PathLike) -> Path:
 
     Parameters
     ----------
-    sdata
+    sdata : spatialdata.SpatialData
         :class:`spatialdata.SpatialData`.
-    path
+    path : str or os.PathLike
         Destination ``.zarr`` folder; an existing store there is replaced only once the new one is complete.
 
     Returns
@@ -244,23 +244,23 @@ def spatialdata_from_stores(
 
     Parameters
     ----------
-    slide
+    slide : str or os.PathLike
         The slide-inputs AnnData store (spots).
-    image
+    image : str or os.PathLike, optional
         The slide-image arrays store (array ``image``, (H, W, 3)).
-    labels
+    labels : str or os.PathLike, optional
         The segmented slide's nuclei labels store (array ``labels``).
-    cells
+    cells : str or os.PathLike, optional
         The typed cells' cells table (``x``, ``y`` in pixels, ``cell_type``, ...).
-    spot_weights
+    spot_weights : str or os.PathLike, optional
         The typed cells' spots x types AnnData (``obs['typing_status']``).
-    decomposed
+    decomposed : str or os.PathLike, optional
         The sample's decomposed cells (all spot ranges combined).
-    subspots
+    subspots : str or os.PathLike, optional
         soScope's enhanced sub-spots.
-    sample
+    sample : str
         Prefix of the image / labels element names.
-    scale_factors
+    scale_factors : tuple of int
         Downsampling factors of the image and labels pyramids.
 
     Returns
@@ -308,7 +308,7 @@ def describe_spatialdata(sdata) -> dict:
 
     Parameters
     ----------
-    sdata
+    sdata : spatialdata.SpatialData
         :class:`spatialdata.SpatialData`.
 
     Returns
@@ -335,13 +335,13 @@ def render_spatialdata(sdata, image: str | None = None, table: str = "typed_cell
 
     Parameters
     ----------
-    sdata
+    sdata : spatialdata.SpatialData
         :class:`spatialdata.SpatialData` (as :func:`to_spatialdata` builds it).
-    image
+    image : str, optional
         The image element; default: the first one (none: cells only).
-    table
+    table : str
         The table annotating ``cells`` whose column ``color`` colours them; without it, the spots are drawn.
-    color
+    color : str
         Column of ``table`` to colour by.
 
     Returns

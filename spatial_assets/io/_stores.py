@@ -42,7 +42,27 @@ def store_path(
     partition: str | None = None,
     suffix: str = ".zarr",
 ) -> Path:
-    """Where an asset (optionally of one sample and one partition) lives under ``root``."""
+    """Where an asset (optionally of one sample and one partition) lives under ``root``.
+
+    Parameters
+    ----------
+    root : str or os.PathLike
+        The storage root.
+    asset : str or list of str
+        The asset's name, or its key path (joined as sub-folders).
+    sample : str, optional
+        The sample: the store is ``<asset>/<sample><suffix>``.
+    partition : str, optional
+        The partition: the store is ``<asset>/<sample>/<partition><suffix>`` (``_`` for the sample when it is
+        ``None``).
+    suffix : str
+        The store's file-name suffix.
+
+    Returns
+    -------
+    pathlib.Path
+        The path (``<root>/<asset><suffix>`` without sample and partition); nothing is created.
+    """
     parts = [asset] if isinstance(asset, str) else list(asset)
     p = Path(root).joinpath(*parts)
     if sample is None and partition is None:
@@ -119,10 +139,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     next to ``path`` are removed first. Two writers racing on one ``path`` leave exactly one complete store there
     (the last to finish) and no complete temporary: a writer whose rename loses is retried, then gives up cleanly.
 
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The final path of the store.
+
+    Yields
+    ------
+    pathlib.Path
+        A hidden temporary sibling of ``path`` (not created) to write the store into.
+
     Raises
     ------
     OSError
         The parent folder cannot be created (the message names it).
+    RuntimeError
+        The writer produced nothing at the temporary path.
     """
     path = Path(path)
     try:
@@ -203,7 +235,24 @@ def _sanitize_uns(adata: ad.AnnData) -> None:
 
 
 def write_anndata(adata: ad.AnnData, path: str | os.PathLike, *, info: dict[str, Any] | None = None) -> Path:
-    """Write ``adata`` as an AnnData zarr store, atomically."""
+    """Write ``adata`` as an AnnData zarr store, atomically.
+
+    ``uns`` values anndata cannot write (``None``, paths, lists of strings) are converted first; a view is copied.
+
+    Parameters
+    ----------
+    adata : anndata.AnnData
+        The data to write.
+    path : str or os.PathLike
+        The store's path (replaced if it exists).
+    info : dict, optional
+        Extra entries of the completion marker (``attrs['spatial_assets']``).
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
     path = Path(path)
     adata = adata.copy() if adata.is_view else adata
     _sanitize_uns(adata)
@@ -214,7 +263,25 @@ def write_anndata(adata: ad.AnnData, path: str | os.PathLike, *, info: dict[str,
 
 
 def write_dataframe(df: pd.DataFrame, path: str | os.PathLike, *, info: dict[str, Any] | None = None) -> Path:
-    """A table is stored as an AnnData zarr with the table as ``obs`` (readable with ``anndata.read_zarr``)."""
+    """A table is stored as an AnnData zarr with the table as ``obs`` (readable with ``anndata.read_zarr``).
+
+    The index is stored as strings; column names holding ``/`` are stored with a look-alike slash and restored by
+    :func:`read_dataframe`.
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        The table (not modified).
+    path : str or os.PathLike
+        The store's path (replaced if it exists).
+    info : dict, optional
+        Extra entries of the completion marker.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
     df = df.copy()
     df.index = df.index.astype(str)
     # zarr keys cannot hold '/', which cell-type names often do (e.g. 'L2/3 IT'): store such columns with U+2215
@@ -238,6 +305,24 @@ def write_arrays(
 
     Large arrays (e.g. a whole-slide label image) may be given as ``zarr.Array`` / dask arrays: they are
     copied chunk by chunk, never loaded whole.
+
+    Parameters
+    ----------
+    arrays : dict
+        ``{name: array}``; string / object arrays are stored as strings.
+    path : str or os.PathLike
+        The store's path (replaced if it exists).
+    attrs : dict, optional
+        Group attributes (made JSON-able: numpy scalars and arrays as numbers and lists, others as strings).
+    chunks : int or tuple, optional
+        Chunk shape (an int: that size along every axis, capped by the shape); default about 4 MiB chunks.
+    info : dict, optional
+        Extra entries of the completion marker.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
     """
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -292,7 +377,20 @@ def _write_array_into(g: zarr.Group, name: str, arr: Any, chunks) -> None:
 
 
 def write_directory(path: str | os.PathLike, writer: Callable[[Path], None]) -> Path:
-    """Atomically produce a directory (e.g. a checkpoint folder) with ``writer(tmp_dir)``."""
+    """Atomically produce a directory (e.g. a checkpoint folder) with ``writer(tmp_dir)``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The directory's final path (replaced if it exists).
+    writer : callable
+        Called with the (created, empty) temporary directory to fill; a ``.complete`` file is added after it.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
     path = Path(path)
     with atomic_path(path) as tmp:
         tmp.mkdir(parents=True)
@@ -302,7 +400,19 @@ def write_directory(path: str | os.PathLike, writer: Callable[[Path], None]) -> 
 
 
 def is_complete(path: str | os.PathLike) -> bool:
-    """True if ``path`` is a finished store written by this module."""
+    """True if ``path`` is a finished store written by this module.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A store or directory.
+
+    Returns
+    -------
+    bool
+        ``True`` when ``path`` exists, is not a temporary sibling, and holds a ``.complete`` file or a zarr group
+        whose marker says ``complete``; ``False`` otherwise (also when it cannot be opened).
+    """
     path = Path(path)
     if _is_temporary(path) or not path.exists():
         return False
@@ -323,19 +433,79 @@ def _require_complete(path: Path) -> None:
 
 
 def read_anndata(path: str | os.PathLike) -> ad.AnnData:
+    """Read a complete AnnData zarr store.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The store.
+
+    Returns
+    -------
+    anndata.AnnData
+        The data.
+
+    Raises
+    ------
+    FileNotFoundError
+        No store at ``path``.
+    RuntimeError
+        The store is incomplete (a write did not finish).
+    """
     path = Path(path)
     _require_complete(path)
     return ad.read_zarr(path)
 
 
 def read_dataframe(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a table written by :func:`write_dataframe`, with its original column names.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The store.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The table (index as strings).
+
+    Raises
+    ------
+    FileNotFoundError
+        No store at ``path``.
+    RuntimeError
+        The store is incomplete.
+    """
     obs = read_anndata(path).obs
     renamed = read_attrs(path).get(MARKER_ATTR, {}).get("renamed_columns") or {}
     return obs.rename(columns=renamed) if renamed else obs
 
 
 def read_arrays(path: str | os.PathLike, names: list[str] | None = None, *, lazy: bool = False) -> dict[str, Any]:
-    """Read a group written by :func:`write_arrays`; ``lazy=True`` returns ``zarr.Array`` objects."""
+    """Read a group written by :func:`write_arrays`; ``lazy=True`` returns ``zarr.Array`` objects.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The store.
+    names : list of str, optional
+        The arrays to read (default: all).
+    lazy : bool
+        Return ``zarr.Array`` objects instead of numpy arrays.
+
+    Returns
+    -------
+    dict
+        ``{name: array}``.
+
+    Raises
+    ------
+    FileNotFoundError
+        No store at ``path``.
+    RuntimeError
+        The store is incomplete.
+    """
     path = Path(path)
     _require_complete(path)
     g = zarr.open_group(str(path), mode="r")
@@ -344,12 +514,35 @@ def read_arrays(path: str | os.PathLike, names: list[str] | None = None, *, lazy
 
 
 def read_attrs(path: str | os.PathLike) -> dict[str, Any]:
+    """The attributes of a zarr group (completeness is not checked).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The store.
+
+    Returns
+    -------
+    dict
+        The group's attributes (the marker under :data:`MARKER_ATTR`).
+    """
     g = zarr.open_group(str(path), mode="r")
     return dict(g.attrs)
 
 
 def disk_size(path: str | os.PathLike) -> int:
-    """Bytes on disk under ``path``."""
+    """Bytes on disk under ``path``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A file or folder.
+
+    Returns
+    -------
+    int
+        The file's size, or the summed size of the files under the folder.
+    """
     path = Path(path)
     if path.is_file():
         return path.stat().st_size
@@ -357,7 +550,19 @@ def disk_size(path: str | os.PathLike) -> int:
 
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
-    """Path, shape and size on disk of a store: the metadata each materialization reports."""
+    """Path, shape and size on disk of a store: the metadata each materialization reports.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The store.
+
+    Returns
+    -------
+    dict
+        ``path``, ``size_bytes`` and, when known from the marker, ``shape`` (a list, or ``{array: shape}`` for an
+        arrays group).
+    """
     path = Path(path)
     out: dict[str, Any] = {"path": str(path), "size_bytes": disk_size(path)}
     try:
@@ -379,9 +584,9 @@ def current_range_stores(
 
     Parameters
     ----------
-    folder
+    folder : str or os.PathLike
         Holds ``<range key>.zarr`` stores, each recording its ``spot_range`` [start, stop) in its attributes.
-    expected
+    expected : dict
         ``{range key: (start, stop)}`` of the current scheme.
 
     Returns

@@ -37,9 +37,9 @@ def check_name(v: object, what: str = "name") -> str:
 
     Parameters
     ----------
-    v
+    v : object
         The name (a sample, reference, slices group or landing sub-folder).
-    what
+    what : str
         What the name is, for the message (e.g. ``"sample name"``).
 
     Returns
@@ -49,9 +49,10 @@ def check_name(v: object, what: str = "name") -> str:
 
     Raises
     ------
-    ValueError
-        (an :class:`InputError`) ``v`` is empty, ``.`` / ``..``, starts with ``.``, holds a path separator, a
-        drive colon, a wildcard, quotes, ``<`` / ``>``, whitespace or a non-printable character, or is absolute.
+    UnsafeNameError
+        (an :class:`InputError`, so a ``ValueError``) ``v`` is not a string, is longer than 200 characters, is
+        empty, ``.`` / ``..``, starts with ``.``, holds a path separator, a drive colon, a wildcard, quotes,
+        ``<`` / ``>``, whitespace or a non-printable character, or is absolute.
     """
     if (
         not isinstance(v, str)
@@ -75,9 +76,9 @@ def read_h5ad_file(path: str | os.PathLike, what: str = "AnnData") -> ad.AnnData
 
     Parameters
     ----------
-    path
+    path : str or os.PathLike
         The file.
-    what
+    what : str
         What the file holds, for the message (e.g. ``"reference"``).
 
     Returns
@@ -106,6 +107,15 @@ def read_h5ad_file(path: str | os.PathLike, what: str = "AnnData") -> ad.AnnData
 def check_unique_names(names: Sequence[str], source: str, field: str) -> None:
     """``names`` must be unique (checked before anndata would silently rename duplicates to ``name-1``).
 
+    Parameters
+    ----------
+    names : sequence of str
+        The names (e.g. ``var_names`` or ``obs_names``); compared as strings.
+    source : str
+        The file, for the message.
+    field : str
+        What the names are, for the message (e.g. ``"var_names (genes)"``).
+
     Raises
     ------
     InputError
@@ -127,6 +137,15 @@ def check_unique_names(names: Sequence[str], source: str, field: str) -> None:
 def check_not_empty(adata: ad.AnnData, source: str, what: str = "spots") -> None:
     """At least one observation and one gene.
 
+    Parameters
+    ----------
+    adata : anndata.AnnData
+        Spots or cells x genes.
+    source : str
+        The file, for the message.
+    what : str
+        What the observations are, for the message (e.g. ``"spots"``, ``"cells"``).
+
     Raises
     ------
     InputError
@@ -147,11 +166,11 @@ def check_raw_counts(adata: ad.AnnData, source: str, *, layer: str | None = None
 
     Parameters
     ----------
-    adata
+    adata : anndata.AnnData
         Spots or cells x genes.
-    source
+    source : str
         The file, for the message.
-    layer
+    layer : str, optional
         A layer instead of ``X``.
 
     Raises
@@ -193,7 +212,18 @@ def check_raw_counts(adata: ad.AnnData, source: str, *, layer: str | None = None
 
 
 def zero_count_spots(adata: ad.AnnData) -> np.ndarray:
-    """Boolean mask of the observations whose counts sum to zero."""
+    """Boolean mask of the observations whose counts sum to zero.
+
+    Parameters
+    ----------
+    adata : anndata.AnnData
+        Spots or cells x genes (``X`` is summed per row).
+
+    Returns
+    -------
+    numpy.ndarray
+        Boolean, one entry per observation: ``True`` where the row's counts sum to zero (or less).
+    """
     return np.asarray(adata.X.sum(1)).ravel() <= 0
 
 
@@ -222,11 +252,11 @@ def check_shared_genes(
 
     Parameters
     ----------
-    slide_genes, reference_genes
+    slide_genes, reference_genes : sequence of str
         The two ``var_names``.
-    slide_source, reference_source
+    slide_source, reference_source : str
         The files, for the message.
-    min_shared
+    min_shared : int
         Fewest shared genes accepted (``parameters.cell_typing.min_shared_genes``).
 
     Returns
@@ -265,6 +295,16 @@ def check_shared_genes(
 def ensure_storage_root(root: str | os.PathLike) -> Path:
     """Create ``root`` (and parents) if needed.
 
+    Parameters
+    ----------
+    root : str or os.PathLike
+        The storage root folder.
+
+    Returns
+    -------
+    pathlib.Path
+        ``root``, existing, a folder and writable.
+
     Raises
     ------
     InputError
@@ -287,6 +327,16 @@ def ensure_storage_root(root: str | os.PathLike) -> Path:
 def gene_names(path: str | os.PathLike) -> list[str]:
     """The ``var_names`` of an ``.h5ad`` file, without reading its count matrix.
 
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The ``.h5ad`` file.
+
+    Returns
+    -------
+    list of str
+        The gene names, in the file's order.
+
     Raises
     ------
     InputError
@@ -308,6 +358,17 @@ def gene_names(path: str | os.PathLike) -> list[str]:
 
 def check_cell_types(adata: ad.AnnData, cell_type_key: str, min_cells_per_type: int, source: str) -> dict[str, int]:
     """At least 2 cell types with at least ``min_cells_per_type`` cells each (after the small-types policy).
+
+    Parameters
+    ----------
+    adata : anndata.AnnData
+        The reference (cells x genes).
+    cell_type_key : str
+        The ``obs`` column of cell types (missing values are ignored).
+    min_cells_per_type : int
+        Fewest cells for a type to count as usable (``cell_typing.min_cells_per_type``).
+    source : str
+        The file, for the message.
 
     Returns
     -------
@@ -340,6 +401,15 @@ def spots_with_nuclei_problem(
 
     On a slide whose spots cover tissue nearly every spot holds nuclei; far fewer means the coordinates put the
     spots off the tissue of the image (x / y swapped, another image's pixels or scale).
+
+    Parameters
+    ----------
+    n_cells_per_spot : array-like
+        Number of segmented nuclei in each spot.
+    sample : str
+        The sample's name, for the message.
+    min_fraction : float
+        Fewest fraction of spots with at least one nucleus accepted (default :data:`MIN_SPOTS_WITH_NUCLEI`).
 
     Returns
     -------
