@@ -1,8 +1,4 @@
-"""Scale-out: dagster-dask's own executor, checking the cluster before it submits, and the Kubernetes step tags.
-
-The steps are submitted by dagster-dask's ``DaskExecutor.execute`` itself, with one thin fix for distributed >= 2025
-(:class:`_BoundRecords`: dagster's record arguments are bound into the task's function instead of being walked by
-distributed as tuples).
+"""Scale-out: a Dask executor that checks the cluster before it submits, and the Kubernetes step tags.
 
 dagster-dask submits each step with the Dask resources named by its ``dagster-dask/resource_requirements`` tag
 (GPU steps: ``{"GPU": 1}``, see ``resources.GPU_OP_TAGS``). Dask then runs the step only on a worker that
@@ -22,18 +18,22 @@ fails the run at once, naming the step, the missing resource and the workers it 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections.abc import Mapping
 from typing import Any
 
 import dagster as dg
-import distributed
 from dagster_dask import dask_executor
 from dagster_dask.executor import DASK_RESOURCE_REQUIREMENTS_KEY, DaskExecutor
 
-from ._dagster_internals import ExecutionPlan, PlanOrchestrationContext, query_on_dask_worker
+from ._dagster_internals import (
+    ExecutionPlan,
+    PlanOrchestrationContext,
+    iterate_with_context,
+    query_on_dask_worker,
+    raise_execution_interrupts,
+)
 from .resources import GPU_TAG
 
 GPU_RESOURCE = "GPU"
@@ -170,60 +170,15 @@ def cluster_worker_resources(
     return None, cluster_type
 
 
-class _BoundRecords:
-    """``query_on_dask_worker`` with every argument but the upstream futures bound into the task's function.
+class ValidatedDaskExecutor(DaskExecutor):
+    """dagster-dask's executor that first checks the cluster can run every step of the plan.
 
-    dagster-dask 0.29 submits ``query_on_dask_worker(dependencies, recon_job, dagster_run, run_config, step_keys,
-    instance_ref, known_state)``; distributed >= 2025 walks positional task arguments that are tuples to find
-    futures in them, and dagster's records (tuple subclasses that forbid iteration) make it fail. Bound here, they
-    travel pickled with the function and distributed only walks the list of upstream futures.
+    It also submits the steps itself: dagster-dask 0.29's ``execute`` passes dagster's record objects (run,
+    reconstructable job, instance ref: tuple subclasses that forbid iteration) as task arguments, which
+    distributed >= 2025 walks like tuples and fails on; here they are bound into the task's function instead.
     """
 
-    def __init__(self, func, args: tuple):
-        self.func, self.args = func, args
-
-    def __call__(self, dependencies):
-        return self.func(dependencies, *self.args)
-
-
-class _RecordSafeClient(distributed.Client):
-    """``distributed.Client`` whose ``submit`` binds dagster-dask's record arguments (see :class:`_BoundRecords`);
-    every other call is the client's own."""
-
-    def submit(self, func, *args, **kwargs):
-        if func is query_on_dask_worker and args:
-            return super().submit(_BoundRecords(func, tuple(args[1:])), args[0], **kwargs)
-        return super().submit(func, *args, **kwargs)
-
-
-@contextlib.contextmanager
-def _record_safe_dask_client():
-    """dagster-dask's ``execute`` looks ``dask.distributed.Client`` up when it runs: point it at
-    :class:`_RecordSafeClient` for that run only. Each Dagster run executes in its own process (the default run
-    launcher), so nothing else in the process sees the swap."""
-    import dask.distributed
-
-    original = dask.distributed.Client
-    dask.distributed.Client = _RecordSafeClient
-    try:
-        yield
-    finally:
-        dask.distributed.Client = original
-
-
-class ValidatedDaskExecutor(DaskExecutor):
-    """dagster-dask's executor that first checks the cluster can run every step of the plan, then runs
-    dagster-dask's own ``execute`` with one fix: the record arguments of its tasks are bound into the task's
-    function (:class:`_BoundRecords`), which distributed >= 2025 needs."""
-
     def execute(self, plan_context: PlanOrchestrationContext, execution_plan: ExecutionPlan):
-        if not plan_context.instance.is_persistent:
-            raise DaskClusterError("Dask execution needs a persistent Dagster instance (set DAGSTER_HOME)")
-        if self.cluster_type not in CLUSTER_MANAGERS and self.cluster_type != "existing":
-            raise DaskClusterError(
-                f"executor config cluster: unknown type '{self.cluster_type}'; expected "
-                f"'existing' or one of {sorted(CLUSTER_MANAGERS)}"
-            )
         steps = [s for level in execution_plan.get_steps_to_execute_by_level() for s in level]
         reqs = step_resource_requirements({s.key: s.tags or {} for s in steps})
         workers, where = cluster_worker_resources(self.cluster_type, self.cluster_configuration)
@@ -240,8 +195,65 @@ class ValidatedDaskExecutor(DaskExecutor):
                 f"Dask cluster check passed ({where}): {len(workers)} worker(s); "
                 f"resource-tagged steps: {sorted(reqs) or 'none'}"
             )
-        with _record_safe_dask_client():
-            yield from super().execute(plan_context, execution_plan)
+        yield from self._submit(plan_context, execution_plan, steps, reqs)
+
+    def _cluster(self, job_name: str):
+        """``(cluster or scheduler address, whether this run owns it)``; the managers dagster-dask supports."""
+        if self.cluster_type == "existing":
+            return self.cluster_configuration["address"], False
+        if self.cluster_type not in CLUSTER_MANAGERS:
+            raise DaskClusterError(
+                f"executor config cluster: unknown type '{self.cluster_type}'; expected "
+                f"'existing' or one of {sorted(CLUSTER_MANAGERS)}"
+            )
+        import importlib
+
+        module, cls = CLUSTER_MANAGERS[self.cluster_type]
+        return getattr(importlib.import_module(module), cls)(**self.build_dict(job_name)), True
+
+    def _submit(self, plan_context: PlanOrchestrationContext, execution_plan: ExecutionPlan, steps, reqs):
+        from functools import partial
+
+        import distributed
+
+        if not plan_context.instance.is_persistent:
+            raise DaskClusterError("Dask execution needs a persistent Dagster instance (set DAGSTER_HOME)")
+        job_name = plan_context.job_name
+        run_step = partial(
+            query_on_dask_worker,
+            recon_job=plan_context.reconstructable_job,
+            dagster_run=plan_context.dagster_run,
+            run_config=plan_context.run_config,
+            instance_ref=plan_context.instance.get_ref(),
+            known_state=execution_plan.known_state,
+        )
+        cluster, owned = self._cluster(job_name)
+        try:
+            with distributed.Client(cluster, set_as_default=False) as client:
+                if owned and self.cluster_type != "local" and reqs:
+                    now = {
+                        a: {str(k): float(v) for k, v in (w.get("resources") or {}).items()}
+                        for a, w in client.scheduler_info(n_workers=-1)["workers"].items()
+                    }
+                    if now:  # workers already up: check them; else an adaptive cluster may still add some
+                        check_workers(reqs, now, f"{self.cluster_type} cluster")
+                futures = {}
+                for step in steps:  # in level order, so a step's upstream futures exist when it is submitted
+                    upstream = [futures[k] for inp in step.step_inputs for k in inp.dependency_keys]
+                    futures[step.key] = client.submit(
+                        run_step,
+                        upstream,
+                        step_keys=[step.key],
+                        key=f"{job_name}.{step.key}",
+                        pure=False,
+                        resources=reqs.get(step.key) or None,
+                    )
+                done = distributed.as_completed(list(futures.values()), loop=client.loop, with_results=True)
+                for _future, events in iterate_with_context(raise_execution_interrupts, done):
+                    yield from events
+        finally:
+            if owned:
+                cluster.close()
 
 
 def default_cluster_config() -> dict:
