@@ -37,7 +37,7 @@ cfg = load_config("project.yaml")
 defs = build_definitions(cfg)
 inst = dg.DagsterInstance.ephemeral()
 register_partitions(inst, cfg)
-res = {"project": defs.resources["project"], "compute": defs.resources["compute"]}
+res = dict(defs.resources)  # every resource the definitions declare (project, compute, pipes client, ...)
 assets = list(defs.assets)
 ok = dg.materialize(assets, selection=["reference_data"], partition_key="ref", resources=res, instance=inst).success
 for a in ("slide_inputs", "segmented_slide", "typed_cells"):
