@@ -13,6 +13,7 @@ class Platform(StrEnum):
     SLIDESEQ = "slideseq"  # 10-um beads: each bead holds one or two cells (RCTD doublet mode)
     MERFISH = "merfish"  # imaging: each segmented cell is its own spot with a small panel of genes
     XENIUM = "xenium"  # 10x Xenium: cells come segmented (imaging panel; genes outside it are imputed)
+    VISIUM_HD = "visium_hd"  # 2 / 8 / 16-um bins + H&E: bins summed per segmented nucleus, then as an imaging panel
 
     @property
     def image_free(self) -> bool:
@@ -23,6 +24,12 @@ class Platform(StrEnum):
     def imaging(self) -> bool:
         """An imaging panel: each segmented cell is its own spot, counts may be non-integer, missing genes imputed."""
         return self in (Platform.MERFISH, Platform.XENIUM)
+
+    @property
+    def cells_platform(self) -> Platform:
+        """The platform cell typing and decomposition see: Visium HD's cells (its bins summed per segmented
+        nucleus) are each their own spot, as on an imaging panel (``merfish``); every other platform is itself."""
+        return Platform.MERFISH if self is Platform.VISIUM_HD else self
 
 
 PLATFORMS: tuple[str, ...] = tuple(p.value for p in Platform)

@@ -36,6 +36,8 @@ from ._spatialdata_in import (
     read_visium_hd_bins,
     read_xenium,
     spatialdata_to_anndata,
+    visium_hd_missing_files,
+    xenium_missing_files,
 )
 from ._spatialdata_out import (
     describe_spatialdata,
@@ -121,7 +123,9 @@ __all__ = [
     "read_spatialdata_zarr",
     "read_visium",
     "read_visium_hd_bins",
+    "visium_hd_missing_files",
     "read_xenium",
+    "xenium_missing_files",
     "scalefactors",
     "spatialdata_to_anndata",
     "store_path",

@@ -25,18 +25,23 @@ class InputError(ValueError):
 # ---------------------------------------------------------------------------------------------------------------
 # spatial data
 # ---------------------------------------------------------------------------------------------------------------
-def read_spatial(path: str | os.PathLike, *, require_spatial: bool = True, table: str = "table") -> ad.AnnData:
-    """Read a slide (spots x genes) from .h5ad, AnnData .zarr, SpatialData zarr or a Space Ranger folder.
+def read_spatial(
+    path: str | os.PathLike, *, require_spatial: bool = True, table: str = "table", bin_size: int = 2
+) -> ad.AnnData:
+    """Read a slide (spots x genes) from .h5ad, AnnData .zarr, SpatialData zarr, a Space Ranger or a Visium HD folder.
 
     Parameters
     ----------
     path : str or os.PathLike
-        An ``.h5ad`` / ``.h5`` file, an AnnData ``.zarr`` store, a SpatialData zarr (a folder with ``tables/``) or a
-        Space Ranger output folder (with ``spatial/``).
+        An ``.h5ad`` / ``.h5`` file, an AnnData ``.zarr`` store, a SpatialData zarr (a folder with ``tables/``), a
+        Space Ranger output folder (with ``spatial/``), a Visium HD folder (with ``binned_outputs/``) or a Xenium
+        output folder (with ``experiment.xenium``).
     require_spatial : bool
         Also check ``obsm['spatial']`` (:func:`validate_spatial`).
     table : str
         The table to read when ``path`` is a SpatialData zarr.
+    bin_size : int
+        The bins (2 / 8 / 16 um) to read when ``path`` is a Visium HD folder (with ``binned_outputs/``).
 
     Returns
     -------
@@ -58,7 +63,15 @@ def read_spatial(path: str | os.PathLike, *, require_spatial: bool = True, table
     if path.is_file() and path.suffix == ".zarr":
         raise InputError(f"{path}: is a file; expected an AnnData .zarr store (a folder)")
     try:
-        if (
+        if path.is_dir() and (path / "binned_outputs").is_dir():  # Visium HD: bins through spatialdata-io
+            from ._spatialdata_in import read_visium_hd_bins
+
+            adata = read_visium_hd_bins(path, bin_size=bin_size)
+        elif path.is_dir() and (path / "experiment.xenium").exists():  # Xenium: cells through spatialdata-io
+            from ._spatialdata_in import read_xenium
+
+            adata = read_xenium(path)
+        elif (
             path.is_dir()
             and (path / "spatial").is_dir()
             and not (path / "zarr.json").exists()
@@ -438,6 +451,11 @@ def count_spots(path: str | os.PathLike) -> int:
 
 
 def _count_spots(path: Path) -> int:
+    if path.is_dir() and (path / "experiment.xenium").exists():
+        import h5py
+
+        with h5py.File(path / "cell_feature_matrix.h5", "r") as f:
+            return len(f["matrix"]["barcodes"])
     if path.is_dir() and (path / "spatial").is_dir() and not (path / "zarr.json").exists():
         import h5py
 

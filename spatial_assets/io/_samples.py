@@ -135,6 +135,7 @@ def load_slide(
     name: str | None = None,
     image_scale: float | str | None = None,
     table: str = "table",
+    bin_size: int = 2,
 ) -> SlideInputs:
     """Read and validate a sample: counts (raw integers, except imaging panels), coordinates, scale factors, and
     that the image (if given) covers the spots.
@@ -151,6 +152,8 @@ def load_slide(
         The sample's name, recorded in ``slide.uns['sample']``.
     table : str
         The table to read when ``spatial`` is a SpatialData zarr.
+    bin_size : int
+        The bins (2 / 8 / 16 um) to read when ``spatial`` is a Visium HD folder.
     image_scale : float or str, optional
         ``image`` is the full-resolution image scaled by this factor (e.g. a Space Ranger folder's
         ``spatial/tissue_hires_image.png`` with ``'tissue_hires_scalef'``, read from the scale factors, or a
@@ -171,7 +174,7 @@ def load_slide(
         not cover the spots; the message names file and field.
     """
     platform = Platform(platform)
-    slide = read_spatial(spatial, table=table)
+    slide = read_spatial(spatial, table=table, bin_size=bin_size)
     check_not_empty(slide, str(spatial), "spots")
     if platform.imaging:
         validate_counts(slide, str(spatial), require_integer=False)

@@ -196,10 +196,38 @@ def read_visium(folder: str | os.PathLike, dataset_id: str | None = None, **kwar
     return adata
 
 
+XENIUM_FILES = ("experiment.xenium", "cells.zarr.zip", "cells.parquet", "cell_feature_matrix.h5")
+
+
+def xenium_missing_files(folder: str | os.PathLike) -> list[str]:
+    """The files spatialdata-io 0.7.1's ``xenium`` reader needs for the cells table that a folder lacks.
+
+    ``experiment.xenium`` (``pixel_size``, the analysis version), ``cells.zarr.zip`` (always opened: cell ids
+    and ``cell_summary`` from XOA 1.3 on), ``cells.parquet`` (``cell_id``, ``x_centroid``, ``y_centroid``,
+    ``cell_area``, ...) and ``cell_feature_matrix.h5`` (10x matrix layout). Boundaries, transcripts and morphology
+    images are not needed by :func:`read_xenium`.
+
+    Parameters
+    ----------
+    folder : str or os.PathLike
+        The Xenium output folder.
+
+    Returns
+    -------
+    list of str
+        The missing files (empty when none is missing).
+    """
+    folder = Path(folder)
+    return [f for f in XENIUM_FILES if not (folder / f).exists()]
+
+
 def read_xenium(folder: str | os.PathLike, **kwargs) -> ad.AnnData:
     """A Xenium output folder through ``spatialdata_io.xenium``: cells (already segmented) x panel genes, cell
-    centres in micrometres as ``obsm['spatial']`` (platform ``merfish``: each cell is its own spot; genes outside
+    centres in micrometres as ``obsm['spatial']`` (platform ``xenium``: each cell is its own spot; genes outside
     the panel are imputed by the decomposition).
+
+    Only the cells table is read by default (no boundaries, labels, transcripts or images; pass e.g.
+    ``transcripts=True`` to change that); the files it needs are checked first (:func:`xenium_missing_files`).
 
     Parameters
     ----------
@@ -216,24 +244,78 @@ def read_xenium(folder: str | os.PathLike, **kwargs) -> ad.AnnData:
     Raises
     ------
     InputError
-        The folder cannot be read by spatialdata-io.
+        A file the reader needs is missing (named), or the folder cannot be read by spatialdata-io.
     """
     import spatialdata_io
 
     folder = Path(folder)
+    missing = xenium_missing_files(folder)
+    if missing:
+        raise InputError(
+            f"{folder}: not a complete Xenium output folder; missing {', '.join(missing)} (spatialdata-io's xenium "
+            "reader needs them for the cells table)"
+        )
+    for k in (
+        "cells_boundaries",
+        "nucleus_boundaries",
+        "cells_labels",
+        "nucleus_labels",
+        "transcripts",
+        "morphology_mip",
+        "morphology_focus",
+        "aligned_images",
+    ):
+        kwargs.setdefault(k, False)
     try:
         sdata = spatialdata_io.xenium(folder, cells_as_circles=True, **kwargs)
     except Exception as e:
         raise InputError(
             f"{folder}: not readable as a Xenium folder by spatialdata-io ({type(e).__name__}: {e})"
         ) from None
-    return spatialdata_to_anndata(sdata, "table", source=str(folder))
+    adata = spatialdata_to_anndata(sdata, "table", source=str(folder))
+    adata.var_names_make_unique()
+    return adata
+
+
+def visium_hd_missing_files(folder: str | os.PathLike, bin_size: int = 2) -> list[str]:
+    """The files spatialdata-io 0.7.1's ``visium_hd`` reader needs that a Visium HD folder lacks (relative paths).
+
+    It needs ``feature_slice.h5`` (or ``<dataset_id>_feature_slice.h5``: the HD layout's file format is read from
+    its ``metadata_json`` attribute) and, for the bins, ``binned_outputs/square_<bin>um/`` with
+    ``filtered_feature_bc_matrix.h5``, ``spatial/tissue_positions.parquet`` and ``spatial/scalefactors_json.json``.
+    Images (``microscope_image/``, ``spatial/tissue_hires_image.png``) are optional.
+
+    Parameters
+    ----------
+    folder : str or os.PathLike
+        The Visium HD output folder (``outs/``).
+    bin_size : int
+        The bin size in micrometres.
+
+    Returns
+    -------
+    list of str
+        The missing files, relative to ``folder`` (empty when it is complete).
+    """
+    folder = Path(folder)
+    missing = []
+    if not (folder / "feature_slice.h5").exists() and not list(folder.glob("*_feature_slice.h5")):
+        missing.append("feature_slice.h5")
+    b = f"binned_outputs/square_{int(bin_size):03d}um"
+    for f in ("filtered_feature_bc_matrix.h5", "spatial/tissue_positions.parquet", "spatial/scalefactors_json.json"):
+        if not (folder / b / f).exists():
+            missing.append(f"{b}/{f}")
+    return missing
 
 
 def read_visium_hd_bins(folder: str | os.PathLike, bin_size: int = 2, **kwargs) -> ad.AnnData:
     """Visium HD bins (``bin_size`` 2 / 8 / 16 um) through ``spatialdata_io.visium_hd``, as a slide of bins with
     centres in full-resolution pixels; turn them into cells with
     :func:`spatial_assets.platforms.bins_to_cells` and the nuclei of the H&E.
+
+    The files it needs are checked first (:func:`visium_hd_missing_files`), so a missing one is named.
+    ``uns['spatial'][lib]['scalefactors']`` holds ``spot_diameter_fullres`` (the bin's side in pixels),
+    ``microns_per_pixel`` and ``bin_size_um`` from the bins' ``scalefactors_json.json``.
 
     Parameters
     ----------
@@ -252,13 +334,28 @@ def read_visium_hd_bins(folder: str | os.PathLike, bin_size: int = 2, **kwargs) 
     Raises
     ------
     InputError
-        The folder cannot be read, or has no table for ``bin_size``.
+        A file the reader needs is missing (named), the folder cannot be read, or it has no table for
+        ``bin_size``.
     """
+    import json
+    import warnings
+
     import spatialdata_io
 
     folder = Path(folder)
+    missing = visium_hd_missing_files(folder, bin_size)
+    if missing:
+        raise InputError(
+            f"{folder}: not a complete Visium HD folder for {bin_size}-um bins; missing {', '.join(missing)} "
+            "(spatialdata-io's visium_hd reader needs them; images are optional)"
+        )
+    kwargs["dataset_id"] = kwargs.get("dataset_id") or folder.name  # never '': the library id of uns['spatial']
+    kwargs.setdefault("bins_as_squares", False)  # circles: centre + diameter = the bin's side
+    kwargs.setdefault("load_segmentations_only", False)
     try:
-        sdata = spatialdata_io.visium_hd(folder, bin_size=bin_size, **kwargs)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="No (full resolution image|image path) found")
+            sdata = spatialdata_io.visium_hd(folder, bin_size=bin_size, **kwargs)
     except Exception as e:
         raise InputError(
             f"{folder}: not readable as a Visium HD folder by spatialdata-io ({type(e).__name__}: {e})"
@@ -266,4 +363,12 @@ def read_visium_hd_bins(folder: str | os.PathLike, bin_size: int = 2, **kwargs) 
     name = next((k for k in sdata.tables if k.endswith(f"{bin_size:03d}um")), None)
     if name is None:
         raise InputError(f"{folder}: no table of {bin_size}-um bins; tables present: {list(sdata.tables)}")
-    return spatialdata_to_anndata(sdata, name, source=str(folder))
+    adata = spatialdata_to_anndata(sdata, name, source=str(folder))
+    sf_file = folder / f"binned_outputs/square_{int(bin_size):03d}um/spatial/scalefactors_json.json"
+    sf_bins = json.loads(sf_file.read_text())
+    sf = next(iter(adata.uns["spatial"].values()))["scalefactors"]
+    for k in ("spot_diameter_fullres", "microns_per_pixel", "bin_size_um"):
+        if k in sf_bins:
+            sf[k] = float(sf_bins[k])
+    adata.var_names_make_unique()
+    return adata

@@ -55,6 +55,10 @@ class SampleConfig(_Named):
     image_scale: float | str | None = None
     platform: Platform = Platform.VISIUM
     reference: str
+    # Visium HD: the bins read (2 / 8 / 16 um) and how far (um) each segmented nucleus is grown to take the bins of
+    # its cytoplasm (0: bins under the nucleus only).
+    bin_size: Literal[2, 8, 16] = 2
+    expand_um: float = Field(0.0, ge=0)
     # Square grids: sub-spots per spot side (2 -> 4 sub-spots, 3 -> 9).
     grid_subdivision: Literal[2, 3] = 3
     # Several aligned slices: samples sharing a group are slices of one 3D tissue at height z (micrometres).
@@ -315,6 +319,15 @@ def load_config(path: str | os.PathLike | None = None, *, check_files: bool = Tr
                 problems.append(f"  key 'samples[{i}].spatial': file not found: {s.spatial}")
             if s.image is not None and not s.image.exists():
                 problems.append(f"  key 'samples[{i}].image': file not found: {s.image}")
+            if s.platform == Platform.VISIUM_HD and s.spatial.is_dir() and s.spatial.suffix != ".zarr":
+                from ..io import visium_hd_missing_files
+
+                missing = visium_hd_missing_files(s.spatial, s.bin_size)
+                if missing:
+                    problems.append(
+                        f"  key 'samples[{i}].spatial': {s.spatial} is not a complete Visium HD folder for "
+                        f"{s.bin_size}-um bins (samples[{i}].bin_size): missing {', '.join(missing)}"
+                    )
         if problems:
             raise ConfigError("\n".join([f"{path}: invalid project config", *problems]))
     return cfg

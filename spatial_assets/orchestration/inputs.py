@@ -54,7 +54,7 @@ def slide_inputs(context: dg.AssetExecutionContext, project: ProjectResource) ->
     """A sample's spot counts (AnnData zarr) and H&E image (chunked zarr), validated: counts, coordinates,
     scale factors, and that the image covers the spots."""
     s = project.sample(context.partition_key)
-    loaded = sio.load_slide(s.spatial, s.platform, s.image, name=s.name, image_scale=s.image_scale)
+    loaded = sio.load_slide(s.spatial, s.platform, s.image, name=s.name, image_scale=s.image_scale, bin_size=s.bin_size)
     ref = project.reference_of(s.name)  # gene IDs against the reference, before any stage runs
     if ref.path.suffix == ".h5ad" and ref.path.exists():  # names the cause: Ensembl vs symbols, species' case
         sio.check_gene_ids(

@@ -9,6 +9,7 @@ import math
 
 import dagster as dg
 
+from ..constants import Platform
 from ..io import count_spots
 from .config import ProjectConfig, SampleConfig
 
@@ -35,11 +36,23 @@ def n_ranges(n_spots: int, size: int) -> int:
     return max(1, math.ceil(n_spots / size))
 
 
+def _n_spots(cfg: ProjectConfig, s: SampleConfig) -> int:
+    """Spots of a sample as decomposition sees them; Visium HD: its segmented cells (1 range until segmented,
+    segmented_slide then adds the keys its cells need)."""
+    if s.platform == Platform.VISIUM_HD:
+        from ..io import is_complete, read_dataframe
+        from .stores import Stores
+
+        cells = Stores(cfg.storage_root).segmented(s.name).cells
+        return len(read_dataframe(cells)) if is_complete(cells) else 1
+    return count_spots(s.spatial)
+
+
 def needed_keys(cfg: ProjectConfig, samples: list[SampleConfig] | None = None) -> dict[str, list[str]]:
     """The partition keys the config's samples (or the given ones) need, per dynamic partitions definition."""
     chosen = list(cfg.samples) if samples is None else samples
     size = cfg.partitions.spot_range_size
-    most = max((n_ranges(count_spots(s.spatial), size) for s in chosen), default=0)
+    most = max((n_ranges(_n_spots(cfg, s), size) for s in chosen), default=0)
     refs = sorted({s.reference for s in chosen} | ({r.name for r in cfg.references} if samples is None else set()))
     return {
         SAMPLES: [s.name for s in chosen],
@@ -78,5 +91,5 @@ def register_partitions(instance: dg.DagsterInstance, cfg: ProjectConfig, sample
 
 def sample_range_keys(cfg: ProjectConfig, sample: str) -> list[dg.MultiPartitionKey]:
     """The (sample, spot range) partition keys that cover a sample's spots."""
-    n = n_ranges(count_spots(cfg.sample(sample).spatial), cfg.partitions.spot_range_size)
+    n = n_ranges(_n_spots(cfg, cfg.sample(sample)), cfg.partitions.spot_range_size)
     return [dg.MultiPartitionKey({"sample": sample, "spot_range": range_key(i)}) for i in range(n)]

@@ -9,7 +9,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from .. import celltyping, decomposition, generative, pl, segmentation
+from .. import celltyping, decomposition, generative, pl, platforms, segmentation
 from .. import io as sio
 from ..constants import UNASSIGNED, Platform
 from .code_versions import code_version
@@ -40,6 +40,28 @@ def _device(compute: ComputeResource, context, report: Report) -> str:
     if warn:
         report.value(device_warning=warn)
     return dev
+
+
+def _slide(project: ProjectResource, sample: str):
+    """A sample's spots as typing and decomposition see them: slide_inputs' spots, or on Visium HD the cells
+    (bins summed per segmented nucleus, written by segmented_slide), each its own spot."""
+    if project.sample(sample).platform == Platform.VISIUM_HD:
+        path = project.stores.segmented(sample).bin_cells
+        _require(path, "segmented_slide", sample, "cell typing and decomposition (Visium HD cells)")
+        return sio.read_anndata(path)
+    return sio.read_anndata(project.stores.slide(sample))
+
+
+def _register_cell_ranges(context, project: ProjectResource, n_cells: int) -> None:
+    """Add the spot-range partition keys that ``n_cells`` cells need (Visium HD: known after segmentation)."""
+    from .partitions import SPOT_RANGES
+
+    size = project.config.partitions.spot_range_size
+    have = set(context.instance.get_dynamic_partitions(SPOT_RANGES))
+    new = [range_key(i) for i in range(n_ranges(n_cells, size)) if range_key(i) not in have]
+    if new:
+        context.instance.add_dynamic_partitions(SPOT_RANGES, new)
+        context.log.info(f"added spot-range partitions {new} for {n_cells} Visium HD cells")
 
 
 def _require(path, asset: str, sample: str, needed_by: str) -> None:
@@ -75,12 +97,22 @@ def segmented_slide(
         _device(compute, context, report)
         image = sio.read_arrays(project.stores.slide_image(s.name), ["image"], lazy=True)["image"]
     t0 = time.time()
-    res = run_with_transient_retries(
-        context,
-        lambda _scale: segmentation.segment_sample(
-            slide, image, s.platform, project.params(s.name).segmentation, sample=s.name
-        ),
-    )
+    bin_cells = None
+    if s.platform == Platform.VISIUM_HD:  # nuclei of the H&E, the bins under each summed: cells replace the spots
+        res, bin_cells = run_with_transient_retries(
+            context,
+            lambda _scale: platforms.segment_bins(
+                slide, image, project.params(s.name).segmentation, expand_um=s.expand_um, sample=s.name
+            ),
+        )
+        slide = bin_cells  # the QC figure shows the cells as spots
+    else:
+        res = run_with_transient_retries(
+            context,
+            lambda _scale: segmentation.segment_sample(
+                slide, image, s.platform, project.params(s.name).segmentation, sample=s.name
+            ),
+        )
     out = project.stores.segmented(s.name)
     with sio.atomic_path(out.folder) as tmp:
         tmp.mkdir(parents=True)
@@ -89,6 +121,11 @@ def segmented_slide(
             sio.write_arrays({"labels": res.labels}, t.labels, chunks=(1024, 1024), attrs={"info": res.info})
         sio.write_dataframe(res.cells, t.cells)
         sio.write_dataframe(res.spots, t.spots, info={"summary": res.summary})
+        if bin_cells is not None:
+            sio.write_anndata(bin_cells, t.bin_cells)
+    if bin_cells is not None:  # decomposition ranges of the cells (known only now), added to the instance
+        _register_cell_ranges(context, project, bin_cells.n_obs)
+        report.store(out.bin_cells, "bin_cells_")
     if res.labels is not None:
         report.figure(
             "qc_figure",
@@ -187,11 +224,11 @@ def _typing_inputs(project: ProjectResource, sample: str) -> tuple:
     seg = project.stores.segmented(sample)
     _require(project.stores.slide(sample), "slide_inputs", sample, "typed_cells")
     _require(seg.cells, "segmented_slide", sample, "typed_cells")
-    slide = sio.read_anndata(project.stores.slide(sample))
+    slide = _slide(project, sample)
     cells = sio.read_dataframe(seg.cells)
     spots = sio.read_dataframe(seg.spots)
     s = project.sample(sample)
-    slide, cells, _ = celltyping.typing_inputs(slide, cells, spots, s.platform)
+    slide, cells, _ = celltyping.typing_inputs(slide, cells, spots, s.platform.cells_platform)
     return slide, cells
 
 
@@ -224,7 +261,7 @@ def typed_cells(context: dg.AssetExecutionContext, project: ProjectResource) -> 
             s.name,
             slices,
             {t.name: t.z for t in group},
-            {t.name: t.platform for t in group},
+            {t.name: t.platform.cells_platform for t in group},
             reference,
             ref.cell_type_key,
             params.cell_typing,
@@ -233,7 +270,7 @@ def typed_cells(context: dg.AssetExecutionContext, project: ProjectResource) -> 
         report.value(slices_group=s.slices, **ginfo)
     else:
         res = celltyping.type_sample(
-            slide, reference, ref.cell_type_key, cells, params.cell_typing, platform=s.platform, **kw
+            slide, reference, ref.cell_type_key, cells, params.cell_typing, platform=s.platform.cells_platform, **kw
         )
     out = project.stores.typed(s.name)
     with sio.atomic_path(out.folder) as tmp:
@@ -271,7 +308,7 @@ def _spot_weights(project: ProjectResource, s, res):
     """Typed cells' weights as a scanpy-ready spots x types AnnData over every input barcode."""
     seg = project.stores.segmented(s.name)
     spots = sio.read_dataframe(seg.spots) if sio.is_complete(seg.spots) else None
-    slide = sio.read_anndata(project.stores.slide(s.name))
+    slide = _slide(project, s.name)
     skipped = res.info.get("skipped_spots", {})
     return sio.spot_weights_anndata(res.weights, slide, spots=spots, skipped=skipped, image=_sample_image(project, s))
 
@@ -465,7 +502,7 @@ def decomposed_cells(
     s = project.sample(sample)
     ref = project.reference_of(sample)
     start, stop = range_bounds(rkey, project.config.partitions.spot_range_size)
-    slide = sio.read_anndata(project.stores.slide(sample))
+    slide = _slide(project, sample)
     typed = project.stores.typed(sample)
     cells = sio.read_dataframe(typed.cells)
     pe = sio.read_dataframe(typed.platform_effect)["estimated_be"]
@@ -494,7 +531,7 @@ def decomposed_cells(
             pe,
             (start, stop),
             dparams.model_copy(update={"batch_cells": scaled(dparams.batch_cells, scale)}),
-            platform=s.platform,
+            platform=s.platform.cells_platform,
             device=dev,
             log=context.log.info,
             reference=reference,
@@ -568,7 +605,7 @@ def decomposed_cells_by_sample(context: dg.AssetExecutionContext, project: Proje
     """All decomposed spot ranges of a sample combined into one AnnData of every cell."""
     sample = context.partition_key
     folder = project.stores.decomposed_ranges(sample)
-    slide = sio.read_anndata(project.stores.slide(sample))
+    slide = _slide(project, sample)
     size = project.config.partitions.spot_range_size
     expected = {range_key(i): range_bounds(range_key(i), size) for i in range(n_ranges(slide.n_obs, size))}
     paths, stale = sio.current_range_stores(folder, expected)

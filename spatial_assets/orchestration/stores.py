@@ -57,6 +57,11 @@ class SegmentedStores:
     def spots(self) -> Path:
         return self.folder / "spots.zarr"
 
+    @property
+    def bin_cells(self) -> Path:
+        """Visium HD: cells x genes AnnData, the bins summed per segmented nucleus (the spots of typing on)."""
+        return self.folder / "bin_cells.zarr"
+
     def inside(self, tmp: Path) -> SegmentedStores:
         """The same layout inside a temporary folder (for an atomic write of the whole folder)."""
         return SegmentedStores(Path(tmp))

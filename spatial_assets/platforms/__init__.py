@@ -14,8 +14,9 @@
 
 All vectorised (KD-trees, bincount, sparse products). Randomness is seeded and recorded.
 
-* Visium HD: :func:`bins_to_cells` sums 2 / 8 / 16-um bins under segmented nuclei into imaging-like cells (then
-  typed / decomposed as an imaging panel, platform ``merfish``); Xenium cells come segmented
+* Visium HD: :func:`bins_to_cells` sums 2 / 8 / 16-um bins under segmented nuclei into imaging-like cells,
+  :func:`segment_bins` segments the H&E and does so in one step (platform ``visium_hd`` in the asset graph; the
+  cells are then typed / decomposed as an imaging panel, each cell its own spot); Xenium cells come segmented
   (:func:`spatial_assets.io.read_xenium`).
 
 Simulators of these platforms with ground truth live in :mod:`spatial_assets.datasets`.
@@ -24,12 +25,13 @@ Simulators of these platforms with ground truth live in :mod:`spatial_assets.dat
 from ._imaging import PlatformInputError, cells_from_spots, imputation_scores, integer_counts, microns_per_pixel
 from ._slices import SLICE_SEP, combined_view, cross_slice_fraction, stack_slices, unstack_result
 from ._slideseq import cells_from_beads, evaluate_beads
-from ._visium_hd import bins_to_cells
+from ._visium_hd import bins_to_cells, segment_bins
 
 __all__ = [
     "SLICE_SEP",
     "PlatformInputError",
     "bins_to_cells",
+    "segment_bins",
     "cells_from_beads",
     "cells_from_spots",
     "combined_view",

@@ -96,3 +96,78 @@ def bins_to_cells(
         if k in bins.uns:
             cells.uns[k] = bins.uns[k]
     return cells
+
+
+def segment_bins(
+    bins: ad.AnnData,
+    image,
+    params=None,
+    *,
+    expand_um: float = 0.0,
+    min_bins: int = 1,
+    sample: str = "sample",
+):
+    """SpatialScope step 1 on Visium HD: segment the H&E's nuclei, sum the bins under each into a cell, and make
+    every cell its own spot (as on an imaging panel) for cell typing and decomposition.
+
+    Parameters
+    ----------
+    bins : anndata.AnnData
+        Bins x genes raw counts, ``obsm['spatial']`` bin centres in the image's full-resolution pixels, and
+        ``uns['spatial'][lib]['scalefactors']['microns_per_pixel']`` (for ``expand_um``).
+    image : array-like or str or os.PathLike
+        The (H, W, 3) H&E in whose pixels the bins are given.
+    params : spatial_assets.params.SegmentationParams or None
+        Segmentation parameters (method, model, thresholds); the defaults when None.
+    expand_um : float
+        Grow each nucleus by this many micrometres before assigning bins (0: bins under the nucleus only).
+    min_bins : int
+        Cells with fewer bins are dropped.
+    sample : str
+        The sample's name in error messages.
+
+    Returns
+    -------
+    result : spatial_assets.segmentation.SampleCells
+        ``cells`` (one per cell, ``<cell>_0``, with the nucleus ``label`` and ``area``), ``spots`` (each cell a
+        spot: ``n_cells`` 1, ``total_umi``, ``qc_pass``), the nuclei ``labels``, ``summary`` and ``info``
+        (segmentation's, plus ``bins_to_cells``).
+    cells : anndata.AnnData
+        Cells x genes (the summed bins' counts), ``obsm['spatial']`` in pixels, ``uns['spatial']`` of the bins.
+
+    Raises
+    ------
+    InputError
+        No image, bins outside the image, or no nucleus holding a bin.
+    """
+    from ..segmentation import SampleCells, as_rgb_image, segment_nuclei
+    from ._imaging import cells_from_spots, microns_per_pixel
+
+    if image is None:
+        raise InputError(
+            f"sample '{sample}': platform visium_hd needs an H&E image (samples[{sample}].image) for nuclei "
+            "segmentation"
+        )
+    if expand_um < 0:
+        raise InputError(f"sample '{sample}': expand_um = {expand_um}; expected >= 0 micrometres")
+    img = as_rgb_image(image)
+    res = segment_nuclei(img, params)
+    um_per_px, _ = microns_per_pixel(bins, "visium_hd")
+    expand_px = int(round(expand_um / um_per_px)) if expand_um > 0 else 0
+    cells = bins_to_cells(bins, np.asarray(res.labels), expand_px=expand_px, min_bins=min_bins)
+    if cells.n_obs == 0:
+        raise InputError(
+            f"sample '{sample}': no segmented nucleus holds a bin centre ({res.info.get('n_nuclei', 0)} nuclei, "
+            f"{bins.n_obs} bins); are the bins in the full-resolution pixels of the image?"
+        )
+    if "sample" in bins.uns:
+        cells.uns["sample"] = dict(bins.uns["sample"])
+    table, spots, summary = cells_from_spots(cells, platform="visium_hd")
+    area = res.nuclei.set_index("label")["area"] if "area" in res.nuclei else None
+    table["label"] = cells.obs["label"].to_numpy()
+    if area is not None:
+        table["area"] = area.reindex(cells.obs["label"].to_numpy()).to_numpy(float)
+    b2c = dict(cells.uns["bins_to_cells"])
+    summary.update({k: b2c[k] for k in ("bins", "fraction_bins_assigned", "fraction_counts_assigned")})
+    info = {**res.info, "bins_to_cells": b2c, "expand_um": float(expand_um)}
+    return SampleCells(table, spots, res.labels, summary, info), cells

@@ -1,0 +1,181 @@
+"""Visium HD through the asset graph: a synthetic HD folder (in spatialdata-io's on-disk layout) over the demo's
+H&E; slide_inputs reads the bins, segmented_slide segments the nuclei (StarDist) and sums the bins under each into a
+cell, typed_cells / decomposed_cells treat each cell as its own spot. Cell types are scored against the demo's true
+cells, beside the same inputs assigned by Voronoi (every bin to its nearest segmented nucleus) and typed alike."""
+
+from __future__ import annotations
+
+import anndata as ad
+import dagster as dg
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import yaml
+from scipy.spatial import cKDTree
+
+import spatial_assets as sa
+from spatial_assets import io as storage
+from spatial_assets.constants import UNASSIGNED
+from spatial_assets.params import CellTypingParams, SegmentationParams
+from tests.platforms.hd_synthetic import simulate_hd_bins, write_visium_hd_folder
+
+TYPE_KEY = "cell_class"
+AMBIENT = 0.05  # ambient RNA per bin, relative to a cell's mean per-bin counts (Visium HD: many UMIs off the cells)
+TYPING = {"min_cells_per_type": 2, "sigma_fit_min_umi": 50}
+
+
+def _config(tmp, demo, hd, **sample):
+    return {
+        "storage_root": str(tmp / "store"),
+        "partitions": {"spot_range_size": 1000},
+        "references": [{"name": "ref", "path": str(demo.reference), "cell_type_key": TYPE_KEY}],
+        "samples": [
+            {
+                "name": "hd",
+                "spatial": str(hd),
+                "image": str(demo.image),
+                "platform": "visium_hd",
+                "reference": "ref",
+                "bin_size": 2,
+                **sample,
+            }
+        ],
+        "parameters": {
+            "segmentation": {"model": "bundled:stardist_nuclei", "channel": "hematoxylin", "min_umi": 0},
+            "cell_typing": TYPING,
+            "score_model": {
+                "sigma_begin": 50,
+                "sigma_end": 0.002,
+                "sampling_step": 3.0e-7,
+                "n_sigmas": 40,
+                "train_steps": 200,
+                "save_every": 200,
+                "hidden": 64,
+                "n_blocks": 1,
+                "batch_size": 128,
+                "mixed_precision": False,
+            },
+            "decomposition": {"n_replicates": 1, "level_stride": 4},
+        },
+    }
+
+
+def _accuracy(cells_xy: np.ndarray, types: np.ndarray, truth: ad.AnnData, radius_px: float = 6.0) -> dict:
+    """Each typed cell matched to the nearest true cell within ``radius_px`` of its centre."""
+    d, j = cKDTree(np.c_[truth.obs["x"], truth.obs["y"]]).query(cells_xy)
+    ok = d <= radius_px
+    true = truth.obs[TYPE_KEY].astype(str).to_numpy()[j[ok]]
+    return {
+        "accuracy": float((types[ok] == true).mean()),
+        "matched": int(ok.sum()),
+        "true_cells_found": float(len(np.unique(j[ok])) / truth.n_obs),
+    }
+
+
+def _voronoi_cells(bins: ad.AnnData, centres: np.ndarray, names) -> ad.AnnData:
+    """The baseline assignment: every bin to its nearest nucleus centre."""
+    near = cKDTree(centres).query(np.asarray(bins.obsm["spatial"])[:, :2])[1]
+    A = sp.csr_matrix((np.ones(bins.n_obs), (near, np.arange(bins.n_obs))), shape=(len(centres), bins.n_obs))
+    out = ad.AnnData(X=(A @ sp.csr_matrix(bins.X)).astype(np.float32), var=bins.var.copy())
+    out.obs_names = list(names)
+    out.obsm["spatial"] = centres
+    out.uns["spatial"] = bins.uns["spatial"]
+    return out
+
+
+@pytest.mark.slow
+def test_visium_hd_sample_materializes_and_types_cells(tmp_path, demo_small):
+    from spatial_assets.orchestration.config import load_config
+    from spatial_assets.orchestration.definitions import build_definitions
+    from spatial_assets.orchestration.partitions import register_partitions, sample_range_keys
+
+    bins, truth = simulate_hd_bins(demo_small, bin_um=2.0, body_um=2.0, ambient=AMBIENT, seed=0)
+    hd = write_visium_hd_folder(tmp_path / "outs", bins)
+    cfg_path = tmp_path / "dagster_project.yaml"
+    cfg_path.write_text(yaml.safe_dump(_config(tmp_path, demo_small, hd)))
+    cfg = load_config(cfg_path)
+    defs = build_definitions(cfg)
+    inst = dg.DagsterInstance.ephemeral()
+    register_partitions(inst, cfg)
+
+    def run(selection, key, checks=True):
+        r = dg.materialize(
+            [*defs.assets, *(defs.asset_checks or [])] if checks else list(defs.assets),
+            selection=selection,
+            partition_key=key,
+            resources=dict(defs.resources),
+            instance=inst,
+            raise_on_error=False,
+        )
+        errors = [e.event_specific_data.error.to_string() for e in r.all_events if e.is_step_failure]
+        assert r.success, "\n".join(errors)
+        evals = [e for e in r.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
+        assert all(e.event_specific_data.passed for e in evals), selection
+        return r
+
+    run(["reference_data"], "ref")
+    run(["slide_inputs", "segmented_slide", "typed_cells"], "hd")
+    root = cfg.storage_root
+    seg = storage.read_dataframe(root / "segmented_slide" / "hd" / "cells.zarr")
+    cells = storage.read_anndata(root / "segmented_slide" / "hd" / "bin_cells.zarr")
+    stored_bins = storage.read_anndata(root / "slide_inputs" / "hd.zarr")
+    assert stored_bins.n_obs == bins.n_obs  # slide_inputs holds the bins, read from the HD folder
+    # each cell is the sum of the bins whose centre lies on its segmented nucleus
+    labels = np.asarray(storage.read_arrays(root / "segmented_slide" / "hd" / "labels.zarr", ["labels"])["labels"])
+    xy = np.rint(np.asarray(stored_bins.obsm["spatial"])).astype(int)
+    on = labels[xy[:, 1], xy[:, 0]]
+    np.testing.assert_allclose(
+        np.asarray(cells.X.sum(1)).ravel(), [stored_bins.X[on == k].sum() for k in cells.obs["label"]]
+    )
+    assert len(seg) == cells.n_obs and (seg["spot"].to_numpy() == cells.obs_names.to_numpy()).all()
+    typed = storage.read_dataframe(root / "typed_cells" / "hd" / "cells.zarr")
+    assert len(typed) == cells.n_obs  # every cell typed as its own spot
+    ours = _accuracy(typed[["x", "y"]].to_numpy(float), typed["cell_type"].astype(str).to_numpy(), truth)
+
+    # baseline on the same bins and nuclei: Voronoi assignment, typed by the same function
+    centres = cells.obsm["spatial"]
+    vor = _voronoi_cells(stored_bins, np.asarray(centres), cells.obs_names)
+    ref = ad.read_h5ad(demo_small.reference)
+    vseg = sa.seg.segment_sample(vor, None, "merfish", SegmentationParams(min_umi=0))
+    vtyped = sa.tl.cell_types(vor, ref, TYPE_KEY, vseg, CellTypingParams(**TYPING), platform="merfish")
+    base = _accuracy(vtyped.cells[["x", "y"]].to_numpy(float), vtyped.cells["cell_type"].astype(str).to_numpy(), truth)
+    print(f"visium_hd typed cells: bins_to_cells {ours} | Voronoi baseline {base}")
+    assert ours["true_cells_found"] > 0.5
+    assert ours["accuracy"] > 0.6
+    assert ours["accuracy"] >= base["accuracy"]
+
+    # decomposition: each cell its own spot (a 200-step model: only fast, its quality check is not run)
+    run(["score_checkpoint"], "ref", checks=False)
+    (key,) = sample_range_keys(cfg, "hd")
+    run(["decomposed_cells"], key)
+    run(["decomposed_cells_by_sample"], "hd")
+    dec = storage.read_anndata(root / "decomposed_cells_by_sample" / "hd.zarr")
+    typed_ok = typed["cell_type"].astype(str) != UNASSIGNED  # untyped cells (own spots) are dropped
+    assert set(dec.obs_names) == set(typed.index[typed_ok]) and np.isfinite(np.asarray(dec.X)).all()
+    # raw-scale counts of each decomposed cell add up to its cell's (own spot's) counts
+    own = np.asarray(cells[dec.obs["spot"].astype(str).to_numpy()].X.sum(1)).ravel()
+    got = np.asarray(dec.layers["counts"].sum(1)).ravel()
+    assert np.median(np.abs(got - own) / np.maximum(own, 1)) < 0.2
+    assert "spatial" in dec.obsm and "spatial" in dec.uns
+
+
+def test_visium_hd_config_names_missing_image_and_files(tmp_path, demo_small):
+    from spatial_assets.orchestration.config import ConfigError, load_config
+
+    bins, _ = simulate_hd_bins(demo_small, bin_um=8.0, ambient=0.005, seed=1)
+    hd = write_visium_hd_folder(tmp_path / "outs", bins)
+    doc = _config(tmp_path, demo_small, hd, bin_size=8)
+    del doc["samples"][0]["image"]
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match=r"samples\[0\] \(hd\)\.image: platform 'visium_hd' needs an H&E image"):
+        load_config(tmp_path / "a.yaml")
+    # the bins of another size are not there: named, with the file spatialdata-io needs
+    doc = _config(tmp_path, demo_small, hd, bin_size=2)
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match=r"samples\[0\]\.spatial'.*binned_outputs/square_002um/filtered_feature_bc"):
+        load_config(tmp_path / "b.yaml")
+    (hd / "feature_slice.h5").unlink()
+    doc = _config(tmp_path, demo_small, hd, bin_size=8)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match=r"samples\[0\]\.spatial'.*missing feature_slice\.h5"):
+        load_config(tmp_path / "c.yaml")
