@@ -55,10 +55,11 @@ class SampleConfig(_Named):
     image_scale: float | str | None = None
     platform: Platform = Platform.VISIUM
     reference: str
-    # Visium HD: the bins read (2 / 8 / 16 um) and how far (um) each segmented nucleus is grown to take the bins of
-    # its cytoplasm (0: bins under the nucleus only).
+    # Visium HD: the bins read (2 / 8 / 16 um) and how far (um) each segmented nucleus is grown (without merging
+    # neighbours) to take the bins of its cytoplasm (0: bins under the nucleus only; 4 measured best with ambient
+    # RNA, benchmarks/bench_visium_hd.py).
     bin_size: Literal[2, 8, 16] = 2
-    expand_um: float = Field(0.0, ge=0)
+    expand_um: float = Field(4.0, ge=0)
     # Square grids: sub-spots per spot side (2 -> 4 sub-spots, 3 -> 9).
     grid_subdivision: Literal[2, 3] = 3
     # Several aligned slices: samples sharing a group are slices of one 3D tissue at height z (micrometres).

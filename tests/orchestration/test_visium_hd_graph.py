@@ -120,8 +120,12 @@ def test_visium_hd_sample_materializes_and_types_cells(tmp_path, demo_small):
     cells = storage.read_anndata(root / "segmented_slide" / "hd" / "bin_cells.zarr")
     stored_bins = storage.read_anndata(root / "slide_inputs" / "hd.zarr")
     assert stored_bins.n_obs == bins.n_obs  # slide_inputs holds the bins, read from the HD folder
-    # each cell is the sum of the bins whose centre lies on its segmented nucleus
+    # each cell is the sum of the bins whose centre lies on its segmented nucleus grown by expand_um (default 4 um)
+    from skimage.segmentation import expand_labels
+
     labels = np.asarray(storage.read_arrays(root / "segmented_slide" / "hd" / "labels.zarr", ["labels"])["labels"])
+    assert cfg.samples[0].expand_um == 4.0
+    labels = expand_labels(labels, distance=int(round(4.0 / 0.8)))
     xy = np.rint(np.asarray(stored_bins.obsm["spatial"])).astype(int)
     on = labels[xy[:, 1], xy[:, 0]]
     np.testing.assert_allclose(
@@ -140,9 +144,11 @@ def test_visium_hd_sample_materializes_and_types_cells(tmp_path, demo_small):
     vtyped = sa.tl.cell_types(vor, ref, TYPE_KEY, vseg, CellTypingParams(**TYPING), platform="merfish")
     base = _accuracy(vtyped.cells[["x", "y"]].to_numpy(float), vtyped.cells["cell_type"].astype(str).to_numpy(), truth)
     print(f"visium_hd typed cells: bins_to_cells {ours} | Voronoi baseline {base}")
-    assert ours["true_cells_found"] > 0.5
-    assert ours["accuracy"] > 0.6
-    assert ours["accuracy"] >= base["accuracy"]
+    assert ours["true_cells_found"] > 0.9 and base["true_cells_found"] == ours["true_cells_found"]
+    assert ours["accuracy"] > 0.7
+    # with ambient RNA in every bin, Voronoi cells take in the ambient of all their bins (benchmarks/bench_visium_hd.py:
+    # 0.765 vs 0.694 on this window; 0.761 vs 0.747 over three windows)
+    assert ours["accuracy"] > base["accuracy"] + 0.03
 
     # decomposition: each cell its own spot (a 200-step model: only fast, its quality check is not run)
     run(["score_checkpoint"], "ref", checks=False)
