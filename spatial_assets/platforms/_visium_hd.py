@@ -140,7 +140,8 @@ def segment_bins(
     Raises
     ------
     InputError
-        No image, bins outside the image, or no nucleus holding a bin.
+        No image, no ``microns_per_pixel`` (with ``expand_um`` > 0), bins outside the image, or no nucleus holding
+        a bin.
     """
     from ..segmentation import SampleCells, as_rgb_image, segment_nuclei
     from ._imaging import cells_from_spots, microns_per_pixel
@@ -152,10 +153,16 @@ def segment_bins(
         )
     if expand_um < 0:
         raise InputError(f"sample '{sample}': expand_um = {expand_um}; expected >= 0 micrometres")
+    um_per_px, how = microns_per_pixel(bins, "visium_hd")
+    if expand_um > 0 and how.startswith("assumed"):
+        raise InputError(
+            f"sample '{sample}': the bins' uns['spatial'][lib]['scalefactors']['microns_per_pixel'] is missing; "
+            f"expected the image's micrometres per pixel (Space Ranger's scalefactors_json.json has it) to grow the "
+            f"nuclei by expand_um={expand_um:g} um"
+        )
+    expand_px = int(round(expand_um / um_per_px)) if expand_um > 0 else 0
     img = as_rgb_image(image)
     res = segment_nuclei(img, params)
-    um_per_px, _ = microns_per_pixel(bins, "visium_hd")
-    expand_px = int(round(expand_um / um_per_px)) if expand_um > 0 else 0
     cells = bins_to_cells(bins, np.asarray(res.labels), expand_px=expand_px, min_bins=min_bins)
     if cells.n_obs == 0:
         raise InputError(

@@ -76,3 +76,26 @@ def test_expanded_nuclei_take_more_bins_and_errors_are_named():
     del far.obsm["spatial"]
     with pytest.raises(sa.io.InputError, match=r"obsm\['spatial'\] is missing"):
         sa.platforms.bins_to_cells(far, labels)
+
+
+def test_segment_bins_is_segmentation_then_bins_to_cells(demo_small):
+    """One step of the ``segmented_slide`` asset on Visium HD: the grown nuclei's bins, each cell its own spot."""
+    from spatial_assets.params import SegmentationParams
+    from tests.platforms.hd_synthetic import simulate_hd_bins
+
+    bins, truth = simulate_hd_bins(demo_small, bin_um=2.0, ambient=0.01, seed=3)
+    bins.uns["spatial"] = {"hd": {"scalefactors": {"microns_per_pixel": 0.8, "spot_diameter_fullres": 2.5}}}
+    params = SegmentationParams(method="watershed", min_umi=0)
+    res, cells = sa.platforms.segment_bins(bins, sa.io.read_image(demo_small.image), params, expand_um=4.0)
+    want = sa.platforms.bins_to_cells(bins, np.asarray(res.labels), expand_px=5)  # 4 um / 0.8 um per px
+    assert list(cells.obs_names) == list(want.obs_names)
+    np.testing.assert_array_equal(cells.X.toarray(), want.X.toarray())
+    assert (res.cells["spot"].to_numpy() == cells.obs_names.to_numpy()).all()
+    assert (res.spots["n_cells"] == 1).all() and res.info["bins_to_cells"]["expand_px"] == 5
+    assert res.info["expand_um"] == 4.0 and res.summary["fraction_bins_assigned"] > 0
+    assert 0.5 * truth.n_obs < cells.n_obs < 2 * truth.n_obs  # about one cell per true nucleus
+    with pytest.raises(sa.io.InputError, match="needs an H&E image"):
+        sa.platforms.segment_bins(bins, None, params)
+    del bins.uns["spatial"]
+    with pytest.raises(sa.io.InputError, match=r"\['microns_per_pixel'\] is missing"):
+        sa.platforms.segment_bins(bins, demo_small.image, params, expand_um=4.0)
