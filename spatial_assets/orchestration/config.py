@@ -342,9 +342,12 @@ IMAGE_NAMES = ("image.tif", "image.tiff", "image.jpg", "image.jpeg", "image.png"
 
 
 def landed_sample_files(folder: Path) -> tuple[Path | None, Path | None]:
-    """(spatial data, image) of a landing sub-folder: slide.h5ad / slide.zarr / a Space Ranger layout, image.*"""
+    """(spatial data, image) of a landing sub-folder: slide.h5ad / slide.zarr / a Space Ranger, Visium HD
+    (``binned_outputs/``) or Xenium (``experiment.xenium``) layout, image.*"""
     spatial = next((folder / n for n in SPATIAL_NAMES if (folder / n).exists()), None)
     if spatial is None and (folder / "spatial").is_dir() and (folder / "filtered_feature_bc_matrix.h5").exists():
+        spatial = folder
+    if spatial is None and ((folder / "binned_outputs").is_dir() or (folder / "experiment.xenium").exists()):
         spatial = folder
     image = next((folder / n for n in IMAGE_NAMES if (folder / n).exists()), None)
     return spatial, image

@@ -225,3 +225,27 @@ def test_xenium_folder_materializes_like_the_same_cells_in_memory(tmp_path, demo
     majority = float(truth.obs[TYPE_KEY].astype(str).value_counts(normalize=True).iloc[0])
     print(f"xenium folder through the graph: accuracy {acc:.3f} vs every cell the majority type {majority:.3f}")
     assert acc > majority + 0.1
+
+
+def test_landed_visium_hd_folder_is_a_visium_hd_sample(tmp_path, demo_small):
+    """A Visium HD outs/ folder dropped into the landing folder, with its H&E and sample.yaml, is a sample."""
+    import shutil
+
+    from spatial_assets.orchestration.config import load_config
+
+    bins, _ = simulate_hd_bins(demo_small, bin_um=16.0, ambient=0.01, seed=0)
+    land = tmp_path / "landing"
+    write_visium_hd_folder(land / "hd2", bins)
+    shutil.copy(demo_small.image, land / "hd2" / "image.tif")
+    (land / "hd2" / "sample.yaml").write_text("platform: visium_hd\nbin_size: 16\n")
+    (land / "hd2" / "_READY").write_text("")
+    doc = _config(tmp_path, demo_small, land / "hd2", bin_size=16)
+    doc["samples"] = []
+    doc["landing"] = {"path": str(land), "reference": "ref"}
+    (tmp_path / "l.yaml").write_text(yaml.safe_dump(doc))
+    s = load_config(tmp_path / "l.yaml").sample("hd2")
+    assert s.platform == "visium_hd" and s.bin_size == 16 and s.spatial == land / "hd2"
+    assert s.image == land / "hd2" / "image.tif"
+    loaded = storage.load_slide(s.spatial, s.platform, s.image, bin_size=s.bin_size)
+    assert loaded.slide.n_obs == bins.n_obs
+    assert loaded.image.shape == storage.read_image(demo_small.image).shape
