@@ -53,6 +53,9 @@ class MixturePrior:
         (K,) log of each cluster's share of its type's reference cells.
     info : dict
         Summary of the fit.
+    library : numpy.ndarray or None
+        (K,) mean library size (raw counts over all genes) of each cluster's reference cells relative to the
+        reference's mean; None when the reference held log1p data (no library sizes).
     """
 
     genes: list[str]
@@ -61,6 +64,7 @@ class MixturePrior:
     type_idx: np.ndarray
     log_weights: np.ndarray
     info: dict[str, Any] = field(default_factory=dict)
+    library: np.ndarray | None = None
 
 
 def _kmeans(x: np.ndarray, k: int, seed: int, n_iter: int = 30) -> np.ndarray:
@@ -125,7 +129,12 @@ def fit_mixture_prior(
         raise ValueError(f"reference.obs['{key}']: model types without reference cells: {absent[:10]}")
     target_sum = float(getattr(model, "target_sum", None) or model.ref_library_size)
     logx = log_normalise(reference, genes, target_sum)  # (N, G) float32
-    profiles, tidx, logw = [], [], []
+    from ..generative._data import LOG_INPUT_MAX
+
+    X = reference.X
+    xmax = float(X.max()) if X.shape[0] and X.shape[1] else 0.0
+    libs = np.asarray(X.sum(1), dtype=np.float64).ravel() if xmax >= LOG_INPUT_MAX else None
+    profiles, tidx, logw, clib = [], [], [], []
     for t, name in enumerate(types):  # one k-means per type (tens of types), not a per-cell loop
         rows = np.flatnonzero(labels == name)
         k = max(1, min(n_components, len(rows) // max(min_cells_per_component, 1)))
@@ -137,6 +146,8 @@ def fit_mixture_prior(
         profiles.append(prof[keep])
         tidx.append(np.full(int(keep.sum()), t, np.int64))
         logw.append(np.log(cnt[keep] / cnt.sum()))
+        if libs is not None:
+            clib.append(((onehot @ libs[rows]) / np.maximum(cnt, 1))[keep] / max(libs.mean(), 1e-30))
     P = np.concatenate(profiles).astype(np.float32)
     return MixturePrior(
         genes,
@@ -151,6 +162,7 @@ def fit_mixture_prior(
             "seed": int(seed),
             "cell_type_key": key,
         },
+        library=np.concatenate(clib) if libs is not None else None,
     )
 
 
@@ -381,6 +393,10 @@ def mixture_profiles(
         / Pn[:, obs_t].sum(1, keepdim=True)
         * float(target[:, observed].sum(1).mean() / np.mean(inputs.spots["n_cells"]))
     )
+    if params.mixture_library_prior and prior.library is not None:
+        # the clusters' relative reference library sizes as the prior scale of a cell's expression
+        Pn = Pn * torch.as_tensor(prior.library, dtype=torch.float32)[:, None]
+        extra["mixture_library_prior"] = True
     cand_t = torch.ones(T, kmax, len(inputs.genes))  # padding: positive (finite logs), excluded by log weight -inf
     logw_t = torch.full((T, kmax), -torch.inf)
     cand_t[prior.type_idx[order], slot] = Pn[order]
