@@ -326,6 +326,9 @@ class DecompositionParams(_Params):
         Fit a size factor per cell to its spot (multiplicative Poisson updates).
     mixture_size_shrink : float, default 0.0
         Log-shrinkage of the size factors towards 1 per round.
+    mixture_library_prior : bool, default False
+        Scale each cluster's profile by its reference cells' mean library size (relative to the reference's), so
+        types / clusters with more RNA per cell take larger shares before the size factors are fitted.
     mixture_spatial_neighbours : int, default 0
         Spatial empirical prior: mix the cluster weights with those of the k nearest same-type cells (0 = off).
     mixture_spatial_weight : float, default 0.5
@@ -355,6 +358,8 @@ class DecompositionParams(_Params):
     # per-cell size factors fitted to the spot (multiplicative Poisson updates), log-shrinkage per round
     mixture_size_factors: bool = True
     mixture_size_shrink: float = Field(0.0, ge=0, lt=1)
+    # clusters' relative reference library sizes as the prior scale of a cell's expression
+    mixture_library_prior: bool = False
     # spatial empirical prior: mix the cluster weights with the responsibilities of the k nearest same-type cells
     # (0 = off), with this weight, then rerun the posterior
     mixture_spatial_neighbours: int = Field(0, ge=0)

@@ -53,6 +53,9 @@ class MixturePrior:
         (K,) log of each cluster's share of its type's reference cells.
     info : dict
         Summary of the fit.
+    library : numpy.ndarray or None
+        (K,) mean library size (raw counts over all genes) of each cluster's reference cells relative to the
+        reference's mean; None when the reference held log1p data (no library sizes).
     """
 
     genes: list[str]
@@ -61,6 +64,7 @@ class MixturePrior:
     type_idx: np.ndarray
     log_weights: np.ndarray
     info: dict[str, Any] = field(default_factory=dict)
+    library: np.ndarray | None = None
 
 
 def _kmeans(x: np.ndarray, k: int, seed: int, n_iter: int = 30) -> np.ndarray:
@@ -125,7 +129,12 @@ def fit_mixture_prior(
         raise ValueError(f"reference.obs['{key}']: model types without reference cells: {absent[:10]}")
     target_sum = float(getattr(model, "target_sum", None) or model.ref_library_size)
     logx = log_normalise(reference, genes, target_sum)  # (N, G) float32
-    profiles, tidx, logw = [], [], []
+    from ..generative._data import LOG_INPUT_MAX
+
+    X = reference.X
+    xmax = float(X.max()) if X.shape[0] and X.shape[1] else 0.0
+    libs = np.asarray(X.sum(1), dtype=np.float64).ravel() if xmax >= LOG_INPUT_MAX else None
+    profiles, tidx, logw, clib = [], [], [], []
     for t, name in enumerate(types):  # one k-means per type (tens of types), not a per-cell loop
         rows = np.flatnonzero(labels == name)
         k = max(1, min(n_components, len(rows) // max(min_cells_per_component, 1)))
@@ -137,6 +146,8 @@ def fit_mixture_prior(
         profiles.append(prof[keep])
         tidx.append(np.full(int(keep.sum()), t, np.int64))
         logw.append(np.log(cnt[keep] / cnt.sum()))
+        if libs is not None:
+            clib.append(((onehot @ libs[rows]) / np.maximum(cnt, 1))[keep] / max(libs.mean(), 1e-30))
     P = np.concatenate(profiles).astype(np.float32)
     return MixturePrior(
         genes,
@@ -151,6 +162,7 @@ def fit_mixture_prior(
             "seed": int(seed),
             "cell_type_key": key,
         },
+        library=np.concatenate(clib) if libs is not None else None,
     )
 
 
@@ -319,6 +331,118 @@ def binomial_log1p_moments(
     return mean, np.clip(var, 0, None)
 
 
+def mixture_profiles(
+    inputs,
+    model,
+    prior: MixturePrior,
+    params: DecompositionParams,
+    observed: np.ndarray,
+    target: np.ndarray,
+    log: Callable[[str], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray, torch.Tensor, torch.Tensor, dict]:
+    """Each cell's posterior-mean profile under the mixture prior, before the exact split of its spot.
+
+    Parameters
+    ----------
+    inputs : DecompositionInput
+        From :func:`prepare_spots` with the same ``model``.
+    model
+        The score model (or Gaussian stand-in) the prior was fitted on.
+    prior : MixturePrior
+        From :func:`fit_mixture_prior`.
+    params : DecompositionParams
+        The mixture's settings.
+    observed : ndarray of bool (G,)
+        Genes of the likelihood (in the slide, not hidden).
+    target : ndarray (S, G)
+        The spots in the decomposition's scale (``n_cells x`` the reference library on the observed genes).
+    log : callable, optional
+        Progress messages.
+
+    Returns
+    -------
+    mean : ndarray (C, G)
+        ``size x`` posterior-mean profile of each cell (decomposition scale; spot sums approximate the spot).
+    spread : ndarray (C,)
+        Posterior sd of the log1p profile over the clusters (mean over genes).
+    resp : Tensor (C, K)
+        Responsibilities over the cell's type's clusters (padded).
+    size : Tensor (C,)
+        Size factors.
+    extra : dict
+        Summary entries for the run's info.
+    """
+    extra: dict[str, Any] = {}
+    S = inputs.n_spots
+    spot_idx = inputs.cells["spot_idx"].to_numpy(np.int64)
+    type_idx = inputs.cells["type_idx"].to_numpy(np.int64)
+
+    # candidates per type, padded to the largest type: (T, Kmax, G)
+    T = len(model.cell_types)
+    kt = np.bincount(prior.type_idx, minlength=T)
+    kmax = int(kt.max())
+    order = np.argsort(prior.type_idx, kind="stable")
+    slot = np.arange(len(order)) - np.repeat(np.concatenate([[0], np.cumsum(kt)[:-1]]), kt)
+    P = torch.as_tensor(prior.profiles, dtype=torch.float32)
+    # profiles on observed genes normalised to the reference library there, so every candidate has the same total
+    obs_t = torch.as_tensor(observed)
+    eps = 1e-3 * float(P[:, obs_t].sum(1).mean()) / max(int(observed.sum()), 1)
+    Pn = P + eps
+    Pn = (
+        Pn
+        / Pn[:, obs_t].sum(1, keepdim=True)
+        * float(target[:, observed].sum(1).mean() / np.mean(inputs.spots["n_cells"]))
+    )
+    if params.mixture_library_prior and prior.library is not None:
+        # the clusters' relative reference library sizes as the prior scale of a cell's expression
+        Pn = Pn * torch.as_tensor(prior.library, dtype=torch.float32)[:, None]
+        extra["mixture_library_prior"] = True
+    cand_t = torch.ones(T, kmax, len(inputs.genes))  # padding: positive (finite logs), excluded by log weight -inf
+    logw_t = torch.full((T, kmax), -torch.inf)
+    cand_t[prior.type_idx[order], slot] = Pn[order]
+    logw_t[prior.type_idx[order], slot] = torch.as_tensor(prior.log_weights[order], dtype=torch.float32)
+    # likelihood weights: the spot's counts on observed genes (platform effect back in = raw counts)
+    raw = torch.as_tensor(inputs.counts[:, observed] * inputs.platform_effect[observed], dtype=torch.float32)
+    ti = torch.as_tensor(type_idx)
+
+    def posterior(logw: torch.Tensor):
+        return mixture_posterior(
+            raw,
+            torch.as_tensor(spot_idx),
+            S,
+            cand_t[ti][:, :, obs_t],
+            logw,
+            n_iter=params.mixture_iterations,
+            damping=params.mixture_damping,
+            temperature=params.mixture_temperature,
+            size_factors=params.mixture_size_factors,
+            size_shrink=params.mixture_size_shrink,
+            spot_values=torch.as_tensor(inputs.counts[:, observed], dtype=torch.float32),
+            batch_rows=params.batch_cells,
+            log=log,
+        )
+
+    resp, _, size = posterior(logw_t[ti])
+    k_nb = int(params.mixture_spatial_neighbours)
+    xy = inputs.cells[["x", "y"]].to_numpy(float)
+    if k_nb > 0 and np.isfinite(xy).all():
+        # spatial empirical prior: the responsibilities of the nearest cells of the same type (not the cell itself)
+        q = neighbour_mean(xy, type_idx, resp.numpy(), k_nb)
+        a = float(params.mixture_spatial_weight)
+        prior_w = (1 - a) * torch.softmax(logw_t[ti], 1) + a * torch.as_tensor(q, dtype=torch.float32)
+        resp, _, size = posterior(prior_w.clamp_min(1e-12).log().masked_fill(~torch.isfinite(logw_t[ti]), -torch.inf))
+        extra["mixture_spatial_neighbours"] = k_nb
+    cand_all = cand_t[ti]  # (C, K, G)
+    mean = (torch.einsum("ck,ckg->cg", resp, cand_all) * size[:, None]).double().numpy()
+    logc = torch.log1p(cand_all)
+    lm = torch.einsum("ck,ckg->cg", resp, logc)
+    var = torch.einsum("ck,ckg->cg", resp, (logc - lm[:, None, :]) ** 2)
+    spread = var.clamp_min(0).sqrt().mean(1).double().numpy()
+    del cand_all, logc
+
+    return mean, spread, resp, size, extra
+
+
 def decompose_mixture(
     inputs,
     model,
@@ -390,66 +514,8 @@ def decompose_mixture(
     target, spot_scale, _ = _targets(inputs, model, hidden)
     S, C = inputs.n_spots, inputs.n_cells
     spot_idx = inputs.cells["spot_idx"].to_numpy(np.int64)
-    type_idx = inputs.cells["type_idx"].to_numpy(np.int64)
-
-    # candidates per type, padded to the largest type: (T, Kmax, G)
-    T = len(model.cell_types)
-    kt = np.bincount(prior.type_idx, minlength=T)
-    kmax = int(kt.max())
-    order = np.argsort(prior.type_idx, kind="stable")
-    slot = np.arange(len(order)) - np.repeat(np.concatenate([[0], np.cumsum(kt)[:-1]]), kt)
-    P = torch.as_tensor(prior.profiles, dtype=torch.float32)
-    # profiles on observed genes normalised to the reference library there, so every candidate has the same total
-    obs_t = torch.as_tensor(observed)
-    eps = 1e-3 * float(P[:, obs_t].sum(1).mean()) / max(int(observed.sum()), 1)
-    Pn = P + eps
-    Pn = (
-        Pn
-        / Pn[:, obs_t].sum(1, keepdim=True)
-        * float(target[:, observed].sum(1).mean() / np.mean(inputs.spots["n_cells"]))
-    )
-    cand_t = torch.ones(T, kmax, len(genes))  # padding: positive (finite logs), excluded by log weight -inf
-    logw_t = torch.full((T, kmax), -torch.inf)
-    cand_t[prior.type_idx[order], slot] = Pn[order]
-    logw_t[prior.type_idx[order], slot] = torch.as_tensor(prior.log_weights[order], dtype=torch.float32)
-    # likelihood weights: the spot's counts on observed genes (platform effect back in = raw counts)
-    raw = torch.as_tensor(inputs.counts[:, observed] * inputs.platform_effect[observed], dtype=torch.float32)
-    ti = torch.as_tensor(type_idx)
-
-    def posterior(logw: torch.Tensor):
-        return mixture_posterior(
-            raw,
-            torch.as_tensor(spot_idx),
-            S,
-            cand_t[ti][:, :, obs_t],
-            logw,
-            n_iter=params.mixture_iterations,
-            damping=params.mixture_damping,
-            temperature=params.mixture_temperature,
-            size_factors=params.mixture_size_factors,
-            size_shrink=params.mixture_size_shrink,
-            spot_values=torch.as_tensor(inputs.counts[:, observed], dtype=torch.float32),
-            batch_rows=params.batch_cells,
-            log=log,
-        )
-
-    resp, _, size = posterior(logw_t[ti])
-    k_nb = int(params.mixture_spatial_neighbours)
-    xy = inputs.cells[["x", "y"]].to_numpy(float)
-    if k_nb > 0 and np.isfinite(xy).all():
-        # spatial empirical prior: the responsibilities of the nearest cells of the same type (not the cell itself)
-        q = neighbour_mean(xy, type_idx, resp.numpy(), k_nb)
-        a = float(params.mixture_spatial_weight)
-        prior_w = (1 - a) * torch.softmax(logw_t[ti], 1) + a * torch.as_tensor(q, dtype=torch.float32)
-        resp, _, size = posterior(prior_w.clamp_min(1e-12).log().masked_fill(~torch.isfinite(logw_t[ti]), -torch.inf))
-        info["mixture_spatial_neighbours"] = k_nb
-    cand_all = cand_t[ti]  # (C, K, G)
-    mean = (torch.einsum("ck,ckg->cg", resp, cand_all) * size[:, None]).double().numpy()
-    logc = torch.log1p(cand_all)
-    lm = torch.einsum("ck,ckg->cg", resp, logc)
-    var = torch.einsum("ck,ckg->cg", resp, (logc - lm[:, None, :]) ** 2)
-    spread = var.clamp_min(0).sqrt().mean(1).double().numpy()
-    del cand_all, logc
+    mean, spread, resp, size, extra = mixture_profiles(inputs, model, prior, params, observed, target, log=log)
+    info.update(extra)
 
     # exact split of observed genes by the posterior means; hidden genes: the means scaled to the spot
     from ._decompose import _segment_matrix

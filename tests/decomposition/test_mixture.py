@@ -145,8 +145,40 @@ def test_one_component_without_sizes_is_the_split(tmp_path):
     X = np.asarray(res.adata.X, float)
     # equal up to the estimator's pseudo-count (1e-3 of a mean gene) on near-zero genes
     assert np.linalg.norm(X - split) / np.linalg.norm(split) < 0.01
+    # with the library prior: the split by the same profiles scaled by each type's mean reference library
+    lib = np.asarray(ref.X.sum(1), float).ravel()
+    labels = ref.obs["cell_class"].astype(str).to_numpy()
+    rel = np.array([lib[labels == t].mean() for t in model.cell_types]) / lib.mean()
+    np.testing.assert_allclose(prior.library, rel, rtol=1e-6)
+    res_l = decompose(inp, model, p.model_copy(update={"mixture_library_prior": True}), prior=prior)
+    split_l = baseline_type_mean(inp, model, per_gene=True, profiles=reference_type_profiles(prior) * rel[:, None])
+    X_l = np.asarray(res_l.adata.X, float)
+    assert np.linalg.norm(X_l - split_l) / np.linalg.norm(split_l) < 0.01
+    assert np.linalg.norm(X_l - X) / np.linalg.norm(X) > 0.02  # the library sizes differ between classes
     default = decompose(inp, model, DecompositionParams(), prior=fit_mixture_prior(ref, model, "cell_class"))
     assert np.linalg.norm(np.asarray(default.adata.X, float) - split) / np.linalg.norm(split) > 0.1
+
+
+def test_mixture_prior_library_sizes_and_log1p_reference():
+    """Cluster library sizes are the clusters' mean raw totals relative to the reference mean (count-weighted
+    mean 1); a log1p reference has no library sizes."""
+    import anndata as ad
+
+    rng = np.random.default_rng(0)
+    base = rng.gamma(1.0, 1.0, (2, 30))
+    t = np.repeat([0, 1], 40)
+    libs = np.where(t == 0, 4000.0, 1000.0) * rng.lognormal(0, 0.2, 80)
+    X = rng.poisson(base[t] / base[t].sum(1, keepdims=True) * libs[:, None]).astype(np.float32)
+    ref = ad.AnnData(X, obs=pd.DataFrame({"cell_type": np.array(["a", "b"])[t]}, index=[f"r{i}" for i in range(80)]))
+    ref.var_names = [f"g{i}" for i in range(30)]
+    model = GaussianScoreModel.from_reference(ref, "cell_type", target_sum=2000.0)
+    prior = fit_mixture_prior(ref, model, n_components=1)
+    tot = X.sum(1)
+    np.testing.assert_allclose(prior.library, [tot[t == 0].mean() / tot.mean(), tot[t == 1].mean() / tot.mean()])
+    assert prior.library[0] > 3 * prior.library[1]
+    logref = ref.copy()
+    logref.X = np.log1p(X / tot[:, None] * 1e4)
+    assert fit_mixture_prior(logref, model, n_components=1).library is None
 
 
 def test_binomial_log1p_moments_exact_and_delta():

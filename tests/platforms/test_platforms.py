@@ -175,6 +175,43 @@ def test_merfish_imputation_of_unmeasured_genes(demo_truth):
     assert res.info["reconstruction_rel_error"] < 0.1
 
 
+@pytest.mark.parametrize("panel_seed", [0, 2])
+def test_merfish_imputation_default_estimator_beats_the_type_mean(demo_truth, panel_seed):
+    """The default (mixture) imputes the unmeasured genes better than the called type's mean profile.
+
+    Both are fed the same typed cells and the same measured genes: the type mean scales the called type's mean
+    profile by the cell's measured total; the mixture weighs the type's reference clusters by how well each
+    explains the cell's measured counts. Measured gains over the type mean on 700 cells (panel seeds 0, 1, 2):
+    raw r +0.089, +0.060, +0.026; log1p r +0.063, +0.026, +0.034 (and +0.030 / +0.091 on all 2,182 cells, panel
+    0); the margins asserted are below the smallest of them.
+    """
+    truth_cells, ref = demo_truth
+    pick = np.sort(np.random.default_rng(0).permutation(truth_cells.n_obs)[:700])
+    cells_ad = truth_cells[pick].copy()
+    slide, held = simulate_imaging_sample(cells_ad, n_measured=22, seed=panel_seed)
+    cells, _, _ = cells_from_spots(slide, "merfish")
+    typed = identify_cell_types(slide, ref, "cell_type", cells, DEMO_TYPING)
+    lib = float(np.median(np.asarray(ref.X.sum(1)).ravel()))
+    model = GaussianScoreModel.from_reference(ref, "cell_type", target_sum=lib)
+    inputs = dec.prepare_spots(
+        slide, typed.cells[typed.cells["cell_type"] != "unassigned"], model, typed.platform_effect
+    )
+    params = DecompositionParams()
+    assert params.estimator == "mixture"
+    prior = dec.fit_mixture_prior(ref, model, n_components=params.mixture_components, seed=params.seed)
+    res = dec.decompose(inputs, model, params, prior=prior)
+    sc = imputation_scores(res.adata, cells_ad, held, reference=ref)
+    assert sc["cells"] > 690
+    assert sc["r_median"] > sc["baseline_type_mean_r_median"] + 0.015, sc
+    assert sc["r_log1p_median"] > sc["baseline_type_mean_r_log1p_median"] + 0.015, sc
+    # one cluster per type reduces the mixture to the type mean (the baseline is the same-input one)
+    one = dec.fit_mixture_prior(ref, model, n_components=1)
+    s1 = imputation_scores(dec.decompose(inputs, model, params, prior=one).adata, cells_ad, held, reference=ref)
+    assert abs(s1["r_median"] - sc["baseline_type_mean_r_median"]) < 0.01, (s1, sc)
+    # measured genes are the cell's own counts (each cell is its own spot)
+    assert res.info["reconstruction_rel_error"] < 1e-4
+
+
 def test_integer_counts_rounds_imaging_values():
     s = ad.AnnData(X=sp.csr_matrix(np.array([[1.2, 0.0, 3.0], [0.4, 2.6, 0.0]], dtype=np.float32)))
     out, info = integer_counts(s)
