@@ -492,6 +492,31 @@ def demo_accuracy(cfg, truth_dir: Path | None = None) -> dict[str, dict[str, str
     return out
 
 
+def ensure_instance_config(home: Path) -> Path:
+    """Create the Dagster instance folder ``home`` with its ``dagster.yaml`` when missing: telemetry off (and so
+    no telemetry notice on the console), run retries only for runs that did not fail in an op (a crashed or lost
+    step process; see retries.py). An existing ``dagster.yaml`` is left as it is.
+
+    Parameters
+    ----------
+    home
+        The ``$DAGSTER_HOME`` folder.
+
+    Returns
+    -------
+    pathlib.Path
+        The ``dagster.yaml`` path.
+    """
+    home.mkdir(parents=True, exist_ok=True)
+    path = home / "dagster.yaml"
+    if not path.exists():
+        path.write_text(
+            "telemetry:\n  enabled: false\n"
+            "run_retries:\n  enabled: true\n  max_retries: 2\n  retry_on_asset_or_op_failure: false\n"
+        )
+    return path
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="dagster_project.yaml")
@@ -502,13 +527,7 @@ def main(argv=None) -> int:
     cfg_path = Path(args.config).resolve()
     os.environ["SPATIAL_ASSETS_CONFIG"] = str(cfg_path)
     home = Path(args.dagster_home or cfg_path.parent / "work" / "dagster_home").resolve()
-    home.mkdir(parents=True, exist_ok=True)
-    if not (home / "dagster.yaml").exists():
-        # run retries only for runs that did not fail in an op (a crashed / lost step process): see retries.py
-        (home / "dagster.yaml").write_text(
-            "telemetry:\n  enabled: false\n"
-            "run_retries:\n  enabled: true\n  max_retries: 2\n  retry_on_asset_or_op_failure: false\n"
-        )
+    ensure_instance_config(home)
     os.environ["DAGSTER_HOME"] = str(home)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 

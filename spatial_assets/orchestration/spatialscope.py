@@ -78,7 +78,7 @@ def segmented_slide(
     res = run_with_transient_retries(
         context,
         lambda _scale: segmentation.segment_sample(
-            slide, image, s.platform, project.params(s.name).segmentation, sample=s.name
+            slide, image, s.platform, project.params(s.name).segmentation, sample=s.name, log=context.log.info
         ),
     )
     out = project.stores.segmented(s.name)

@@ -303,7 +303,7 @@ def test_dask_run_gpu_step_on_gpu_worker(tmp_path, demo_small, mixed_cluster):
         assert all(str(k).startswith("sample_job_dask.") for k in ran), sorted(map(str, ran))
         logs = [r.user_message or "" for r in instance.all_logs(res.run_id)]
         assert any("Dask cluster check passed (scheduler tcp://127.0.0.1:" in m for m in logs)
-        assert time.time() - t0 < 120
+        assert time.time() - t0 < 300  # a guard against waiting forever (worker processes start cold), not a speed test
 
 
 def test_dask_no_gpu_worker_fails_fast(tmp_path, demo_small):

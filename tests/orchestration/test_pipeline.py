@@ -63,7 +63,9 @@ def pipeline(tmp_path_factory, demo_small):
     import io
     import warnings
 
-    from spatial_assets.orchestration.demo_run import materialize_graph
+    from spatial_assets.orchestration.demo_run import ensure_instance_config, materialize_graph
+
+    ensure_instance_config(home)  # as `make demo` does
 
     console, lines = io.StringIO(), []
     # what `make demo` would print: Dagster's console logger and print() (sys.stderr / sys.stdout), the warnings
@@ -193,7 +195,7 @@ def test_quiet_console_one_line_per_stage_full_log_in_instance(pipeline):
     assert all("registered partitions" in line or "WARNING" in line for line in extra), extra
     console = pipeline["console"]
     assert not [line for line in console if " - INFO - " in line or " - DEBUG - " in line], console[:20]
-    assert len(console) <= 2 * n_stages, console  # the steps' warnings only (e.g. the CPU fallback)
+    assert len(console) <= 2 * n_stages, "\n".join(console)  # the steps' warnings only (e.g. the CPU fallback)
     noisy = ("Consolidated metadata", "zarr v3 autosharding", "Automatic shard shape inference")
     assert not [w for w in pipeline["warnings"] if any(n in w for n in noisy)]
     inst = pipeline["instance"]
