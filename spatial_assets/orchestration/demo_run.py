@@ -213,7 +213,13 @@ def console_run_config(verbose: bool = False) -> dict:
 @contextlib.contextmanager
 def quiet_library_warnings(verbose: bool = False):
     """Inside the block, hide the library warnings of :data:`QUIET_WARNINGS` and TensorFlow's (unless ``verbose``);
-    the process's warning filters are restored after it."""
+    the process's warning filters are restored after it.
+
+    Parameters
+    ----------
+    verbose
+        Let every warning through.
+    """
     import warnings
 
     with warnings.catch_warnings():
