@@ -2,10 +2,8 @@
 0.29.27 (pinned in pyproject.toml). They are used by the Dask executor only (executors.py); a Dagster upgrade
 must re-check them (tests/orchestration/test_dask.py runs them on a LocalCluster)."""
 
-from dagster._core.errors import raise_execution_interrupts
 from dagster._core.execution.context.system import PlanOrchestrationContext
 from dagster._core.execution.plan.plan import ExecutionPlan
-from dagster._utils import iterate_with_context
 from dagster_dask.executor import query_on_dask_worker
 
 CHECKED_AGAINST = {"dagster": "1.13.27", "dagster-dask": "0.29.27"}
@@ -14,7 +12,5 @@ __all__ = [
     "CHECKED_AGAINST",
     "ExecutionPlan",
     "PlanOrchestrationContext",
-    "iterate_with_context",
     "query_on_dask_worker",
-    "raise_execution_interrupts",
 ]

@@ -180,6 +180,56 @@ def failed_check_lines(instance, run_id: str) -> list[str]:
     return lines
 
 
+CONSOLE_LOG_LEVEL = "WARNING"  # the console without --verbose: the step log's warnings and errors
+# library warnings that say nothing about this run's results (see quiet_library_warnings)
+QUIET_WARNINGS = (
+    # anndata's zarr v3 writer, on every array it writes: the stores are written with explicit chunks
+    ("zarr v3 autosharding will be the default", UserWarning),
+    ("Automatic shard shape inference is experimental", UserWarning),
+    # zarr, on every consolidated group (anndata / spatialdata stores): read back by the same libraries
+    ("Consolidated metadata is currently not part in the Zarr format 3 specification", UserWarning),
+)
+
+
+def console_run_config(verbose: bool = False) -> dict:
+    """Run config of Dagster's console logger: every event at DEBUG with ``verbose``, else warnings and errors.
+
+    Only the console is filtered: the run's events (step starts, outputs, the steps' ``context.log.info`` progress
+    and detail lines) are all written to the instance's event log whatever the console's level.
+
+    Parameters
+    ----------
+    verbose
+        Every event on the console.
+
+    Returns
+    -------
+    dict
+        ``{"loggers": {"console": {"config": {"log_level": ...}}}}``.
+    """
+    return {"loggers": {"console": {"config": {"log_level": "DEBUG" if verbose else CONSOLE_LOG_LEVEL}}}}
+
+
+@contextlib.contextmanager
+def quiet_library_warnings(verbose: bool = False):
+    """Inside the block, hide the library warnings of :data:`QUIET_WARNINGS` and TensorFlow's (unless ``verbose``);
+    the process's warning filters are restored after it.
+
+    Parameters
+    ----------
+    verbose
+        Let every warning through.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        if not verbose:
+            for message, category in QUIET_WARNINGS:
+                warnings.filterwarnings("ignore", message=message, category=category)
+            warnings.filterwarnings("ignore", module="tensorflow")
+        yield
+
+
 def materialize_graph(
     cfg_path: Path, log=print, *, force: bool = False, verbose: bool = False, stages_out: list | None = None
 ) -> dict:
@@ -197,7 +247,9 @@ def materialize_graph(
         Re-materialize every stage; else a stage whose partitions are up to date (materialized with the current
         code version, after their inputs) is skipped, and only its missing or stale assets run.
     verbose
-        Dagster's console log at DEBUG (every event) instead of INFO.
+        Dagster's console log at DEBUG (every event) and every library warning; else the console shows only
+        the step log's warnings and errors (:func:`console_run_config`, :func:`quiet_library_warnings`). The
+        instance records every event either way (the UI and ``dagster`` CLI show the full step log).
     stages_out
         If given, receives one dict per stage (label, job, partition, status, seconds, run id).
 
@@ -227,62 +279,64 @@ def materialize_graph(
     reg = register_partitions(instance, cfg)
     if any(reg.values()):
         log(f"[spatial_assets] registered partitions: { {k: v for k, v in reg.items() if v} }")
-    run_config = {"loggers": {"console": {"config": {"log_level": "DEBUG" if verbose else "INFO"}}}}
+    run_config = console_run_config(verbose)
     from .preflight import accuracy_warnings
 
     for s in cfg.samples:
         for w in accuracy_warnings(cfg.parameters_for(s.name), f"samples.{s.name}.parameters"):
             log(f"[spatial_assets] WARNING {w}")
     timings: dict[str, float] = {}
-    for label, job_name, pk in _stages(cfg):
-        key = str(pk)
-        selection = None
-        if not force:
-            outdated, _ = outdated_partitions(instance, repo, cfg, job_name)
-            # a decomposed range whose store is current (code, partition scheme, inputs) is kept as well
-            kept = job_name == "decomposition_job" and range_up_to_date(
-                cfg, pk.keys_by_dimension["sample"], pk.keys_by_dimension["spot_range"]
+    with quiet_library_warnings(verbose):
+        for label, job_name, pk in _stages(cfg):
+            key = str(pk)
+            selection = None
+            if not force:
+                outdated, _ = outdated_partitions(instance, repo, cfg, job_name)
+                # a decomposed range whose store is current (code, partition scheme, inputs) is kept as well
+                kept = job_name == "decomposition_job" and range_up_to_date(
+                    cfg, pk.keys_by_dimension["sample"], pk.keys_by_dimension["spot_range"]
+                )
+                if key not in outdated or kept:
+                    timings[label] = 0.0
+                    log(f"[spatial_assets] {label:<52s} up to date (skipped; --force re-runs it)")
+                    if stages_out is not None:
+                        stages_out.append({"stage": label, "job": job_name, "partition": key, "status": "up to date"})
+                    continue
+                job_assets = repo.get_job(job_name).asset_layer.executable_asset_keys
+                first = {dg.AssetKey(o.asset) for o in outdated[key]}
+                # the outdated assets and what depends on them inside the job
+                selection = sorted(
+                    first | {c for f in first for c in _descendants(repo.asset_graph, f) if c in job_assets},
+                    key=lambda k: k.to_user_string(),
+                )
+            job = defs.resolve_job_def(job_name)
+            t0 = time.time()
+            res = job.execute_in_process(
+                run_config=run_config,
+                partition_key=key,
+                instance=instance,
+                asset_selection=selection,
+                raise_on_error=False,
+                tags={**RUN_TAGS, PID_TAG: str(os.getpid())},
             )
-            if key not in outdated or kept:
-                timings[label] = 0.0
-                log(f"[spatial_assets] {label:<52s} up to date (skipped; --force re-runs it)")
-                if stages_out is not None:
-                    stages_out.append({"stage": label, "job": job_name, "partition": key, "status": "up to date"})
-                continue
-            job_assets = repo.get_job(job_name).asset_layer.executable_asset_keys
-            first = {dg.AssetKey(o.asset) for o in outdated[key]}
-            # the outdated assets and what depends on them inside the job
-            selection = sorted(
-                first | {c for f in first for c in _descendants(repo.asset_graph, f) if c in job_assets},
-                key=lambda k: k.to_user_string(),
-            )
-        job = defs.resolve_job_def(job_name)
-        t0 = time.time()
-        res = job.execute_in_process(
-            run_config=run_config,
-            partition_key=key,
-            instance=instance,
-            asset_selection=selection,
-            raise_on_error=False,
-            tags={**RUN_TAGS, PID_TAG: str(os.getpid())},
-        )
-        timings[label] = round(time.time() - t0, 1)
-        checks = failed_check_lines(instance, res.run_id)
-        status = "ok" if res.success and not checks else ("checks failed" if res.success else "FAILED")
-        log(f"[spatial_assets] {label:<52s} {status} ({timings[label]:.1f} s, run {res.run_id[:8]} of {job_name})")
-        for line in checks:
-            log(f"    failed check {line}")
-        if stages_out is not None:
-            stages_out.append(
-                {"stage": label, "job": job_name, "partition": key, "status": status, "seconds": timings[label]}
-            )
-        if _SIGNALLED:
-            raise KeyboardInterrupt
-        if not res.success:
-            for ev in res.all_events:
-                if ev.is_step_failure and ev.event_specific_data.error:
-                    log(f"    step {ev.step_key}: {user_error_message(ev.event_specific_data.error)}")
-            raise SystemExit(1)
+            timings[label] = round(time.time() - t0, 1)
+            checks = failed_check_lines(instance, res.run_id)
+            status = "ok" if res.success and not checks else ("checks failed" if res.success else "FAILED")
+            log(f"[spatial_assets] {label:<52s} {status} ({timings[label]:.1f} s, run {res.run_id[:8]} of {job_name})")
+            for line in checks:
+                log(f"    failed check {line}")
+            if stages_out is not None:
+                stages_out.append(
+                    {"stage": label, "job": job_name, "partition": key, "status": status, "seconds": timings[label]}
+                )
+            if _SIGNALLED:
+                raise KeyboardInterrupt
+            if not res.success:
+                for ev in res.all_events:
+                    if ev.is_step_failure and ev.event_specific_data.error:
+                        log(f"    step {ev.step_key}: {user_error_message(ev.event_specific_data.error)}")
+                raise SystemExit(1)
+
     return timings
 
 
@@ -311,60 +365,162 @@ def build_demo_data(cfg_path: Path) -> None:
         ensure_demo(out, seed=int(demo.get("seed", 0)), crop_um=demo.get("crop_um"))
 
 
-def demo_accuracy(cfg) -> dict[str, dict[str, str]]:
-    """Accuracy of the outputs against the demo's ground truth, per sample: nuclei found (true in-spot cells
-    matched within 4 um), cell-type accuracy beside the majority type, decomposed expression (median per-cell r of
-    log1p) beside the same cells' typed reference mean profile. Empty when the config has no demo truth."""
+def _dense(x):
+    """A dense float64 numpy copy of a (sparse or dense) matrix."""
+    import numpy as np
+
+    return np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float64)
+
+
+def _median_row_r(a, b) -> float:
+    """Median over rows of the Pearson r of matching rows of two arrays (log1p scale is the caller's)."""
+    import numpy as np
+
+    from ..metrics import pearson_columns
+
+    return float(np.nanmedian(pearson_columns(a.T, b.T)))
+
+
+def demo_accuracy(cfg, truth_dir: Path | None = None) -> dict[str, dict[str, str]]:
+    """Accuracy of the outputs against the demo's ground truth, per sample, each beside its same-input baseline.
+
+    - ``nuclei``: true in-spot cells matched by a segmented cell within 4 um;
+    - ``cell types``: accuracy of the typed cells beside each spot's top type given to all its cells (the
+      typing's ``initial_type``) and the slide's majority type (:func:`celltyping.evaluate_typing`);
+    - ``decomposed cells``: median per-cell r (over genes, log1p) beside the proportional split of each spot by
+      its cells' types (:func:`decomposition.baseline_type_mean` with ``per_gene=True``, the checkpoint's type
+      means);
+    - ``sub-spots``: median per-gene r (over sub-spots, log1p) of soScope's sub-spots beside the nuclei split it
+      starts from (``layers['prior_split']``).
+
+    Parameters
+    ----------
+    cfg
+        The loaded project config.
+    truth_dir
+        The folder of ``truth_cells.h5ad`` / ``truth_subspots.h5ad``; default the config's ``demo.out_dir``.
+
+    Returns
+    -------
+    dict
+        ``{sample: {measure: text}}``; empty when there is no demo truth.
+    """
     import anndata as ad
     import numpy as np
     import pandas as pd
     from scipy.spatial import cKDTree
 
+    from .. import generative
     from .. import io as sio
+    from ..celltyping import evaluate_typing
+    from ..decomposition import baseline_type_mean, prepare_spots
+    from ..metrics import pearson_columns
+    from .stores import Stores
 
-    if cfg.demo is None or not (cfg.demo.out_dir / "truth_cells.h5ad").exists():
+    if truth_dir is None and cfg.demo is not None:
+        truth_dir = cfg.demo.out_dir
+    if truth_dir is None or not (Path(truth_dir) / "truth_cells.h5ad").exists():
         return {}
-    truth = ad.read_h5ad(cfg.demo.out_dir / "truth_cells.h5ad")
+    truth_dir = Path(truth_dir)
+    truth = ad.read_h5ad(truth_dir / "truth_cells.h5ad")
     t_in = truth[truth.obs["spot"].astype(str).to_numpy() != ""]
+    st = Stores(cfg.storage_root)
     out: dict[str, dict[str, str]] = {}
     for s in cfg.samples:
-        root = cfg.storage_root
-        dec_path = root / "decomposed_cells_by_sample" / f"{s.name}.zarr"
-        typed_path = root / "typed_cells" / s.name / "cells.zarr"
-        if not (sio.is_complete(dec_path) and sio.is_complete(typed_path)):
+        dec_path, typed = st.decomposed(s.name), st.typed(s.name)
+        if not (sio.is_complete(dec_path) and sio.is_complete(typed.cells)):
             continue
         ref = cfg.reference(s.reference)
         dec = ad.read_zarr(dec_path)
-        typed = sio.read_dataframe(typed_path)
+        cells = sio.read_dataframe(typed.cells)
         d, i = cKDTree(t_in.obs[["x", "y"]].to_numpy()).query(dec.obs[["x", "y"]].to_numpy())
         ok = d < 4.0
         row: dict[str, str] = {"nuclei": f"{len(set(i[ok])) / max(t_in.n_obs, 1):.0%} of true cells found"}
         key = ref.cell_type_key
+        ids = dec.obs_names[ok]
         if key in t_in.obs:
-            pred = typed.loc[dec.obs_names[ok], "cell_type"].astype(str).to_numpy()
-            true = t_in.obs[key].astype(str).to_numpy()[i[ok]]
-            majority = t_in.obs[key].value_counts(normalize=True).iloc[0]
-            row["cell types"] = f"accuracy {(pred == true).mean():.2f} (majority type {majority:.2f})"
+            true_cells = pd.DataFrame(
+                {
+                    "spot": t_in.obs["spot"].astype(str).to_numpy()[i[ok]],
+                    key: t_in.obs[key].astype(str).to_numpy()[i[ok]],
+                },
+                index=ids,
+            )
+            ev = evaluate_typing(
+                cells.loc[ids], true_cells, key, label_columns={"final": "cell_type", "top_type": "initial_type"}
+            )
+            top = f"{ev['top_type.accuracy']:.2f}" if "top_type.accuracy" in ev else "n/a"
+            row["cell types"] = (
+                f"accuracy {ev['final.accuracy']:.2f} (each spot's top type {top}; majority type "
+                f"{ev['majority_rate']:.2f})"
+            )
             genes = [g for g in dec.var_names if g in set(t_in.var_names)]
-            X = t_in[:, genes].X
-            T = np.log1p(np.asarray(X.toarray() if hasattr(X, "toarray") else X)[i[ok]])
-            D = dec[:, genes].X
-            D = np.log1p(np.asarray(D.toarray() if hasattr(D, "toarray") else D)[ok])
-            reference = ad.read_h5ad(ref.path)
-            R = reference[:, genes].X
-            R = np.asarray(R.toarray() if hasattr(R, "toarray") else R, dtype=float)
-            R = R / np.maximum(R.sum(1, keepdims=True), 1) * 1e3
-            means = pd.DataFrame(R, columns=genes).groupby(reference.obs[key].astype(str).to_numpy()).mean()
-            base = np.log1p(means.reindex(pred).fillna(0).to_numpy())
+            T = np.log1p(_dense(t_in[:, genes].X)[i[ok]])
+            D = np.log1p(_dense(dec[:, genes].X)[ok])
+            text = f"per-cell r {_median_row_r(D, T):.2f}"
+            ckpt = st.checkpoint(ref.name).folder
+            if sio.is_complete(ckpt) and sio.is_complete(typed.platform_effect):
+                model = generative.ScoreModel.load(ckpt)
+                pe = sio.read_dataframe(typed.platform_effect)["estimated_be"]
+                inp = prepare_spots(sio.read_anndata(st.slide(s.name)), cells, model, pe)
+                split = baseline_type_mean(inp, model, per_gene=True)
+                rows, cols = inp.cells.index.get_indexer(ids), pd.Index(inp.genes).get_indexer(genes)
+                have = rows >= 0
+                if have.any() and (cols >= 0).all():
+                    B = np.log1p(np.maximum(split[rows[have]][:, cols], 0))
+                    text += (
+                        f" (proportional split by cell types {_median_row_r(B, T[have]):.2f}; "
+                        f"same cells: {_median_row_r(D[have], T[have]):.2f})"
+                        if not have.all()
+                        else f" (proportional split by cell types {_median_row_r(B, T):.2f})"
+                    )
+            row["decomposed cells"] = text
+        sub_path = st.subspots(s.name)
+        if sio.is_complete(sub_path) and (truth_dir / "truth_subspots.h5ad").exists():
+            sub = ad.read_zarr(sub_path)
+            tsub = ad.read_h5ad(truth_dir / "truth_subspots.h5ad")
+            ts_xy = tsub.obs[["x", "y"]].to_numpy(float)
+            dd, j = cKDTree(ts_xy).query(sub.obs[["x", "y"]].to_numpy(float))
+            pitch = float(np.median(cKDTree(ts_xy).query(ts_xy, k=2)[0][:, 1]))
+            genes = [g for g in sub.var_names if g in set(tsub.var_names)]
+            m = dd < 0.25 * pitch
+            if m.sum() >= 0.9 * sub.n_obs and genes and "prior_split" in sub.layers:
+                Ts = np.log1p(_dense(tsub[:, genes].X)[j[m]])
 
-            def med_r(a, b):
-                a = a - a.mean(1, keepdims=True)
-                b = b - b.mean(1, keepdims=True)
-                return float(np.median((a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1) + 1e-12)))
+                def gene_r(x, truth):
+                    return float(np.nanmedian(pearson_columns(np.log1p(np.maximum(x, 0)), truth)))
 
-            row["decomposed cells"] = f"per-cell r {med_r(D, T):.2f} (typed reference mean {med_r(base, T):.2f})"
+                gi = sub.var_names.get_indexer(genes)
+                est, prior = _dense(sub.X)[m][:, gi], _dense(sub.layers["prior_split"])[m][:, gi]
+                prior_name = str((sub.uns.get("soscope") or {}).get("prior", "the split it starts from"))
+                row["sub-spots"] = f"per-gene r {gene_r(est, Ts):.2f} ({prior_name} {gene_r(prior, Ts):.2f})"
         out[s.name] = row
     return out
+
+
+def ensure_instance_config(home: Path) -> Path:
+    """Create the Dagster instance folder ``home`` with its ``dagster.yaml`` when missing: telemetry off (and so
+    no telemetry notice on the console), run retries only for runs that did not fail in an op (a crashed or lost
+    step process; see retries.py). An existing ``dagster.yaml`` is left as it is.
+
+    Parameters
+    ----------
+    home
+        The ``$DAGSTER_HOME`` folder.
+
+    Returns
+    -------
+    pathlib.Path
+        The ``dagster.yaml`` path.
+    """
+    home.mkdir(parents=True, exist_ok=True)
+    path = home / "dagster.yaml"
+    if not path.exists():
+        path.write_text(
+            "telemetry:\n  enabled: false\n"
+            "run_retries:\n  enabled: true\n  max_retries: 2\n  retry_on_asset_or_op_failure: false\n"
+        )
+    return path
 
 
 def main(argv=None) -> int:
@@ -377,25 +533,14 @@ def main(argv=None) -> int:
     cfg_path = Path(args.config).resolve()
     os.environ["SPATIAL_ASSETS_CONFIG"] = str(cfg_path)
     home = Path(args.dagster_home or cfg_path.parent / "work" / "dagster_home").resolve()
-    home.mkdir(parents=True, exist_ok=True)
-    if not (home / "dagster.yaml").exists():
-        # run retries only for runs that did not fail in an op (a crashed / lost step process): see retries.py
-        (home / "dagster.yaml").write_text(
-            "telemetry:\n  enabled: false\n"
-            "run_retries:\n  enabled: true\n  max_retries: 2\n  retry_on_asset_or_op_failure: false\n"
-        )
+    ensure_instance_config(home)
     os.environ["DAGSTER_HOME"] = str(home)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if not args.verbose:
-        import warnings
-
-        warnings.filterwarnings("ignore", message="zarr v3 autosharding will be the default")
-        warnings.filterwarnings("ignore", message="Automatic shard shape inference is experimental")
-        warnings.filterwarnings("ignore", module="tensorflow")
 
     t_all = time.time()
     print(f"[spatial_assets] config: {cfg_path}")
-    build_demo_data(cfg_path)
+    with quiet_library_warnings(args.verbose):
+        build_demo_data(cfg_path)
     stages: list[dict] = []
     try:
         with stop_on_sigterm():
@@ -412,12 +557,13 @@ def main(argv=None) -> int:
     for st in stages:
         print(f"{st['stage']:<52s} {st['status']:<14s} {st.get('seconds', 0.0):>8.1f}")
     try:
-        acc = demo_accuracy(cfg)
+        with quiet_library_warnings(args.verbose):
+            acc = demo_accuracy(cfg)
     except Exception as e:
         acc = {}
         print(f"(accuracy against the demo truth not computed: {type(e).__name__}: {e})")
     for sample, row in acc.items():
-        print(f"\naccuracy against the demo truth, sample {sample}:")
+        print(f"\naccuracy against the demo truth, sample {sample} (same-input baselines in brackets):")
         for k, v in row.items():
             print(f"  {k:<18s} {v}")
     print("\noutputs (zarr stores, plain anndata / zarr):")

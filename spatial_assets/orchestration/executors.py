@@ -1,4 +1,10 @@
-"""Scale-out: a Dask executor that checks the cluster before it submits, and the Kubernetes step tags.
+"""Scale-out: dagster-dask's own executor, checking the cluster before it submits, and the Kubernetes step tags.
+
+The steps are submitted by dagster-dask's ``DaskExecutor.execute`` itself, with two thin fixes for distributed
+>= 2025 (:class:`_BoundRecords`: dagster's record arguments are bound into the task's function instead of being
+walked by distributed as tuples; :func:`_run_step`: one step at a time per worker process, since two Dagster steps
+in threads of one process can deadlock on logging's locks, and the dask work inside a step runs in the step, not
+as tasks of the cluster).
 
 dagster-dask submits each step with the Dask resources named by its ``dagster-dask/resource_requirements`` tag
 (GPU steps: ``{"GPU": 1}``, see ``resources.GPU_OP_TAGS``). Dask then runs the step only on a worker that
@@ -18,22 +24,19 @@ fails the run at once, naming the step, the missing resource and the workers it 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
 from collections.abc import Mapping
 from typing import Any
 
 import dagster as dg
+import distributed
 from dagster_dask import dask_executor
 from dagster_dask.executor import DASK_RESOURCE_REQUIREMENTS_KEY, DaskExecutor
 
-from ._dagster_internals import (
-    ExecutionPlan,
-    PlanOrchestrationContext,
-    iterate_with_context,
-    query_on_dask_worker,
-    raise_execution_interrupts,
-)
+from ._dagster_internals import ExecutionPlan, PlanOrchestrationContext, query_on_dask_worker
 from .resources import GPU_TAG
 
 GPU_RESOURCE = "GPU"
@@ -170,15 +173,110 @@ def cluster_worker_resources(
     return None, cluster_type
 
 
-class ValidatedDaskExecutor(DaskExecutor):
-    """dagster-dask's executor that first checks the cluster can run every step of the plan.
+_STEP_SCHEDULER = "threads"  # dask's scheduler for the dask work inside a step (see _run_step)
+# one Dagster step at a time per process (see _run_step)
+_STEP_LOCK = threading.Lock()
 
-    It also submits the steps itself: dagster-dask 0.29's ``execute`` passes dagster's record objects (run,
-    reconstructable job, instance ref: tuple subclasses that forbid iteration) as task arguments, which
-    distributed >= 2025 walks like tuples and fails on; here they are bound into the task's function instead.
+
+@contextlib.contextmanager
+def _run_step():
+    """The conditions each step runs in on a Dask worker: alone in its process, with dask's local scheduler.
+
+    - **Alone**: every step creates a Dagster log manager, which calls ``logging.config.dictConfig`` and so closes
+      every logging handler of the process while holding logging's module lock. A second step in another thread
+      of the same process, inside a handler's ``emit`` (its handler lock held) and logging there (sqlalchemy's
+      debug check takes the module lock), deadlocks with it: both threads wait forever (seen in
+      tests/orchestration/test_dask.py under CPU load, with both workers' threads in one process). Workers with
+      several threads therefore run their steps one by one; give workers ``--nthreads 1`` and more processes.
+    - **Local dask**: inside a Dask task, dask sends any dask computation to the cluster itself (the worker's
+      client); the segmentation's stores stack dask arrays, so the step submitted an inner graph, seceded from
+      its worker thread, shipped the image over TCP and waited to rejoin. Here that work runs in the step
+      (``dask.config`` scheduler ``threads``, restored after the step).
+    """
+    import dask
+
+    with _STEP_LOCK, dask.config.set(scheduler=_STEP_SCHEDULER):
+        yield
+
+
+class _BoundRecords:
+    """``query_on_dask_worker`` with every argument but the upstream futures bound into the task's function.
+
+    dagster-dask 0.29 submits ``query_on_dask_worker(dependencies, recon_job, dagster_run, run_config, step_keys,
+    instance_ref, known_state)``; distributed >= 2025 walks positional task arguments that are tuples to find
+    futures in them, and dagster's records (tuple subclasses that forbid iteration) make it fail with "Iteration
+    is not allowed on @record". Bound here, they travel pickled with the function and distributed only walks the
+    list of upstream futures. The step runs alone in its process with dask's local scheduler (:func:`_run_step`).
     """
 
+    def __init__(self, func, args: tuple):
+        self.func, self.args = func, args
+
+    def __call__(self, dependencies):
+        with _run_step():
+            return self.func(dependencies, *self.args)
+
+
+class _RecordSafeClient(distributed.Client):
+    """``distributed.Client`` whose ``submit`` binds dagster-dask's record arguments (see :class:`_BoundRecords`);
+    every other call is the client's own."""
+
+    def submit(self, func, *args, **kwargs):
+        if func is query_on_dask_worker and args:
+            return super().submit(_BoundRecords(func, tuple(args[1:])), args[0], **kwargs)
+        return super().submit(func, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def _record_safe_dask_client(close_clusters: bool, on_connect=None):
+    """dagster-dask's ``execute`` looks ``dask.distributed.Client`` and ``as_completed`` up when it runs: point
+    them at :class:`_RecordSafeClient` and at ``as_completed`` on that client's loop (dagster-dask passes no loop,
+    so distributed would take the loop of the process's latest default client, which need not be the run's) for
+    that run only (each Dagster run executes in its own process with the default run launcher). dagster-dask
+    never closes the cluster manager it starts (``LocalCluster``, ``SLURMCluster``...):
+    with ``close_clusters`` the clusters of the clients made meanwhile are closed at the end. ``on_connect(client)``
+    runs once each client is connected (before any submit)."""
+    import dask.distributed
+
+    made: list[distributed.Client] = []
+
+    class _Tracked(_RecordSafeClient):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+            if on_connect is not None:
+                on_connect(self)
+
+    def as_completed(futures, **kwargs):  # on the run's client loop, not the process's default client's
+        return original_as_completed(futures, loop=made[-1].loop, **kwargs)
+
+    original, original_as_completed = dask.distributed.Client, dask.distributed.as_completed
+    dask.distributed.Client, dask.distributed.as_completed = _Tracked, as_completed
+    try:
+        yield
+    finally:
+        dask.distributed.Client, dask.distributed.as_completed = original, original_as_completed
+        for c in made:
+            c.close()  # already closed by dagster-dask unless on_connect raised
+            if close_clusters and c.cluster is not None:
+                c.cluster.close()
+
+
+class ValidatedDaskExecutor(DaskExecutor):
+    """dagster-dask's executor that first checks the cluster can run every step of the plan, then runs
+    dagster-dask's own ``execute`` with two fixes: the record arguments of its tasks are bound into the task's
+    function (:class:`_BoundRecords`), which distributed >= 2025 needs, and each step runs alone in its worker
+    process with its own dask work kept in the step (:func:`_run_step`); the cluster manager it starts is closed
+    after the run."""
+
     def execute(self, plan_context: PlanOrchestrationContext, execution_plan: ExecutionPlan):
+        if not plan_context.instance.is_persistent:
+            raise DaskClusterError("Dask execution needs a persistent Dagster instance (set DAGSTER_HOME)")
+        if self.cluster_type not in CLUSTER_MANAGERS and self.cluster_type != "existing":
+            raise DaskClusterError(
+                f"executor config cluster: unknown type '{self.cluster_type}'; expected "
+                f"'existing' or one of {sorted(CLUSTER_MANAGERS)}"
+            )
         steps = [s for level in execution_plan.get_steps_to_execute_by_level() for s in level]
         reqs = step_resource_requirements({s.key: s.tags or {} for s in steps})
         workers, where = cluster_worker_resources(self.cluster_type, self.cluster_configuration)
@@ -195,65 +293,19 @@ class ValidatedDaskExecutor(DaskExecutor):
                 f"Dask cluster check passed ({where}): {len(workers)} worker(s); "
                 f"resource-tagged steps: {sorted(reqs) or 'none'}"
             )
-        yield from self._submit(plan_context, execution_plan, steps, reqs)
+        owned = self.cluster_type != "existing"
 
-    def _cluster(self, job_name: str):
-        """``(cluster or scheduler address, whether this run owns it)``; the managers dagster-dask supports."""
-        if self.cluster_type == "existing":
-            return self.cluster_configuration["address"], False
-        if self.cluster_type not in CLUSTER_MANAGERS:
-            raise DaskClusterError(
-                f"executor config cluster: unknown type '{self.cluster_type}'; expected "
-                f"'existing' or one of {sorted(CLUSTER_MANAGERS)}"
-            )
-        import importlib
+        def check_started(client) -> None:  # job-queue / cloud managers: their workers, if any are up already
+            if owned and self.cluster_type != "local" and reqs:
+                now = {
+                    a: {str(k): float(v) for k, v in (w.get("resources") or {}).items()}
+                    for a, w in client.scheduler_info(n_workers=-1)["workers"].items()
+                }
+                if now:  # else an adaptive cluster may still add workers
+                    check_workers(reqs, now, f"{self.cluster_type} cluster")
 
-        module, cls = CLUSTER_MANAGERS[self.cluster_type]
-        return getattr(importlib.import_module(module), cls)(**self.build_dict(job_name)), True
-
-    def _submit(self, plan_context: PlanOrchestrationContext, execution_plan: ExecutionPlan, steps, reqs):
-        from functools import partial
-
-        import distributed
-
-        if not plan_context.instance.is_persistent:
-            raise DaskClusterError("Dask execution needs a persistent Dagster instance (set DAGSTER_HOME)")
-        job_name = plan_context.job_name
-        run_step = partial(
-            query_on_dask_worker,
-            recon_job=plan_context.reconstructable_job,
-            dagster_run=plan_context.dagster_run,
-            run_config=plan_context.run_config,
-            instance_ref=plan_context.instance.get_ref(),
-            known_state=execution_plan.known_state,
-        )
-        cluster, owned = self._cluster(job_name)
-        try:
-            with distributed.Client(cluster, set_as_default=False) as client:
-                if owned and self.cluster_type != "local" and reqs:
-                    now = {
-                        a: {str(k): float(v) for k, v in (w.get("resources") or {}).items()}
-                        for a, w in client.scheduler_info(n_workers=-1)["workers"].items()
-                    }
-                    if now:  # workers already up: check them; else an adaptive cluster may still add some
-                        check_workers(reqs, now, f"{self.cluster_type} cluster")
-                futures = {}
-                for step in steps:  # in level order, so a step's upstream futures exist when it is submitted
-                    upstream = [futures[k] for inp in step.step_inputs for k in inp.dependency_keys]
-                    futures[step.key] = client.submit(
-                        run_step,
-                        upstream,
-                        step_keys=[step.key],
-                        key=f"{job_name}.{step.key}",
-                        pure=False,
-                        resources=reqs.get(step.key) or None,
-                    )
-                done = distributed.as_completed(list(futures.values()), loop=client.loop, with_results=True)
-                for _future, events in iterate_with_context(raise_execution_interrupts, done):
-                    yield from events
-        finally:
-            if owned:
-                cluster.close()
+        with _record_safe_dask_client(close_clusters=owned, on_connect=check_started):
+            yield from super().execute(plan_context, execution_plan)
 
 
 def default_cluster_config() -> dict:

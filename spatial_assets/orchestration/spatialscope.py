@@ -102,7 +102,12 @@ def segmented_slide(
         res, bin_cells = run_with_transient_retries(
             context,
             lambda _scale: platforms.segment_bins(
-                slide, image, project.params(s.name).segmentation, expand_um=s.expand_um, sample=s.name
+                slide,
+                image,
+                project.params(s.name).segmentation,
+                expand_um=s.expand_um,
+                sample=s.name,
+                log=context.log.info,
             ),
         )
         slide = bin_cells  # the QC figure shows the cells as spots
@@ -110,7 +115,7 @@ def segmented_slide(
         res = run_with_transient_retries(
             context,
             lambda _scale: segmentation.segment_sample(
-                slide, image, s.platform, project.params(s.name).segmentation, sample=s.name
+                slide, image, s.platform, project.params(s.name).segmentation, sample=s.name, log=context.log.info
             ),
         )
     out = project.stores.segmented(s.name)

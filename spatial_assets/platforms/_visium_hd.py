@@ -106,6 +106,7 @@ def segment_bins(
     expand_um: float = 4.0,
     min_bins: int = 1,
     sample: str = "sample",
+    log=None,
 ):
     """SpatialScope step 1 on Visium HD: segment the H&E's nuclei, sum the bins under each into a cell, and make
     every cell its own spot (as on an imaging panel) for cell typing and decomposition.
@@ -127,6 +128,8 @@ def segment_bins(
         Cells with fewer bins are dropped.
     sample : str
         The sample's name in error messages.
+    log : callable or None
+        Receives StarDist's tile / block progress lines (``segmentation.segment_nuclei``'s ``log``).
 
     Returns
     -------
@@ -162,7 +165,7 @@ def segment_bins(
         )
     expand_px = int(round(expand_um / um_per_px)) if expand_um > 0 else 0
     img = as_rgb_image(image)
-    res = segment_nuclei(img, params)
+    res = segment_nuclei(img, params, log=log)
     cells = bins_to_cells(bins, np.asarray(res.labels), expand_px=expand_px, min_bins=min_bins)
     if cells.n_obs == 0:
         raise InputError(

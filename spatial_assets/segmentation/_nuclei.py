@@ -6,6 +6,7 @@ import contextlib
 import io
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +15,7 @@ import pandas as pd
 
 from ..io._readers import InputError
 from ..params import SegmentationParams
+from ..progress import Progress
 from ._channels import ChannelView, _normalizer, _percentiles, _pick_channel, _stride_for, as_rgb_image
 from ._models import ModelUnavailableError, load_stardist_model
 
@@ -103,6 +105,7 @@ def segment_nuclei(
     min_overlap: int = 128,
     watershed_sigma: float = 1.0,
     watershed_min_area: int = 8,
+    log: Callable[[str], None] | None = None,
 ) -> SegmentationResult:
     """Segment nuclei in an RGB H&E image (path, numpy array or array-like (H, W, 3)).
 
@@ -131,6 +134,9 @@ def segment_nuclei(
         Gaussian smoothing (px) before the watershed.
     watershed_min_area : int
         Watershed objects smaller than this (px) are removed.
+    log : callable or None
+        Receives StarDist's progress lines (:class:`~spatial_assets.progress.Progress`: tiles of one image, or
+        blocks of a block-wise prediction), at most every 10 s and at the end; None = silent.
 
     Returns
     -------
@@ -172,7 +178,7 @@ def segment_nuclei(
             info["fallback"] = f"StarDist model '{params.model}' unavailable, fell back to watershed: {e}"
     info["method"] = method
     if method == "stardist":
-        labels, n = _run_stardist(img, model, params, info, labels_out, big_pixels, block_size, min_overlap)
+        labels, n = _run_stardist(img, model, params, info, labels_out, big_pixels, block_size, min_overlap, log)
     else:
         labels, n = _run_watershed(img, params, info, labels_out, watershed_sigma, watershed_min_area)
     nuclei = nuclei_table(labels, n_labels=n)
@@ -181,7 +187,40 @@ def segment_nuclei(
     return SegmentationResult(labels=labels, nuclei=nuclei, info=info)
 
 
-def _run_stardist(img, model, params, info, labels_out, big_pixels, block_size, min_overlap):
+class _TileProgress:
+    """A stand-in for tqdm that StarDist takes as ``show_tile_progress`` (it wraps the tile iterator of a tiled
+    ``predict_instances``): logs the tiles through :class:`~spatial_assets.progress.Progress`."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def __call__(self, iterable, disable: bool = False, total: int | None = None):
+        tiles = Progress(int(total or 0), "StarDist tiles", self.log)
+        for item in iterable:
+            yield item
+            tiles.update()
+
+
+class _BlockReads:
+    """The image as ``predict_instances_big`` reads it, one slice per block, predicted before the next is read:
+    each read after the first means one block done; :meth:`finish` counts the last."""
+
+    def __init__(self, view, progress: Progress):
+        self._view, self._progress, self._reads = view, progress, 0
+        self.shape, self.ndim, self.dtype = view.shape, len(view.shape), getattr(view, "dtype", None)
+
+    def __getitem__(self, key):
+        if self._reads:
+            self._progress.update()
+        self._reads += 1
+        return self._view[key]
+
+    def finish(self) -> None:
+        if self._reads:
+            self._progress.update()
+
+
+def _run_stardist(img, model, params, info, labels_out, big_pixels, block_size, min_overlap, log=None):
     channel = _pick_channel(params, int(model.config.n_channel_in))
     view = ChannelView(img, channel)
     lo, hi = _percentiles(view, params.norm_percentiles)
@@ -204,7 +243,7 @@ def _run_stardist(img, model, params, info, labels_out, big_pixels, block_size, 
         prob_thresh=info["prob_thresh_used"],
         nms_thresh=info["nms_thresh_used"],
         scale=scale,
-        show_tile_progress=False,
+        show_tile_progress=False if log is None else _TileProgress(log),
         predict_kwargs={"verbose": 0},
     )
     quiet = io.StringIO()
@@ -235,9 +274,17 @@ def _run_stardist(img, model, params, info, labels_out, big_pixels, block_size, 
     ctz = (ctx, ctx, 0) if channel == "rgb" else ctx
     bs = bs_yx
     out = labels_out if labels_out is not None else None
+    src = view
+    if log is not None:
+        from stardist.big import BlockND
+
+        # the cover predict_instances_big makes (its sizes are already multiples of the model's grid)
+        n_blocks = len(BlockND.cover(view.shape, axes, bsz, ovz, ctz, model._axes_div_by(axes)))
+        src = _BlockReads(view, Progress(n_blocks, "StarDist blocks", log))
+        kw["show_tile_progress"] = False  # per block: the blocks' line only
     with contextlib.redirect_stdout(quiet):
         labels, polys = model.predict_instances_big(
-            view,
+            src,
             axes=axes,
             block_size=bsz,
             min_overlap=ovz,
@@ -247,6 +294,8 @@ def _run_stardist(img, model, params, info, labels_out, big_pixels, block_size, 
             n_tiles=n_tiles,
             **kw,
         )
+    if isinstance(src, _BlockReads):
+        src.finish()
     info["prediction"] = (
         f"predict_instances_big, block_size {bs}, min_overlap {ov}, context {ctx}, "
         f"n_tiles per block {list(n_tiles[:2])}"

@@ -49,6 +49,7 @@ def segment_sample(
     *,
     sample: str = "sample",
     labels_out=None,
+    log=None,
 ) -> SampleCells:
     """SpatialScope step 1 for a sample of any platform.
 
@@ -69,6 +70,8 @@ def segment_sample(
         The sample's name in error messages.
     labels_out : array-like or None
         Pre-allocated (H, W) integer array (e.g. zarr) for the labels.
+    log : callable or None
+        Receives StarDist's tile / block progress lines (see :func:`segment_nuclei`); None = silent.
 
     Returns
     -------
@@ -95,5 +98,5 @@ def segment_sample(
             f"sample '{sample}': platform {platform.value} needs an H&E image (samples[{sample}].image) "
             "for nuclei segmentation"
         )
-    res, cells, spots, summary = segment_slide(image, slide, params, labels_out=labels_out)
+    res, cells, spots, summary = segment_slide(image, slide, params, labels_out=labels_out, log=log)
     return SampleCells(cells, spots, res.labels, summary, res.info)

@@ -1,6 +1,7 @@
 """Day-to-day operation: schedules that request what is missing or stale, retries for transient faults only, and
 checks whose descriptions name the failing items."""
 
+import contextlib
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -176,12 +177,32 @@ def _retrying_asset(fail_with, attempts: list):
     return flaky
 
 
+@pytest.fixture(autouse=True)
+def _instance_closed():
+    """Ephemeral instances entered for the test and exited after it: Dagster's execute_in_process leaves the
+    instance's defs-state storage as the process's current one (a ContextVar), so an instance dropped inline
+    makes a later materialize fail with "Attempted to resolve undefined DagsterInstance weakref" once the
+    garbage collector has taken it (seen when this file runs after test_faults.py)."""
+    with contextlib.ExitStack() as stack:
+        _OPEN.append(stack)
+        try:
+            yield
+        finally:
+            _OPEN.pop()
+
+
+_OPEN: list[contextlib.ExitStack] = []
+
+
+def _instance() -> dg.DagsterInstance:
+    """An ephemeral instance kept entered until the end of the test (see :func:`_instance_closed`)."""
+    return _OPEN[-1].enter_context(dg.DagsterInstance.ephemeral())
+
+
 def test_cuda_oom_is_retried_with_a_smaller_batch():
     attempts: list = []
     oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    res = dg.materialize(
-        [_retrying_asset(oom, attempts)], raise_on_error=False, instance=dg.DagsterInstance.ephemeral()
-    )
+    res = dg.materialize([_retrying_asset(oom, attempts)], raise_on_error=False, instance=_instance())
     assert res.success
     assert attempts == [1.0, 0.5]  # the retry ran with half the batch
     assert res.output_for_node("flaky") == 0.5
@@ -193,7 +214,7 @@ def test_lost_worker_is_retried_until_the_limit():
     res = dg.materialize(
         [_retrying_asset(ConnectionResetError("worker lost"), attempts)],
         raise_on_error=False,
-        instance=dg.DagsterInstance.ephemeral(),
+        instance=_instance(),
     )
     assert not res.success and len(attempts) == 3  # first attempt + 2 retries
     assert transient_kind(ConnectionResetError()) == "lost_worker"
@@ -209,9 +230,7 @@ def test_lost_worker_is_retried_until_the_limit():
 )
 def test_input_errors_fail_at_once_with_their_message(err):
     attempts: list = []
-    res = dg.materialize(
-        [_retrying_asset(err, attempts)], raise_on_error=False, instance=dg.DagsterInstance.ephemeral()
-    )
+    res = dg.materialize([_retrying_asset(err, attempts)], raise_on_error=False, instance=_instance())
     assert not res.success and len(attempts) == 1
     assert not any(e.event_type_value == "STEP_UP_FOR_RETRY" for e in res.all_events)
     failure = next(e for e in res.all_events if e.is_step_failure)
@@ -284,7 +303,7 @@ def test_console_summary_prints_failed_checks_with_their_reason():
     def too_many_cells():
         return check_result(False, "fine", ["1 spot(s) hold more than max_cells_per_spot=3 cells: 'DDD-1' (9)"])
 
-    inst = dg.DagsterInstance.ephemeral()
+    inst = _instance()
     res = dg.materialize([spots_table, too_many_cells], instance=inst, raise_on_error=False)
     assert failed_check_lines(inst, res.run_id) == [
         "spots_table too_many_cells: 1 spot(s) hold more than max_cells_per_spot=3 cells: 'DDD-1' (9)"

@@ -2,6 +2,7 @@
 lineage, partitions and checks read back from the instance, accuracy against the demo's ground truth, and a failed
 spot range that leaves the finished ones intact."""
 
+import logging
 from pathlib import Path
 
 import anndata as ad
@@ -58,10 +59,33 @@ def pipeline(tmp_path_factory, demo_small):
     home.mkdir()
     mp = pytest.MonkeyPatch()
     mp.setenv("DAGSTER_HOME", str(home))
-    from spatial_assets.orchestration.demo_run import materialize_graph
+    import contextlib
+    import io
+    import warnings
 
-    timings = materialize_graph(cfg_path, log=lambda *_: None)
-    yield {"cfg": cfg_path, "root": tmp / "store", "timings": timings, "instance": dg.DagsterInstance.get()}
+    from spatial_assets.orchestration.demo_run import ensure_instance_config, materialize_graph
+
+    ensure_instance_config(home)  # as `make demo` does
+
+    console, lines = io.StringIO(), []
+    # what `make demo` would print: Dagster's console logger and print() (sys.stderr / sys.stdout), the warnings
+    # that get through, and materialize_graph's own lines
+    with (
+        contextlib.redirect_stdout(console),
+        contextlib.redirect_stderr(console),
+        warnings.catch_warnings(record=True) as caught,
+    ):
+        warnings.simplefilter("always")
+        timings = materialize_graph(cfg_path, log=lines.append)
+    yield {
+        "cfg": cfg_path,
+        "root": tmp / "store",
+        "timings": timings,
+        "instance": dg.DagsterInstance.get(),
+        "console": console.getvalue().splitlines(),
+        "lines": lines,
+        "warnings": [str(w.message) for w in caught],
+    }
     mp.undo()
 
 
@@ -157,6 +181,71 @@ def test_accuracy_against_ground_truth(pipeline, demo_small):
     assert acc > majority + 0.1, (acc, majority)
     sub = ad.read_zarr(root / "enhanced_subspots/crop.zarr")
     assert sub.n_obs == 7 * ad.read_h5ad(demo_small.slide).n_obs
+
+
+def test_quiet_console_one_line_per_stage_full_log_in_instance(pipeline):
+    """Without --verbose: one line per stage, no step log on the console, no zarr warnings; the instance still
+    holds every event of every run (the steps' INFO progress lines and DEBUG events included)."""
+    import re
+
+    n_stages = len(pipeline["timings"])
+    stage = re.compile(r"^\[spatial_assets\] .+ (ok|checks failed|FAILED) \(\d+\.\d s, run [0-9a-f]{8} of \w+\)$")
+    assert sum(bool(stage.match(line)) for line in pipeline["lines"]) == n_stages, pipeline["lines"]
+    extra = [line for line in pipeline["lines"] if not stage.match(line)]
+    assert all("registered partitions" in line or "WARNING" in line for line in extra), extra
+    console = pipeline["console"]
+    assert not [line for line in console if " - INFO - " in line or " - DEBUG - " in line], console[:20]
+    assert len(console) <= 2 * n_stages, "\n".join(console)  # the steps' warnings only (e.g. the CPU fallback)
+    noisy = ("Consolidated metadata", "zarr v3 autosharding", "Automatic shard shape inference")
+    assert not [w for w in pipeline["warnings"] if any(n in w for n in noisy)]
+    inst = pipeline["instance"]
+    runs = inst.get_runs(dg.RunsFilter(tags={"spatial_assets/launched_by": "make demo"}))
+    assert len(runs) == n_stages
+    logs = [r for run in runs for r in inst.all_logs(run.run_id)]
+    assert sum(r.level == logging.DEBUG and r.is_dagster_event for r in logs) > 10 * n_stages  # step events
+    info = [r.user_message for r in logs if r.level == logging.INFO and not r.is_dagster_event]
+    assert any(re.search(r": \d+/\d+ \(\d+%\)", m) for m in info), info[:20]  # Progress lines of the steps
+    assert len(logs) > 20 * len(console)
+
+
+def test_demo_accuracy_table_has_same_input_baselines(pipeline, demo_small):
+    """The demo's accuracy table: each figure beside its same-input baseline, the figures recomputed here."""
+    import re
+
+    from spatial_assets.orchestration.config import load_config
+    from spatial_assets.orchestration.demo_run import demo_accuracy
+
+    row = demo_accuracy(load_config(pipeline["cfg"]), truth_dir=Path(demo_small.truth_cells).parent)["crop"]
+    nums = {k: [float(x) for x in re.findall(r"-?\d+\.\d+", v)] for k, v in row.items()}
+    assert set(row) == {"nuclei", "cell types", "decomposed cells", "sub-spots"}, row
+    # cell types: the typed labels, each spot's top type given to all its cells, the majority type
+    root = pipeline["root"]
+    truth = ad.read_h5ad(demo_small.truth_cells)
+    t_in = truth[truth.obs["spot"].astype(str).to_numpy() != ""]
+    dec = ad.read_zarr(root / "decomposed_cells_by_sample/crop.zarr")
+    typed = ad.read_zarr(root / "typed_cells/crop/cells.zarr").obs
+    d, i = cKDTree(t_in.obs[["x", "y"]].to_numpy()).query(dec.obs[["x", "y"]].to_numpy())
+    ok = d < 4.0
+    true_type = t_in.obs["cell_class"].astype(str).to_numpy()[i[ok]]
+    acc = (typed.loc[dec.obs_names[ok], "cell_type"].astype(str).to_numpy() == true_type).mean()
+    top = (typed.loc[dec.obs_names[ok], "initial_type"].astype(str).to_numpy() == true_type).mean()
+    majority = pd.Series(true_type).value_counts(normalize=True).iloc[0]
+    assert nums["cell types"] == pytest.approx([acc, top, majority], abs=0.006), row["cell types"]
+    assert "each spot's top type" in row["cell types"]
+    # decomposed cells (median per-cell r of log1p, recomputed here) beside the proportional split of each spot
+    # by its cells' types (which figure is higher is the science's business, not this table's)
+    assert "proportional split by cell types" in row["decomposed cells"]
+    genes = list(dec.var_names)
+    T = np.log1p(pd.DataFrame(t_in.X.toarray(), columns=t_in.var_names)[genes].to_numpy()[i[ok]])
+    D = np.log1p(np.asarray(dec.X[ok].toarray() if hasattr(dec.X, "toarray") else dec.X[ok]))
+    r_dec, r_split = nums["decomposed cells"][:2]
+    varied = (T.std(1) > 0) & (D.std(1) > 0)  # r is undefined for a constant profile
+    assert r_dec == pytest.approx(np.median(_rows_r(D[varied], T[varied])), abs=0.006), row["decomposed cells"]
+    assert -1 <= r_split <= 1
+    # sub-spots beside the nuclei split soScope starts from
+    assert "nuclei split" in row["sub-spots"], row["sub-spots"]
+    r_sub, r_prior = nums["sub-spots"]
+    assert -1 <= r_prior <= 1 and -1 <= r_sub <= 1
 
 
 def test_runs_use_named_jobs_and_up_to_date_stages_are_skipped(pipeline):

@@ -75,15 +75,30 @@ def test_stardist_on_demo_hematoxylin(demo_arrays):
 
 
 def test_big_path_writes_zarr_blockwise_and_matches_direct(demo_arrays):
+    import re
+
     import zarr
 
     img = demo_arrays[0][:480, :480]
-    direct = seg.segment_nuclei(img, STARDIST)
+    tiles_log, blocks_log = [], []
+    direct = seg.segment_nuclei(img, STARDIST.model_copy(update={"tile_size": 256}), log=tiles_log.append)
     out = zarr.create_array(store=zarr.storage.MemoryStore(), shape=img.shape[:2], chunks=(128, 128), dtype="int32")
     big = seg.segment_nuclei(
-        zarr.array(img, chunks=(100, 100, 3)), STARDIST, labels_out=out, big_pixels=0, block_size=256, min_overlap=48
+        zarr.array(img, chunks=(100, 100, 3)),
+        STARDIST,
+        labels_out=out,
+        big_pixels=0,
+        block_size=256,
+        min_overlap=48,
+        log=blocks_log.append,
     )
-    import re
+    # progress: the 2 x 2 tiles of the direct prediction, every block of the block-wise one, ending at 100%
+    assert re.fullmatch(r"StarDist tiles: 4/4 \(100%\) in \d+ s", tiles_log[-1]), tiles_log
+    last = re.fullmatch(r"StarDist blocks: (\d+)/\1 \(100%\) in \d+ s", blocks_log[-1])
+    assert last and int(last[1]) >= 4, blocks_log
+    for line in tiles_log + blocks_log:
+        done, total = map(int, re.search(r": (\d+)/(\d+) ", line).groups())
+        assert 0 < done <= total, line
 
     bs = re.match(r"predict_instances_big, block_size \[(\d+), (\d+)\]", big.info["prediction"])
     assert bs and max(int(bs[1]), int(bs[2])) < 480  # at least one block boundary in each axis
