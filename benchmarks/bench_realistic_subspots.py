@@ -33,6 +33,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 SEEDS = (0, 1, 2)
 BASELINES = ("spot_div_k", "nuclei_split", "true_cell_split")
+LEVELS = ("cell_class", "cell_type")  # 12 classes, 44 subtypes
+PRED_LEVELS = ("cell_class",)
 
 
 def _log_r(est: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
@@ -43,19 +45,52 @@ def _log_r(est: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     return float(np.nanmedian(pearson_columns(a, b))), float(np.nanmedian(pearson_columns(a.T, b.T)))
 
 
-def nuclei_table(labels_path) -> pd.DataFrame:  # noqa: F821
-    """x, y, area (px) of every labelled nucleus of a label image."""
+def nuclei_table(labels_path, image=None) -> pd.DataFrame:  # noqa: F821
+    """x, y, area (px) and label of every labelled nucleus of a label image; with the H&E ``image``, also the
+    segmentation's per-nucleus features (``segmentation.FEATURE_COLUMNS``, as ``segment_sample`` writes them)."""
     import pandas as pd
     import tifffile
     from skimage.measure import regionprops_table
 
-    rp = regionprops_table(tifffile.imread(labels_path), properties=("centroid", "area"))
-    return pd.DataFrame({"x": rp["centroid-1"], "y": rp["centroid-0"], "area": rp["area"].astype(float)})
+    labels = tifffile.imread(labels_path)
+    rp = regionprops_table(labels, properties=("label", "centroid", "area"))
+    out = pd.DataFrame(
+        {"x": rp["centroid-1"], "y": rp["centroid-0"], "area": rp["area"].astype(float), "label": rp["label"]}
+    )
+    if image is not None:
+        from spatial_assets.segmentation import nucleus_features
+
+        f = nucleus_features(labels, image, label_ids=out["label"].to_numpy())
+        for c in f.columns:
+            out[c] = f[c].to_numpy()
+    return out
+
+
+def predicted_types(slide, nuclei, reference, level: str) -> np.ndarray:
+    """The project's typing (``celltyping.type_sample``, defaults) of every nucleus inside a spot ('' outside)."""
+    import pandas as pd
+
+    from spatial_assets import celltyping
+    from spatial_assets import soscope as ss
+
+    geom = ss.build_subspots(slide, "visium")
+    row = ss.nuclei_subspots(nuclei, geom)
+    ok = row >= 0
+    feats = [c for c in nuclei.columns if c.startswith("nucleus_")]  # segmentation's nucleus features
+    cells = nuclei.loc[ok, ["x", "y", *feats]].reset_index(drop=True)
+    cells.index = pd.Index([f"n{i}" for i in np.flatnonzero(ok)])
+    cells["spot"] = geom.spot_names[row[ok] // geom.n_sub]
+    res = celltyping.type_sample(slide, reference, level, cells, class_key="cell_class")
+    lab = res.cells["cell_type"].astype(str).reindex(cells.index).fillna("").to_numpy()
+    out = np.full(len(nuclei), "", dtype=object)
+    out[ok] = lab
+    return out
 
 
 def load_slide(seed: int, cache: Path, crop_um=None) -> dict:
     """Build (or reuse from ``cache``) a realistic slide; returns slide, image, nuclei, truth and true counts."""
     import anndata as ad
+    import pandas as pd
     import tifffile
 
     from spatial_assets.datasets import build_realistic_slide
@@ -71,6 +106,19 @@ def load_slide(seed: int, cache: Path, crop_um=None) -> dict:
     inside = cells.obs["spot"].astype(str).to_numpy() != ""
     row = slide.obs_names.get_indexer(cells.obs["spot"].astype(str)[inside]) * 7 + cells.obs["subspot"][inside]
     true_counts = np.bincount(row.to_numpy(), minlength=truth.n_obs).astype(float)
+    image = tifffile.imread(d / "he.tif")
+    nf = d / "nuclei.parquet"  # cache of the nuclei table with the per-nucleus features
+    if not nf.exists():
+        nuclei_table(d / "nuclei_labels.tif", image).to_parquet(nf)
+    nuclei = pd.read_parquet(nf)
+    for level in LEVELS:  # true type of each nucleus (label i + 1 = true cell i)
+        nuclei[f"true_{level}"] = cells.obs[level].astype(str).to_numpy()[nuclei["label"].to_numpy() - 1]
+    reference = ad.read_h5ad(d / "reference.h5ad")
+    for level in PRED_LEVELS:  # the project's typing of the nuclei, cached
+        f = d / f"predicted_{level}.npy"
+        if not f.exists():
+            np.save(f, predicted_types(slide, nuclei, reference, level).astype(str))
+        nuclei[f"pred_{level}"] = np.load(f)
     feats = d / "squidpy_features.npy"  # cache of the default squidpy features (slow: minutes per slide)
     raw = np.load(feats) if feats.exists() else None
     if raw is None:
@@ -84,8 +132,9 @@ def load_slide(seed: int, cache: Path, crop_um=None) -> dict:
         "raw_image_features": raw,
         "slide": slide,
         "truth": np.asarray(truth.X.toarray() if hasattr(truth.X, "toarray") else truth.X, np.float64),
-        "image": tifffile.imread(d / "he.tif"),
-        "nuclei": nuclei_table(d / "nuclei_labels.tif"),
+        "image": image,
+        "nuclei": nuclei,
+        "reference": reference,
         "true_counts": true_counts,
     }
 
@@ -118,15 +167,39 @@ def evaluate_slide(data: dict, epochs: int, seed: int = 0, configs=None) -> dict
     ):
         g, s = _log_r(est, truth)
         out[name] = {"gene_r": g, "subspot_r": s}
+    nuclei = data["nuclei"]
+    typings = sorted({extra["_types"] for extra in (configs or {}).values() if "_types" in extra})
+    profiles, typed_nuclei = {}, {}
+    for t in typings:  # "true_cell_class", "pred_cell_class", ...: the typed-nuclei split (no training)
+        level = t.split("_", 1)[1]
+        profiles[t] = ss.type_profiles(data["reference"], level)
+        typed_nuclei[t] = nuclei.assign(cell_type=nuclei[t].to_numpy())
+        inside = ss.nuclei_subspots(nuclei, geom) >= 0
+        exp = ss.typed_subspot_profiles(typed_nuclei[t].loc[inside], geom, profiles[t], slide.var_names)
+        est = np.repeat(x, 7, axis=0) * ss.typed_shares(exp, 7)
+        g, s = _log_r(est, truth)
+        out[f"typed_split_{t}"] = {"gene_r": g, "subspot_r": s}
+        if t.startswith("pred_"):
+            truth_lab = nuclei[t.replace("pred_", "true_")].to_numpy()[inside]
+            out[f"typed_split_{t}"]["typing_accuracy"] = float((nuclei[t].to_numpy()[inside] == truth_lab).mean())
     configs = configs or {
         "soscope": {},
         "soscope_published": {"nuclei_offset": False, "image_pca": None, "conserve": False},
     }
     for name, extra in configs.items():
+        extra = dict(extra)
+        t = extra.pop("_types", None)
         p = SoScopeParams(vgae_epochs=epochs, epochs=epochs, seed=seed, **extra)
         t0 = time.perf_counter()
         r = ss.enhance(
-            slide, p, "visium", image=data["image"], nuclei=data["nuclei"], raw_image_features=raw, log_every=0
+            slide,
+            p,
+            "visium",
+            image=data["image"],
+            nuclei=typed_nuclei[t] if t else nuclei,
+            raw_image_features=raw,
+            type_profiles=profiles[t] if t else None,
+            log_every=0,
         )
         sec = time.perf_counter() - t0
         g, s = _log_r(r.adata.X, truth)

@@ -441,6 +441,12 @@ class SoScopeParams(_Params):
         soScope's flat offset (every sub-spot starts at spot / K).
     nuclei_pseudocount : float, default 0.01
         Pseudocount of that offset.
+    typed_prior : bool, default True
+        With typed nuclei (``type_column``) and type-mean profiles, the offset is per gene: each sub-spot's share of
+        the spot's sum over its nuclei of their type-mean profile (the typed-nuclei split), refined by training.
+        False = the nuclei split even when types are given.
+    type_column : str, default "cell_type"
+        Column of the nuclei table with each nucleus's type (the ``typed_cells`` labels).
     conserve : bool, default True
         X = the model's split rescaled so each spot's sub-spots sum exactly to the spot (``layers['conserved']``);
         False = X is the likelihood mean (soScope's output, ``layers['model_mean']``).
@@ -491,6 +497,10 @@ class SoScopeParams(_Params):
     # offset (every sub-spot starts at spot / K).
     nuclei_offset: bool = True
     nuclei_pseudocount: float = Field(0.01, gt=0)
+    # Typed-cell prior: with a type per nucleus and type-mean profiles, the offset is per gene, each sub-spot's share
+    # of its spot's sum over its nuclei of their type-mean profile (the typed-nuclei split). See docs/ACCURACY.md.
+    typed_prior: bool = True
+    type_column: str = "cell_type"
     # X = the model's split rescaled so each spot's sub-spots sum exactly to the spot (layers['conserved']);
     # False: X = the likelihood mean (soScope's output, layers['model_mean']).
     conserve: bool = True

@@ -220,6 +220,7 @@ def enhance(
     features: np.ndarray | None = None,
     subspot_counts: np.ndarray | None = None,
     raw_image_features: np.ndarray | None = None,
+    type_profiles: pd.DataFrame | None = None,
     n_jobs: int = 1,
     n_threads: int | None = None,
     log_every: int = 50,
@@ -232,6 +233,11 @@ def enhance(
     With nuclei (``params.nuclei_offset``, default), a sub-spot's expression is offset by the log of its prior
     share ``(count + params.nuclei_pseudocount) / spot total``: the untrained model is the nuclei split and
     training refines the per-gene shares from the image features and the spot latent.
+
+    With typed nuclei (a type per nucleus in ``nuclei[params.type_column]``) and ``type_profiles``
+    (``params.typed_prior``, default), the prior share becomes per gene: a sub-spot's share of the spot's
+    ``sum over its nuclei of the type-mean profile`` (:func:`~spatial_assets.soscope.typed_subspot_profiles`), so
+    the untrained model is the typed-nuclei split (``layers['prior_split']``, its same-input baseline).
 
     Parameters
     ----------
@@ -260,6 +266,9 @@ def enhance(
     raw_image_features
         Precomputed raw image features (N K, F) (e.g. cached :func:`squidpy_features`), reduced and weighted
         like computed ones.
+    type_profiles
+        Types x genes mean counts of one cell of each type (:func:`~spatial_assets.soscope.type_profiles` of the
+        reference); with typed ``nuclei`` and ``params.typed_prior`` the prior is the typed-nuclei split.
     n_jobs
         squidpy worker processes.
     n_threads
@@ -278,7 +287,8 @@ def enhance(
           features: the residual spread evenly). ``X`` is this layer when ``params.conserve`` (default).
         - ``layers['model_mean']``: the likelihood mean of each sub-spot (soScope's own output, denoised; its
           spot sums only approximate the spot). ``X`` is this layer when ``params.conserve`` is False.
-        - ``layers['prior_split']``: the split the model starts from: the nuclei split (spot x prior share) with
+        - ``layers['prior_split']``: the split the model starts from: the typed-nuclei split (spot x per-gene
+          typed share) with typed nuclei and ``type_profiles``, else the nuclei split (spot x prior share) with
           nuclei and ``params.nuclei_offset``, else spot / K. The same-input baseline of ``conserved``.
 
         ``info``: settings, feature description, losses, timings (also in ``adata.uns['soscope']``).
@@ -312,6 +322,7 @@ def _enhance(
     features,
     subspot_counts,
     raw_image_features,
+    type_profiles,
     n_jobs,
     n_threads,
     log_every,
@@ -362,7 +373,20 @@ def _enhance(
                 f"subspot_counts: expected {nk} finite non-negative cell counts (one per sub-spot), "
                 f"found shape {np.shape(subspot_counts)}"
             )
-    share0 = _prior_shares(counts_np if params.nuclei_offset else None, n, k, params.nuclei_pseudocount)
+    typed = params.typed_prior and params.nuclei_offset and type_profiles is not None and nuclei is not None
+    if type_profiles is not None and nuclei is not None and params.typed_prior and params.type_column not in nuclei:
+        raise ValueError(
+            f"nuclei['{params.type_column}']: missing; type_profiles were given for the typed-cell prior, which needs "
+            f"a type per nucleus (columns found: {list(nuclei.columns)}); pass typed nuclei or no type_profiles"
+        )
+    if typed:  # (N K, G) per-gene shares: each sub-spot's part of the spot's sum of its nuclei's type means
+        expected = _ft.typed_subspot_profiles(
+            nuclei, geom, type_profiles, var.index, params.type_column, params.nuclei_pseudocount
+        )
+        share0 = _ft.typed_shares(expected, k)
+        del expected
+    else:
+        share0 = _prior_shares(counts_np if params.nuclei_offset else None, n, k, params.nuclei_pseudocount)[:, None]
     uses_image = fdesc["image"] != "none (positional encoding of sub-spot offsets)" or fdesc["nuclei"]
     w_edges = _geo.subspot_graph(geom, params.subspot_radius)
     w_dist = _geo.edge_distances(y_np if uses_image else geom.positions, w_edges)
@@ -394,7 +418,7 @@ def _enhance(
 
     # offsets: log of a per-gene baseline rate (counts) or the baseline mean (Gaussian). Sub-spots start from
     # their prior share of the spot (nuclei split, or 1 / K): the untrained decoder reproduces that split.
-    share_t = torch.as_tensor(share0, dtype=f32, device=dev).reshape(nk, 1)
+    share_t = torch.as_tensor(share0, dtype=f32, device=dev).reshape(nk, -1)  # (NK, 1), or (NK, G) typed
     off1 = torch.where(counts, torch.log(torch.clamp(gmean, min=1e-4)), gmean)
     offk = torch.where(
         counts[None, :], torch.log(torch.clamp(gmean[None, :] * share_t, min=1e-6)), gmean[None, :] * share_t
@@ -452,7 +476,7 @@ def _enhance(
         loss = recon + beta * kl
         reg = torch.zeros((), device=dev)
         if n_w and params.image_weight > 0:
-            prior = x[:, None, :] * share_t.view(n, k, 1)  # the parent spot split by the prior shares
+            prior = x[:, None, :] * share_t.view(n, k, -1)  # the parent spot split by the prior shares
             if bool(counts.all()):
                 resid = torch.log1p(m).view(n, k, g) - torch.log1p(prior)
             else:
@@ -500,7 +524,8 @@ def _enhance(
         index=pd.Index([f"{s}_{j}" for s, j in zip(geom.spot_names[geom.parent], geom.k)]),
     )
     # X: layers['conserved'] when params.conserve (default) else layers['model_mean'] (see enhance's docstring)
-    prior_np = (np.repeat(x_np, k, axis=0) * share0[:, None]).astype(np.float32)
+    prior_np = (np.repeat(x_np, k, axis=0) * share0).astype(np.float32)
+    del share0
     out = ad.AnnData(X=conserved if params.conserve else m_np, obs=obs, var=var)
     out.layers["model_mean"] = m_np
     out.layers["conserved"] = conserved
@@ -544,7 +569,9 @@ def _enhance(
         "spot_reconstruction_rel_l1": rel_err,
         "conserved_spot_sums": bool(params.conserve),
         "x_layer": "conserved" if params.conserve else "model_mean",
-        "prior": "nuclei split" if (params.nuclei_offset and counts_np is not None) else "even split (spot / K)",
+        "prior": "typed-nuclei split"
+        if typed
+        else ("nuclei split" if (params.nuclei_offset and counts_np is not None) else "even split (spot / K)"),
         "spot_reconstruction_median_gene_r": float(np.nanmedian(r_spot)) if np.isfinite(r_spot).any() else None,
         "schedules": {
             "beta": [params.beta_start, params.beta_end],
