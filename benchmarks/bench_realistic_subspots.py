@@ -34,6 +34,16 @@ HERE = Path(__file__).resolve().parent
 SEEDS = (0, 1, 2)
 BASELINES = ("spot_div_k", "nuclei_split", "true_cell_split")
 LEVELS = ("cell_class", "cell_type")  # 12 classes, 44 subtypes
+# soScope configurations run on every slide ("_types": which nucleus labels and type profiles are fed; "pred_*": the
+# project's typing of the nuclei with their morphology, "true_*": the true types; "_soft": labels weighted by the
+# typing's confidence)
+CONFIGS = {
+    "soscope": {},  # project defaults, no types: nuclei prior + pooled nucleus morphology features
+    "soscope_no_morphology": {"nuclei_morphology_features": []},  # the previous default
+    "soscope_typed": {"_types": "pred_cell_class"},  # project defaults fed the predicted class labels
+    "soscope_typed_soft": {"_types": "pred_cell_class_soft"},
+    "soscope_typed_true": {"_types": "true_cell_class"},
+}
 PRED_LEVELS = ("cell_class",)
 
 
@@ -82,12 +92,14 @@ def predicted_types(slide, nuclei, reference, level: str) -> np.ndarray:
     cells["spot"] = geom.spot_names[row[ok] // geom.n_sub]
     res = celltyping.type_sample(slide, reference, level, cells, class_key="cell_class")
     lab = res.cells["cell_type"].astype(str).reindex(cells.index).fillna("").to_numpy()
-    out = np.full(len(nuclei), "", dtype=object)
-    out[ok] = lab
-    return out
+    conf = res.cells["confidence"].astype(float).reindex(cells.index).fillna(0.0).to_numpy()
+    potts = res.cells["potts_type"].astype(str).reindex(cells.index).fillna("").to_numpy()
+    out, c, pt = np.full(len(nuclei), "", dtype=object), np.zeros(len(nuclei)), np.full(len(nuclei), "", dtype=object)
+    out[ok], c[ok], pt[ok] = lab, conf, potts
+    return out, c, pt
 
 
-def load_slide(seed: int, cache: Path, crop_um=None) -> dict:
+def load_slide(seed: int, cache: Path, crop_um=None, morphology: str = "by_type") -> dict:
     """Build (or reuse from ``cache``) a realistic slide; returns slide, image, nuclei, truth and true counts."""
     import anndata as ad
     import pandas as pd
@@ -95,9 +107,13 @@ def load_slide(seed: int, cache: Path, crop_um=None) -> dict:
 
     from spatial_assets.datasets import build_realistic_slide
 
-    d = cache / (f"seed{seed}" + ("" if crop_um is None else "_crop" + "_".join(str(int(c)) for c in crop_um)))
+    d = cache / (
+        f"seed{seed}"
+        + ("" if morphology == "by_type" else f"_{morphology}")
+        + ("" if crop_um is None else "_crop" + "_".join(str(int(c)) for c in crop_um))
+    )
     if not (d / "demo_info.json").exists():
-        build_realistic_slide(d, seed=seed, crop_um=crop_um)
+        build_realistic_slide(d, seed=seed, crop_um=crop_um, morphology=morphology)
     slide = ad.read_h5ad(d / "slide.h5ad")
     truth = ad.read_h5ad(d / "truth_subspots.h5ad")
     cells = ad.read_h5ad(d / "truth_cells.h5ad")
@@ -115,10 +131,13 @@ def load_slide(seed: int, cache: Path, crop_um=None) -> dict:
         nuclei[f"true_{level}"] = cells.obs[level].astype(str).to_numpy()[nuclei["label"].to_numpy() - 1]
     reference = ad.read_h5ad(d / "reference.h5ad")
     for level in PRED_LEVELS:  # the project's typing of the nuclei, cached
-        f = d / f"predicted_{level}.npy"
+        f = d / f"predicted_{level}.npz"
         if not f.exists():
-            np.save(f, predicted_types(slide, nuclei, reference, level).astype(str))
-        nuclei[f"pred_{level}"] = np.load(f)
+            lab, conf, potts = predicted_types(slide, nuclei, reference, level)
+            np.savez(f, labels=lab.astype(str), confidence=conf, potts=potts.astype(str))
+        z = np.load(f)
+        nuclei[f"pred_{level}"], nuclei[f"pred_{level}_confidence"] = z["labels"], z["confidence"]
+        nuclei[f"pred_{level}_potts"] = z["potts"]
     feats = d / "squidpy_features.npy"  # cache of the default squidpy features (slow: minutes per slide)
     raw = np.load(feats) if feats.exists() else None
     if raw is None:
@@ -170,18 +189,31 @@ def evaluate_slide(data: dict, epochs: int, seed: int = 0, configs=None) -> dict
     nuclei = data["nuclei"]
     typings = sorted({extra["_types"] for extra in (configs or {}).values() if "_types" in extra})
     profiles, typed_nuclei = {}, {}
-    for t in typings:  # "true_cell_class", "pred_cell_class", ...: the typed-nuclei split (no training)
-        level = t.split("_", 1)[1]
+    for t in typings:  # "true_cell_class", "pred_cell_class[_soft]", ...: the typed-nuclei split (no training)
+        soft = t.endswith("_soft")
+        col = t.removesuffix("_soft")
+        level = col.split("_", 1)[1]
         profiles[t] = ss.type_profiles(data["reference"], level)
-        typed_nuclei[t] = nuclei.assign(cell_type=nuclei[t].to_numpy())
+        typed_nuclei[t] = nuclei.assign(cell_type=nuclei[col].to_numpy())
+        conf_col = f"{col}_confidence"
+        if conf_col in nuclei.columns and soft:
+            typed_nuclei[t]["confidence"] = nuclei[conf_col].to_numpy()
+        if f"{col}_potts" in nuclei.columns:  # the typing's Potts labels (before morphology), as typed_cells has
+            typed_nuclei[t]["potts_type"] = nuclei[f"{col}_potts"].to_numpy()
         inside = ss.nuclei_subspots(nuclei, geom) >= 0
-        exp = ss.typed_subspot_profiles(typed_nuclei[t].loc[inside], geom, profiles[t], slide.var_names)
+        exp = ss.typed_subspot_profiles(
+            typed_nuclei[t].loc[inside],
+            geom,
+            profiles[t],
+            slide.var_names,
+            confidence_column="confidence" if "confidence" in typed_nuclei[t] else None,
+        )
         est = np.repeat(x, 7, axis=0) * ss.typed_shares(exp, 7)
         g, s = _log_r(est, truth)
         out[f"typed_split_{t}"] = {"gene_r": g, "subspot_r": s}
         if t.startswith("pred_"):
-            truth_lab = nuclei[t.replace("pred_", "true_")].to_numpy()[inside]
-            out[f"typed_split_{t}"]["typing_accuracy"] = float((nuclei[t].to_numpy()[inside] == truth_lab).mean())
+            truth_lab = nuclei[col.replace("pred_", "true_")].to_numpy()[inside]
+            out[f"typed_split_{t}"]["typing_accuracy"] = float((nuclei[col].to_numpy()[inside] == truth_lab).mean())
     configs = configs or {
         "soscope": {},
         "soscope_published": {"nuclei_offset": False, "image_pca": None, "conserve": False},
@@ -189,6 +221,8 @@ def evaluate_slide(data: dict, epochs: int, seed: int = 0, configs=None) -> dict
     for name, extra in configs.items():
         extra = dict(extra)
         t = extra.pop("_types", None)
+        if t and t.endswith("_soft"):
+            extra["type_confidence_column"] = "confidence"
         p = SoScopeParams(vgae_epochs=epochs, epochs=epochs, seed=seed, **extra)
         t0 = time.perf_counter()
         r = ss.enhance(
@@ -204,7 +238,7 @@ def evaluate_slide(data: dict, epochs: int, seed: int = 0, configs=None) -> dict
         sec = time.perf_counter() - t0
         g, s = _log_r(r.adata.X, truth)
         out[f"{name}_X"] = {"gene_r": g, "subspot_r": s, "seconds": round(sec, 1), "x_layer": r.info["x_layer"]}
-        for layer in ("model_mean", "conserved"):
+        for layer in ("model_mean", "conserved", "prior_split"):
             g, s = _log_r(r.adata.layers[layer], truth)
             out[f"{name}_{layer}"] = {"gene_r": g, "subspot_r": s}
     out["_slide"] = {
@@ -219,17 +253,22 @@ def evaluate_slide(data: dict, epochs: int, seed: int = 0, configs=None) -> dict
 def _markdown(res: dict) -> str:
     seeds = [k for k in res if k.startswith("seed")]
     methods = [m for m in res[seeds[0]] if not m.startswith("_")]
+    uni = int("uniform_seed0" in res)
     lines = [
         f"Realistic slides, seeds {', '.join(s[4:] for s in seeds)}, {res['epochs']}+{res['epochs']} epochs; "
         "median Pearson r on log1p (per gene | per sub-spot)",
         "",
-        "| method | " + " | ".join(seeds) + " | mean |",
-        "|---|" + "---|" * (len(seeds) + 1),
+        "| method | " + " | ".join(seeds) + " | mean |" + (" uniform morphology, seed0 |" if uni else ""),
+        "|---|" + "---|" * (len(seeds) + 1 + uni),
     ]
     for m in methods:
         cells = [f"{res[s][m]['gene_r']:.3f} \\| {res[s][m]['subspot_r']:.3f}" for s in seeds]
         mean = res["mean"][m]
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {mean['gene_r']:.3f} \\| {mean['subspot_r']:.3f} |")
+        tail = ""
+        if uni:
+            u = res["uniform_seed0"].get(m)
+            tail = f" {u['gene_r']:.3f} \\| {u['subspot_r']:.3f} |" if u else " |"
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {mean['gene_r']:.3f} \\| {mean['subspot_r']:.3f} |" + tail)
     return "\n".join(lines) + "\n"
 
 
@@ -262,6 +301,7 @@ def run(
     cache: str | Path | None = None,
     epochs: int | None = None,
     published: bool = True,
+    uniform: bool = True,
 ) -> dict:
     """Every method on realistic slides of ``SEEDS``; writes JSON, markdown and a figure; returns the figures."""
     import torch
@@ -271,11 +311,19 @@ def run(
     seeds, default_epochs = (SEEDS[:1], 100) if quick else (SEEDS, 400)
     epochs = epochs or default_epochs
     res: dict = {"epochs": epochs}
+    configs = dict(CONFIGS)
+    if published:
+        configs["soscope_published"] = {
+            "nuclei_offset": False,
+            "image_pca": None,
+            "conserve": False,
+            "lr": 5e-4,
+            "nuclei_morphology_features": [],
+        }
     for seed in seeds:
-        configs = {"soscope": {}}
-        if published:
-            configs["soscope_published"] = {"nuclei_offset": False, "image_pca": None, "conserve": False, "lr": 5e-4}
         res[f"seed{seed}"] = evaluate_slide(load_slide(seed, cache), epochs, configs=configs)
+    if uniform:  # nuclei that do not follow the cell type: no morphology gain is possible, none must hurt
+        res["uniform_seed0"] = evaluate_slide(load_slide(0, cache, morphology="uniform"), epochs, configs=configs)
     methods = [m for m in res[f"seed{seeds[0]}"] if not m.startswith("_")]
     res["mean"] = {
         m: {key: float(np.mean([res[f"seed{s}"][m][key] for s in seeds])) for key in ("gene_r", "subspot_r")}
@@ -285,6 +333,14 @@ def run(
     res["soscope_minus_nuclei_split"] = {
         key: mean["soscope_X"][key] - mean["nuclei_split"][key] for key in ("gene_r", "subspot_r")
     }
+    if "soscope_typed_X" in mean:
+        res["soscope_typed_minus_typed_split"] = {
+            key: mean["soscope_typed_X"][key] - mean["typed_split_pred_cell_class"][key]
+            for key in ("gene_r", "subspot_r")
+        }
+        res["soscope_typed_minus_nuclei_split"] = {
+            key: mean["soscope_typed_X"][key] - mean["nuclei_split"][key] for key in ("gene_r", "subspot_r")
+        }
     out = Path(out_dir) if out_dir else HERE / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "realistic_subspots.json").write_text(json.dumps(res, indent=2))
@@ -298,6 +354,14 @@ if __name__ == "__main__":
     out_arg = args[args.index("--out") + 1] if "--out" in args else None
     ep_arg = int(args[args.index("--epochs") + 1]) if "--epochs" in args else None
     cache_arg = args[args.index("--cache") + 1] if "--cache" in args else None
-    r = run("--quick" in args, out_arg, cache_arg, ep_arg, published="--no-published" not in args)
+    r = run(
+        "--quick" in args,
+        out_arg,
+        cache_arg,
+        ep_arg,
+        published="--no-published" not in args,
+        uniform="--no-uniform" not in args,
+    )
     print(_markdown(r))
-    print("soScope X minus nuclei split (mean over seeds):", r["soscope_minus_nuclei_split"])
+    for key in ("soscope_minus_nuclei_split", "soscope_typed_minus_typed_split", "soscope_typed_minus_nuclei_split"):
+        print(key, "(mean over seeds):", r.get(key))

@@ -198,6 +198,28 @@ def conserve_spot_sums(m: np.ndarray, x: np.ndarray, k: int, counts) -> np.ndarr
     return out.reshape(n * k, g).astype(np.float32)
 
 
+def _use_typed_prior(params: SoScopeParams, nuclei, type_profiles, geom) -> tuple[bool, str]:
+    """Whether the typed-cell prior applies, and why (or why not)."""
+    if params.typed_prior == "off" or type_profiles is None or nuclei is None:
+        return False, "off" if params.typed_prior == "off" else "no typed nuclei / type profiles given"
+    if not params.nuclei_offset:
+        return False, "nuclei_offset is off"
+    col = params.type_column
+    if col not in nuclei.columns:
+        raise ValueError(
+            f"nuclei['{col}']: missing; type_profiles were given for the typed-cell prior, which needs a type per "
+            f"nucleus (columns found: {list(nuclei.columns)}); pass typed nuclei or no type_profiles"
+        )
+    if params.typed_prior == "auto" and "potts_type" in nuclei.columns:
+        inside = _ft.nuclei_subspots(nuclei, geom) >= 0
+        lab = nuclei[col].astype(str).to_numpy()[inside]
+        if len(lab) and (lab == nuclei["potts_type"].astype(str).to_numpy()[inside]).all():
+            # typing without morphology: the labels follow the spot mixture and the Potts smoothing only, they do
+            # not tell which nucleus of a spot is which type (on the benchmark that split loses to the nuclei split)
+            return False, "auto: the labels are the Potts labels (typing used no nucleus morphology)"
+    return True, "on" if params.typed_prior == "on" else "auto: labels given"
+
+
 def _prior_shares(counts: np.ndarray | None, n: int, k: int, pseudocount: float) -> np.ndarray:
     """(N K,) prior share of each sub-spot in its spot: (count + pseudocount) / spot total, or 1 / K without counts."""
     if counts is None:
@@ -373,15 +395,17 @@ def _enhance(
                 f"subspot_counts: expected {nk} finite non-negative cell counts (one per sub-spot), "
                 f"found shape {np.shape(subspot_counts)}"
             )
-    typed = params.typed_prior and params.nuclei_offset and type_profiles is not None and nuclei is not None
-    if type_profiles is not None and nuclei is not None and params.typed_prior and params.type_column not in nuclei:
-        raise ValueError(
-            f"nuclei['{params.type_column}']: missing; type_profiles were given for the typed-cell prior, which needs "
-            f"a type per nucleus (columns found: {list(nuclei.columns)}); pass typed nuclei or no type_profiles"
-        )
+    typed, typed_note = _use_typed_prior(params, nuclei, type_profiles, geom)
     if typed:  # (N K, G) per-gene shares: each sub-spot's part of the spot's sum of its nuclei's type means
+        conf_col = params.type_confidence_column
         expected = _ft.typed_subspot_profiles(
-            nuclei, geom, type_profiles, var.index, params.type_column, params.nuclei_pseudocount
+            nuclei,
+            geom,
+            type_profiles,
+            var.index,
+            params.type_column,
+            params.nuclei_pseudocount,
+            confidence_column=conf_col if conf_col and conf_col in nuclei.columns else None,
         )
         share0 = _ft.typed_shares(expected, k)
         del expected
@@ -569,6 +593,7 @@ def _enhance(
         "spot_reconstruction_rel_l1": rel_err,
         "conserved_spot_sums": bool(params.conserve),
         "x_layer": "conserved" if params.conserve else "model_mean",
+        "typed_prior": typed_note,
         "prior": "typed-nuclei split"
         if typed
         else ("nuclei split" if (params.nuclei_offset and counts_np is not None) else "even split (spot / K)"),

@@ -157,6 +157,40 @@ def nuclei_subspots(nuclei: pd.DataFrame, geom: SubspotGeometry) -> np.ndarray:
     return np.where(spot >= 0, spot.astype(np.int64) * geom.n_sub + sub, -1).astype(np.int64)
 
 
+def pooled_morphology(nuclei: pd.DataFrame, geom: SubspotGeometry, columns) -> np.ndarray:
+    """Mean and standard deviation per sub-spot of per-nucleus features (z-scored over nuclei), (N K, 2 F).
+
+    Sub-spots without nuclei get 0 (the mean nucleus) for both.
+
+    Parameters
+    ----------
+    nuclei : pandas.DataFrame
+        One row per nucleus with columns x, y and ``columns`` (e.g. ``segmentation.FEATURE_COLUMNS``).
+    geom : SubspotGeometry
+        The sub-spots.
+    columns : sequence of str
+        Per-nucleus feature columns to pool (NaN values count as the mean nucleus).
+
+    Returns
+    -------
+    numpy.ndarray
+        (N K, 2 F) float64: per-sub-spot means, then standard deviations.
+    """
+    row = nuclei_subspots(nuclei, geom)
+    ok = row >= 0
+    v = nuclei.loc[ok, list(columns)].to_numpy(dtype=np.float64)
+    mu, sd = np.nanmean(v, 0) if len(v) else 0.0, np.nanstd(v, 0) if len(v) else 1.0
+    z = np.nan_to_num((v - mu) / np.where(sd > 0, sd, 1.0))
+    nk = geom.n_spots * geom.n_sub
+    r = row[ok]
+    n = np.bincount(r, minlength=nk).astype(np.float64)[:, None]
+    s1 = np.stack([np.bincount(r, weights=z[:, j], minlength=nk) for j in range(z.shape[1])], 1)
+    s2 = np.stack([np.bincount(r, weights=z[:, j] ** 2, minlength=nk) for j in range(z.shape[1])], 1)
+    m = np.where(n > 0, s1 / np.maximum(n, 1), 0.0)
+    var = np.where(n > 0, s2 / np.maximum(n, 1) - m**2, 0.0)
+    return np.concatenate([m, np.sqrt(np.maximum(var, 0.0))], 1)
+
+
 def type_profiles(reference, cell_type_key: str) -> pd.DataFrame:
     """Mean raw counts per cell type of a reference (types x genes): the expected profile of one cell of a type.
 
@@ -202,11 +236,15 @@ def typed_subspot_profiles(
     genes,
     type_column: str = "cell_type",
     pseudocount: float = 0.01,
+    confidence_column: str | None = None,
 ) -> np.ndarray:
     """Sum over each sub-spot's nuclei of their type's mean profile, per gene (N K, G), float32.
 
     Sub-spots without nuclei get ``pseudocount`` times the mean of the type profiles (so a spot's empty sub-spots
-    keep a small share, and a spot without nuclei is split evenly by :func:`typed_shares`).
+    keep a small share, and a spot without nuclei is split evenly by :func:`typed_shares`). With
+    ``confidence_column`` (a label's probability c in [0, 1], e.g. cell typing's ``confidence``), a nucleus counts
+    as ``c x its type's profile + (1 - c) x the mean profile of its spot's nuclei``: a nucleus of confidence 0 is
+    an average cell of its spot, so all-unsure typing gives back the nuclei-count split.
 
     Parameters
     ----------
@@ -222,6 +260,9 @@ def typed_subspot_profiles(
         Column of ``nuclei`` with each nucleus's type.
     pseudocount : float, default 0.01
         Cells of the mean type added to every sub-spot.
+    confidence_column : str, optional
+        Column of ``nuclei`` with each label's confidence (clipped to [0, 1]; NaN = 0); None = labels taken as
+        certain.
 
     Returns
     -------
@@ -264,8 +305,25 @@ def typed_subspot_profiles(
             f"e.g. {bad}; expected one of {list(types[:10])}{' ...' if len(types) > 10 else ''}"
         )
     nk = geom.n_spots * geom.n_sub
-    c = sp.csr_matrix((np.ones(len(code)), (row[ok], code)), shape=(nk, len(types)))
+    if confidence_column is None:
+        conf = np.ones(len(code))
+    else:
+        if confidence_column not in nuclei.columns:
+            raise ValueError(
+                f"nuclei['{confidence_column}']: missing; expected each label's confidence in [0, 1] "
+                f"(columns found: {list(nuclei.columns)})"
+            )
+        conf = np.clip(np.nan_to_num(nuclei[confidence_column].to_numpy(dtype=float)[ok], nan=0.0), 0.0, 1.0)
+    r = row[ok]
+    c = sp.csr_matrix((conf, (r, code)), shape=(nk, len(types)))
     out = np.asarray(c @ prof, dtype=np.float32)
+    if confidence_column is not None:  # the unsure part of each nucleus: the mean profile of its spot's nuclei
+        spot = r // geom.n_sub
+        comp = sp.csr_matrix((np.ones(len(code)), (spot, code)), shape=(geom.n_spots, len(types)))
+        n_spot = np.maximum(np.asarray(comp.sum(1)).ravel(), 1.0)
+        spot_mean = np.asarray(comp @ prof, dtype=np.float64) / n_spot[:, None]  # (N, G)
+        unsure = np.bincount(r, weights=1.0 - conf, minlength=nk)  # (N K,)
+        out += (unsure[:, None] * np.repeat(spot_mean, geom.n_sub, axis=0)).astype(np.float32)
     out += np.float32(pseudocount) * prof.mean(0).astype(np.float32)[None, :]
     return out
 
@@ -543,6 +601,17 @@ def image_features(
                 np.stack([np.log1p(counts), mean_area], 1), None, params.nuclei_feature_weight, "nuclei features"
             )
         )
+        morph = [c for c in params.nuclei_morphology_features if c in nuclei.columns]
+        if morph and params.nuclei_morphology_weight > 0:
+            blocks.append(
+                reduce_block(
+                    pooled_morphology(nuclei, geom, morph),
+                    None,
+                    params.nuclei_morphology_weight,
+                    "pooled nucleus morphology",
+                )
+            )
+            desc["nuclei_morphology"] = morph
     if not blocks:
         desc["image"] = "none (positional encoding of sub-spot offsets)"
         y = positional_features(geom)
