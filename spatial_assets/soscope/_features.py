@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from .. import geometry
-from ..constants import Platform
+from ..constants import UNASSIGNED, Platform
 from ._geometry import SubspotGeometry
 
 SQUIDPY_FEATURES = ("summary", "histogram", "texture")
@@ -243,8 +243,9 @@ def typed_subspot_profiles(
     Sub-spots without nuclei get ``pseudocount`` times the mean of the type profiles (so a spot's empty sub-spots
     keep a small share, and a spot without nuclei is split evenly by :func:`typed_shares`). With
     ``confidence_column`` (a label's probability c in [0, 1], e.g. cell typing's ``confidence``), a nucleus counts
-    as ``c x its type's profile + (1 - c) x the mean profile of its spot's nuclei``: a nucleus of confidence 0 is
-    an average cell of its spot, so all-unsure typing gives back the nuclei-count split.
+    as ``c x its type's profile + (1 - c) x the mean profile of its spot's labelled nuclei``: a nucleus of
+    confidence 0 is an average cell of its spot, so all-unsure typing gives back the nuclei-count split. Nuclei
+    without a label (NaN, '' or 'unassigned', e.g. in spots the typing skipped) count with confidence 0.
 
     Parameters
     ----------
@@ -272,7 +273,7 @@ def typed_subspot_profiles(
     Raises
     ------
     ValueError
-        If ``nuclei`` lacks the type column, a nucleus inside a spot has a type not in ``profiles`` (or no type),
+        If ``nuclei`` lacks the type column, a nucleus inside a spot has a type not in ``profiles``,
         ``profiles`` misses genes of the slide or has negative / non-finite values.
     """
     import scipy.sparse as sp
@@ -296,10 +297,12 @@ def typed_subspot_profiles(
     row = nuclei_subspots(nuclei, geom)
     ok = row >= 0
     types = pd.Index([str(t) for t in profiles.index])
-    lab = nuclei[type_column].astype(str).to_numpy()[ok]
+    raw = nuclei[type_column].to_numpy()[ok]
+    lab = np.asarray([str(v) for v in raw], dtype=object)
+    unlabelled = pd.isna(raw) | np.isin(lab, ["", UNASSIGNED, "nan", "None"])
     code = types.get_indexer(lab)
-    if (code < 0).any():
-        bad = sorted(set(lab[code < 0]))[:5]
+    if (code[~unlabelled] < 0).any():
+        bad = sorted(set(lab[(code < 0) & ~unlabelled]))[:5]
         raise ValueError(
             f"nuclei['{type_column}']: {int((code < 0).sum())} nuclei in spots with types not in the type profiles, "
             f"e.g. {bad}; expected one of {list(types[:10])}{' ...' if len(types) > 10 else ''}"
@@ -314,14 +317,21 @@ def typed_subspot_profiles(
                 f"(columns found: {list(nuclei.columns)})"
             )
         conf = np.clip(np.nan_to_num(nuclei[confidence_column].to_numpy(dtype=float)[ok], nan=0.0), 0.0, 1.0)
+    conf = np.where(unlabelled, 0.0, conf)  # an unlabelled nucleus (e.g. a QC-dropped spot): its spot's average
+    code = np.where(unlabelled, 0, code)
     r = row[ok]
     c = sp.csr_matrix((conf, (r, code)), shape=(nk, len(types)))
     out = np.asarray(c @ prof, dtype=np.float32)
-    if confidence_column is not None:  # the unsure part of each nucleus: the mean profile of its spot's nuclei
+    if confidence_column is not None or unlabelled.any():  # the unsure part: the mean profile of its spot's nuclei
         spot = r // geom.n_sub
-        comp = sp.csr_matrix((np.ones(len(code)), (spot, code)), shape=(geom.n_spots, len(types)))
-        n_spot = np.maximum(np.asarray(comp.sum(1)).ravel(), 1.0)
-        spot_mean = np.asarray(comp @ prof, dtype=np.float64) / n_spot[:, None]  # (N, G)
+        lab_w = (~unlabelled).astype(np.float64)
+        comp = sp.csr_matrix((lab_w, (spot, code)), shape=(geom.n_spots, len(types)))
+        n_spot = np.asarray(comp.sum(1)).ravel()
+        spot_mean = np.where(
+            n_spot[:, None] > 0,
+            np.asarray(comp @ prof, dtype=np.float64) / np.maximum(n_spot, 1.0)[:, None],
+            prof.mean(0)[None, :],
+        )  # (N, G); spots without a labelled nucleus: the mean type
         unsure = np.bincount(r, weights=1.0 - conf, minlength=nk)  # (N K,)
         out += (unsure[:, None] * np.repeat(spot_mean, geom.n_sub, axis=0)).astype(np.float32)
     out += np.float32(pseudocount) * prof.mean(0).astype(np.float32)[None, :]
