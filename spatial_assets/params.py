@@ -447,6 +447,9 @@ class SoScopeParams(_Params):
         ([] = off).
     nuclei_morphology_weight : float, default 1.0
         Total weight that block is scaled to.
+    nuclei_morphology : {"auto", "on", "off"}, default "auto"
+        Whether that block is used: "auto" only when no typed nuclei (``type_profiles``) are given (with them the
+        morphology is in the typed prior, or cell typing found it tells no type apart).
     typed_prior : {"auto", "on", "off"}, default "auto"
         With typed nuclei (``type_column``) and type-mean profiles, the offset is per gene: each sub-spot's share of
         the spot's sum over its nuclei of their type-mean profile (the typed-nuclei split), refined by training.
@@ -524,6 +527,7 @@ class SoScopeParams(_Params):
         ]
     )
     nuclei_morphology_weight: float = Field(1.0, ge=0)
+    nuclei_morphology: Literal["auto", "on", "off"] = "auto"
     typed_prior: Literal["auto", "on", "off"] = "auto"
     type_column: str = "cell_type"
     type_confidence_column: str | None = None

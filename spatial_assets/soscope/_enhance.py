@@ -374,6 +374,12 @@ def _enhance(
     n, k, g = geom.n_spots, geom.n_sub, x_np.shape[1]
     nk = n * k
 
+    typed, typed_note = _use_typed_prior(params, nuclei, type_profiles, geom)
+    # pooled nucleus morphology: "auto" uses it only without typed nuclei (with them the morphology is already in
+    # the typed prior, or the typing found it carries no type; see docs/ACCURACY.md)
+    morph = params.nuclei_morphology == "on" or (params.nuclei_morphology == "auto" and type_profiles is None)
+    feat_params = params if morph else params.model_copy(update={"nuclei_morphology_features": []})
+
     # sub-spot features Y and similarity graph W
     if features is not None:
         y_np = np.asarray(features, dtype=np.float64)
@@ -386,7 +392,7 @@ def _enhance(
         counts_np = _ft.nuclei_features(nuclei, geom)[:, 0] if nuclei is not None else None
     else:
         y_np, fdesc, counts_np = _ft.image_features(
-            image, geom, nuclei, params, n_jobs=n_jobs, raw_image_features=raw_image_features
+            image, geom, nuclei, feat_params, n_jobs=n_jobs, raw_image_features=raw_image_features
         )
     if subspot_counts is not None:
         counts_np = np.asarray(subspot_counts, dtype=np.float64).ravel()
@@ -395,7 +401,6 @@ def _enhance(
                 f"subspot_counts: expected {nk} finite non-negative cell counts (one per sub-spot), "
                 f"found shape {np.shape(subspot_counts)}"
             )
-    typed, typed_note = _use_typed_prior(params, nuclei, type_profiles, geom)
     if typed:  # (N K, G) per-gene shares: each sub-spot's part of the spot's sum of its nuclei's type means
         conf_col = params.type_confidence_column
         expected = _ft.typed_subspot_profiles(

@@ -46,6 +46,7 @@ SETTINGS = {
     "type_confidence_column": "conf",
     "nuclei_morphology_features": ["nucleus_area"],
     "nuclei_morphology_weight": 0.5,
+    "nuclei_morphology": "on",
 }
 
 

@@ -123,6 +123,13 @@ def test_enhance_starts_from_the_typed_split_and_gates_potts_only_labels():
     np.testing.assert_allclose(on.adata.layers["prior_split"], want, rtol=1e-5)
     off = enhance(s, SoScopeParams(**FAST, typed_prior="off"), "visium", nuclei=nuc, type_profiles=PROFILES)
     np.testing.assert_allclose(off.adata.layers["prior_split"], auto.adata.layers["prior_split"], rtol=1e-6)
+    # pooled morphology ("auto"): only without typed nuclei; "on" forces it
+    morph = nuc.assign(nucleus_area=np.random.default_rng(2).random(len(nuc)))
+    assert "nuclei_morphology" in enhance(s, SoScopeParams(**FAST), "visium", nuclei=morph).info["features"]
+    typed = enhance(s, SoScopeParams(**FAST), "visium", nuclei=morph, type_profiles=PROFILES)
+    assert "nuclei_morphology" not in typed.info["features"]
+    on = enhance(s, SoScopeParams(**FAST, nuclei_morphology="on"), "visium", nuclei=morph, type_profiles=PROFILES)
+    assert on.info["features"]["nuclei_morphology"] == ["nucleus_area"]
 
 
 def test_pooled_morphology_mean_and_spread_per_subspot():
