@@ -1,19 +1,22 @@
 """Enhanced sub-spots on realistic slides: soScope against the simple splits of each spot, on several seeds.
 
 Slides: ``datasets.build_realistic_slide`` (real MOp 500-gene cells at real osmFISH positions, Visium 55-um spots,
-H&E-like image with one nucleus per cell, ``morphology="by_type"``). 7 sub-spots per spot; truth = the sum of
-the true cells nearest each sub-spot centre (``truth_subspots.h5ad``). Nuclei: the rendered nucleus labels
-(``nuclei_labels.tif``, i.e. a perfect segmentation), as an x, y, area table.
+H&E-like image with one nucleus per cell, ``morphology="by_type"``), seeds 0, 1, 2, plus seed 0 with
+``morphology="uniform"`` (nuclei do not follow the type; ``--no-uniform`` skips it). 7 sub-spots per spot; truth =
+the sum of the true cells nearest each sub-spot centre (``truth_subspots.h5ad``). Nuclei: the rendered nucleus labels
+(``nuclei_labels.tif``, i.e. a perfect segmentation) as an x, y, area table with the segmentation's per-nucleus
+features; predicted types: the project's typing of those nuclei (``celltyping.type_sample``, class level, cached).
 
 Reported per method, median Pearson r on log1p: per gene (over sub-spots) and per sub-spot (over genes):
 
-- ``soscope_X``: soScope with the project defaults (X = its split rescaled to sum to the spot);
-- ``soscope_model_mean``: the same run's likelihood mean (not conserved);
-- ``soscope_published``: soScope's published setup (flat spot / K offsets, all squidpy features z-scored,
-  X = likelihood mean), same features and epochs;
 - ``spot_div_k``: every sub-spot = spot / 7; ``nuclei_split``: each spot split by the number of nuclei nearest
-  each sub-spot (soScope's initial point); ``true_cell_split``: the same with the true cells (ceiling of count
-  splits). soScope uses no cell types, so no typed-cell split is its same-input baseline.
+  each sub-spot; ``true_cell_split``: the same with the true cells (ceiling of count splits);
+- ``typed_split_<pred|true>_cell_class``: each spot split per gene by each sub-spot's share of the sum over its
+  nuclei of their type-mean profile (predicted / true classes; ``_soft``: weighted by the typing's confidence);
+- ``<config>_X`` / ``_model_mean`` / ``_conserved`` / ``_prior_split`` for every soScope configuration of
+  :data:`CONFIGS` (``_prior_split`` is the run's own start point: its same-input baseline);
+- ``soscope_published``: soScope's published setup (flat spot / K offsets, all squidpy features z-scored,
+  X = likelihood mean), same features and epochs (``--no-published`` skips it).
 
 ``run(quick=False) -> dict``; ``python -m benchmarks.bench_realistic_subspots [--quick] [--out DIR]`` writes
 ``realistic_subspots.json``, ``.md`` and ``.png`` to ``benchmarks/results/`` (or DIR); ``--epochs E`` (VGAE and
@@ -41,7 +44,8 @@ CONFIGS = {
     "soscope": {},  # project defaults, no types: nuclei prior + pooled nucleus morphology features
     "soscope_no_morphology": {"nuclei_morphology_features": []},  # the previous default
     "soscope_typed": {"_types": "pred_cell_class"},  # project defaults fed the predicted class labels
-    "soscope_typed_soft": {"_types": "pred_cell_class_soft"},
+    "soscope_typed_morphology": {"_types": "pred_cell_class", "nuclei_morphology": "on"},  # + pooled morphology
+    "soscope_typed_soft": {"_types": "pred_cell_class_soft", "nuclei_morphology": "on"},
     "soscope_typed_true": {"_types": "true_cell_class"},
 }
 PRED_LEVELS = ("cell_class",)
