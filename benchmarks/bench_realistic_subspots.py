@@ -1,19 +1,22 @@
 """Enhanced sub-spots on realistic slides: soScope against the simple splits of each spot, on several seeds.
 
 Slides: ``datasets.build_realistic_slide`` (real MOp 500-gene cells at real osmFISH positions, Visium 55-um spots,
-H&E-like image with one nucleus per cell, ``morphology="by_type"``). 7 sub-spots per spot; truth = the sum of
-the true cells nearest each sub-spot centre (``truth_subspots.h5ad``). Nuclei: the rendered nucleus labels
-(``nuclei_labels.tif``, i.e. a perfect segmentation), as an x, y, area table.
+H&E-like image with one nucleus per cell, ``morphology="by_type"``), seeds 0, 1, 2, plus seed 0 with
+``morphology="uniform"`` (nuclei do not follow the type; ``--no-uniform`` skips it). 7 sub-spots per spot; truth =
+the sum of the true cells nearest each sub-spot centre (``truth_subspots.h5ad``). Nuclei: the rendered nucleus labels
+(``nuclei_labels.tif``, i.e. a perfect segmentation) as an x, y, area table with the segmentation's per-nucleus
+features; predicted types: the project's typing of those nuclei (``celltyping.type_sample``, class level, cached).
 
 Reported per method, median Pearson r on log1p: per gene (over sub-spots) and per sub-spot (over genes):
 
-- ``soscope_X``: soScope with the project defaults (X = its split rescaled to sum to the spot);
-- ``soscope_model_mean``: the same run's likelihood mean (not conserved);
-- ``soscope_published``: soScope's published setup (flat spot / K offsets, all squidpy features z-scored,
-  X = likelihood mean), same features and epochs;
 - ``spot_div_k``: every sub-spot = spot / 7; ``nuclei_split``: each spot split by the number of nuclei nearest
-  each sub-spot (soScope's initial point); ``true_cell_split``: the same with the true cells (ceiling of count
-  splits). soScope uses no cell types, so no typed-cell split is its same-input baseline.
+  each sub-spot; ``true_cell_split``: the same with the true cells (ceiling of count splits);
+- ``typed_split_<pred|true>_cell_class``: each spot split per gene by each sub-spot's share of the sum over its
+  nuclei of their type-mean profile (predicted / true classes; ``_soft``: weighted by the typing's confidence);
+- ``<config>_X`` / ``_model_mean`` / ``_conserved`` / ``_prior_split`` for every soScope configuration of
+  :data:`CONFIGS` (``_prior_split`` is the run's own start point: its same-input baseline);
+- ``soscope_published``: soScope's published setup (flat spot / K offsets, all squidpy features z-scored,
+  X = likelihood mean), same features and epochs (``--no-published`` skips it).
 
 ``run(quick=False) -> dict``; ``python -m benchmarks.bench_realistic_subspots [--quick] [--out DIR]`` writes
 ``realistic_subspots.json``, ``.md`` and ``.png`` to ``benchmarks/results/`` (or DIR); ``--epochs E`` (VGAE and
@@ -33,6 +36,19 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 SEEDS = (0, 1, 2)
 BASELINES = ("spot_div_k", "nuclei_split", "true_cell_split")
+LEVELS = ("cell_class", "cell_type")  # 12 classes, 44 subtypes
+# soScope configurations run on every slide ("_types": which nucleus labels and type profiles are fed; "pred_*": the
+# project's typing of the nuclei with their morphology, "true_*": the true types; "_soft": labels weighted by the
+# typing's confidence)
+CONFIGS = {
+    "soscope": {},  # project defaults, no types: nuclei prior + pooled nucleus morphology features
+    "soscope_no_morphology": {"nuclei_morphology_features": []},  # the previous default
+    "soscope_typed": {"_types": "pred_cell_class"},  # project defaults fed the predicted class labels
+    "soscope_typed_morphology": {"_types": "pred_cell_class", "nuclei_morphology": "on"},  # + pooled morphology
+    "soscope_typed_soft": {"_types": "pred_cell_class_soft", "nuclei_morphology": "on"},
+    "soscope_typed_true": {"_types": "true_cell_class"},
+}
+PRED_LEVELS = ("cell_class",)
 
 
 def _log_r(est: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
@@ -43,26 +59,65 @@ def _log_r(est: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     return float(np.nanmedian(pearson_columns(a, b))), float(np.nanmedian(pearson_columns(a.T, b.T)))
 
 
-def nuclei_table(labels_path) -> pd.DataFrame:  # noqa: F821
-    """x, y, area (px) of every labelled nucleus of a label image."""
+def nuclei_table(labels_path, image=None) -> pd.DataFrame:  # noqa: F821
+    """x, y, area (px) and label of every labelled nucleus of a label image; with the H&E ``image``, also the
+    segmentation's per-nucleus features (``segmentation.FEATURE_COLUMNS``, as ``segment_sample`` writes them)."""
     import pandas as pd
     import tifffile
     from skimage.measure import regionprops_table
 
-    rp = regionprops_table(tifffile.imread(labels_path), properties=("centroid", "area"))
-    return pd.DataFrame({"x": rp["centroid-1"], "y": rp["centroid-0"], "area": rp["area"].astype(float)})
+    labels = tifffile.imread(labels_path)
+    rp = regionprops_table(labels, properties=("label", "centroid", "area"))
+    out = pd.DataFrame(
+        {"x": rp["centroid-1"], "y": rp["centroid-0"], "area": rp["area"].astype(float), "label": rp["label"]}
+    )
+    if image is not None:
+        from spatial_assets.segmentation import nucleus_features
+
+        f = nucleus_features(labels, image, label_ids=out["label"].to_numpy())
+        for c in f.columns:
+            out[c] = f[c].to_numpy()
+    return out
 
 
-def load_slide(seed: int, cache: Path, crop_um=None) -> dict:
+def predicted_types(slide, nuclei, reference, level: str) -> np.ndarray:
+    """The project's typing (``celltyping.type_sample``, defaults) of every nucleus inside a spot ('' outside)."""
+    import pandas as pd
+
+    from spatial_assets import celltyping
+    from spatial_assets import soscope as ss
+
+    geom = ss.build_subspots(slide, "visium")
+    row = ss.nuclei_subspots(nuclei, geom)
+    ok = row >= 0
+    feats = [c for c in nuclei.columns if c.startswith("nucleus_")]  # segmentation's nucleus features
+    cells = nuclei.loc[ok, ["x", "y", *feats]].reset_index(drop=True)
+    cells.index = pd.Index([f"n{i}" for i in np.flatnonzero(ok)])
+    cells["spot"] = geom.spot_names[row[ok] // geom.n_sub]
+    res = celltyping.type_sample(slide, reference, level, cells, class_key="cell_class")
+    lab = res.cells["cell_type"].astype(str).reindex(cells.index).fillna("").to_numpy()
+    conf = res.cells["confidence"].astype(float).reindex(cells.index).fillna(0.0).to_numpy()
+    potts = res.cells["potts_type"].astype(str).reindex(cells.index).fillna("").to_numpy()
+    out, c, pt = np.full(len(nuclei), "", dtype=object), np.zeros(len(nuclei)), np.full(len(nuclei), "", dtype=object)
+    out[ok], c[ok], pt[ok] = lab, conf, potts
+    return out, c, pt
+
+
+def load_slide(seed: int, cache: Path, crop_um=None, morphology: str = "by_type") -> dict:
     """Build (or reuse from ``cache``) a realistic slide; returns slide, image, nuclei, truth and true counts."""
     import anndata as ad
+    import pandas as pd
     import tifffile
 
     from spatial_assets.datasets import build_realistic_slide
 
-    d = cache / (f"seed{seed}" + ("" if crop_um is None else "_crop" + "_".join(str(int(c)) for c in crop_um)))
+    d = cache / (
+        f"seed{seed}"
+        + ("" if morphology == "by_type" else f"_{morphology}")
+        + ("" if crop_um is None else "_crop" + "_".join(str(int(c)) for c in crop_um))
+    )
     if not (d / "demo_info.json").exists():
-        build_realistic_slide(d, seed=seed, crop_um=crop_um)
+        build_realistic_slide(d, seed=seed, crop_um=crop_um, morphology=morphology)
     slide = ad.read_h5ad(d / "slide.h5ad")
     truth = ad.read_h5ad(d / "truth_subspots.h5ad")
     cells = ad.read_h5ad(d / "truth_cells.h5ad")
@@ -71,6 +126,22 @@ def load_slide(seed: int, cache: Path, crop_um=None) -> dict:
     inside = cells.obs["spot"].astype(str).to_numpy() != ""
     row = slide.obs_names.get_indexer(cells.obs["spot"].astype(str)[inside]) * 7 + cells.obs["subspot"][inside]
     true_counts = np.bincount(row.to_numpy(), minlength=truth.n_obs).astype(float)
+    image = tifffile.imread(d / "he.tif")
+    nf = d / "nuclei.parquet"  # cache of the nuclei table with the per-nucleus features
+    if not nf.exists():
+        nuclei_table(d / "nuclei_labels.tif", image).to_parquet(nf)
+    nuclei = pd.read_parquet(nf)
+    for level in LEVELS:  # true type of each nucleus (label i + 1 = true cell i)
+        nuclei[f"true_{level}"] = cells.obs[level].astype(str).to_numpy()[nuclei["label"].to_numpy() - 1]
+    reference = ad.read_h5ad(d / "reference.h5ad")
+    for level in PRED_LEVELS:  # the project's typing of the nuclei, cached
+        f = d / f"predicted_{level}.npz"
+        if not f.exists():
+            lab, conf, potts = predicted_types(slide, nuclei, reference, level)
+            np.savez(f, labels=lab.astype(str), confidence=conf, potts=potts.astype(str))
+        z = np.load(f)
+        nuclei[f"pred_{level}"], nuclei[f"pred_{level}_confidence"] = z["labels"], z["confidence"]
+        nuclei[f"pred_{level}_potts"] = z["potts"]
     feats = d / "squidpy_features.npy"  # cache of the default squidpy features (slow: minutes per slide)
     raw = np.load(feats) if feats.exists() else None
     if raw is None:
@@ -84,8 +155,9 @@ def load_slide(seed: int, cache: Path, crop_um=None) -> dict:
         "raw_image_features": raw,
         "slide": slide,
         "truth": np.asarray(truth.X.toarray() if hasattr(truth.X, "toarray") else truth.X, np.float64),
-        "image": tifffile.imread(d / "he.tif"),
-        "nuclei": nuclei_table(d / "nuclei_labels.tif"),
+        "image": image,
+        "nuclei": nuclei,
+        "reference": reference,
         "true_counts": true_counts,
     }
 
@@ -118,20 +190,59 @@ def evaluate_slide(data: dict, epochs: int, seed: int = 0, configs=None) -> dict
     ):
         g, s = _log_r(est, truth)
         out[name] = {"gene_r": g, "subspot_r": s}
+    nuclei = data["nuclei"]
+    typings = sorted({extra["_types"] for extra in (configs or {}).values() if "_types" in extra})
+    profiles, typed_nuclei = {}, {}
+    for t in typings:  # "true_cell_class", "pred_cell_class[_soft]", ...: the typed-nuclei split (no training)
+        soft = t.endswith("_soft")
+        col = t.removesuffix("_soft")
+        level = col.split("_", 1)[1]
+        profiles[t] = ss.type_profiles(data["reference"], level)
+        typed_nuclei[t] = nuclei.assign(cell_type=nuclei[col].to_numpy())
+        conf_col = f"{col}_confidence"
+        if conf_col in nuclei.columns and soft:
+            typed_nuclei[t]["confidence"] = nuclei[conf_col].to_numpy()
+        if f"{col}_potts" in nuclei.columns:  # the typing's Potts labels (before morphology), as typed_cells has
+            typed_nuclei[t]["potts_type"] = nuclei[f"{col}_potts"].to_numpy()
+        inside = ss.nuclei_subspots(nuclei, geom) >= 0
+        exp = ss.typed_subspot_profiles(
+            typed_nuclei[t].loc[inside],
+            geom,
+            profiles[t],
+            slide.var_names,
+            confidence_column="confidence" if "confidence" in typed_nuclei[t] else None,
+        )
+        est = np.repeat(x, 7, axis=0) * ss.typed_shares(exp, 7)
+        g, s = _log_r(est, truth)
+        out[f"typed_split_{t}"] = {"gene_r": g, "subspot_r": s}
+        if t.startswith("pred_"):
+            truth_lab = nuclei[col.replace("pred_", "true_")].to_numpy()[inside]
+            out[f"typed_split_{t}"]["typing_accuracy"] = float((nuclei[col].to_numpy()[inside] == truth_lab).mean())
     configs = configs or {
         "soscope": {},
         "soscope_published": {"nuclei_offset": False, "image_pca": None, "conserve": False},
     }
     for name, extra in configs.items():
+        extra = dict(extra)
+        t = extra.pop("_types", None)
+        if t and t.endswith("_soft"):
+            extra["type_confidence_column"] = "confidence"
         p = SoScopeParams(vgae_epochs=epochs, epochs=epochs, seed=seed, **extra)
         t0 = time.perf_counter()
         r = ss.enhance(
-            slide, p, "visium", image=data["image"], nuclei=data["nuclei"], raw_image_features=raw, log_every=0
+            slide,
+            p,
+            "visium",
+            image=data["image"],
+            nuclei=typed_nuclei[t] if t else nuclei,
+            raw_image_features=raw,
+            type_profiles=profiles[t] if t else None,
+            log_every=0,
         )
         sec = time.perf_counter() - t0
         g, s = _log_r(r.adata.X, truth)
         out[f"{name}_X"] = {"gene_r": g, "subspot_r": s, "seconds": round(sec, 1), "x_layer": r.info["x_layer"]}
-        for layer in ("model_mean", "conserved"):
+        for layer in ("model_mean", "conserved", "prior_split"):
             g, s = _log_r(r.adata.layers[layer], truth)
             out[f"{name}_{layer}"] = {"gene_r": g, "subspot_r": s}
     out["_slide"] = {
@@ -146,17 +257,22 @@ def evaluate_slide(data: dict, epochs: int, seed: int = 0, configs=None) -> dict
 def _markdown(res: dict) -> str:
     seeds = [k for k in res if k.startswith("seed")]
     methods = [m for m in res[seeds[0]] if not m.startswith("_")]
+    uni = int("uniform_seed0" in res)
     lines = [
         f"Realistic slides, seeds {', '.join(s[4:] for s in seeds)}, {res['epochs']}+{res['epochs']} epochs; "
         "median Pearson r on log1p (per gene | per sub-spot)",
         "",
-        "| method | " + " | ".join(seeds) + " | mean |",
-        "|---|" + "---|" * (len(seeds) + 1),
+        "| method | " + " | ".join(seeds) + " | mean |" + (" uniform morphology, seed0 |" if uni else ""),
+        "|---|" + "---|" * (len(seeds) + 1 + uni),
     ]
     for m in methods:
         cells = [f"{res[s][m]['gene_r']:.3f} \\| {res[s][m]['subspot_r']:.3f}" for s in seeds]
         mean = res["mean"][m]
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {mean['gene_r']:.3f} \\| {mean['subspot_r']:.3f} |")
+        tail = ""
+        if uni:
+            u = res["uniform_seed0"].get(m)
+            tail = f" {u['gene_r']:.3f} \\| {u['subspot_r']:.3f} |" if u else " |"
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {mean['gene_r']:.3f} \\| {mean['subspot_r']:.3f} |" + tail)
     return "\n".join(lines) + "\n"
 
 
@@ -189,6 +305,7 @@ def run(
     cache: str | Path | None = None,
     epochs: int | None = None,
     published: bool = True,
+    uniform: bool = True,
 ) -> dict:
     """Every method on realistic slides of ``SEEDS``; writes JSON, markdown and a figure; returns the figures."""
     import torch
@@ -198,11 +315,19 @@ def run(
     seeds, default_epochs = (SEEDS[:1], 100) if quick else (SEEDS, 400)
     epochs = epochs or default_epochs
     res: dict = {"epochs": epochs}
+    configs = dict(CONFIGS)
+    if published:
+        configs["soscope_published"] = {
+            "nuclei_offset": False,
+            "image_pca": None,
+            "conserve": False,
+            "lr": 5e-4,
+            "nuclei_morphology_features": [],
+        }
     for seed in seeds:
-        configs = {"soscope": {}}
-        if published:
-            configs["soscope_published"] = {"nuclei_offset": False, "image_pca": None, "conserve": False, "lr": 5e-4}
         res[f"seed{seed}"] = evaluate_slide(load_slide(seed, cache), epochs, configs=configs)
+    if uniform:  # nuclei that do not follow the cell type: no morphology gain is possible, none must hurt
+        res["uniform_seed0"] = evaluate_slide(load_slide(0, cache, morphology="uniform"), epochs, configs=configs)
     methods = [m for m in res[f"seed{seeds[0]}"] if not m.startswith("_")]
     res["mean"] = {
         m: {key: float(np.mean([res[f"seed{s}"][m][key] for s in seeds])) for key in ("gene_r", "subspot_r")}
@@ -212,6 +337,14 @@ def run(
     res["soscope_minus_nuclei_split"] = {
         key: mean["soscope_X"][key] - mean["nuclei_split"][key] for key in ("gene_r", "subspot_r")
     }
+    if "soscope_typed_X" in mean:
+        res["soscope_typed_minus_typed_split"] = {
+            key: mean["soscope_typed_X"][key] - mean["typed_split_pred_cell_class"][key]
+            for key in ("gene_r", "subspot_r")
+        }
+        res["soscope_typed_minus_nuclei_split"] = {
+            key: mean["soscope_typed_X"][key] - mean["nuclei_split"][key] for key in ("gene_r", "subspot_r")
+        }
     out = Path(out_dir) if out_dir else HERE / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "realistic_subspots.json").write_text(json.dumps(res, indent=2))
@@ -225,6 +358,14 @@ if __name__ == "__main__":
     out_arg = args[args.index("--out") + 1] if "--out" in args else None
     ep_arg = int(args[args.index("--epochs") + 1]) if "--epochs" in args else None
     cache_arg = args[args.index("--cache") + 1] if "--cache" in args else None
-    r = run("--quick" in args, out_arg, cache_arg, ep_arg, published="--no-published" not in args)
+    r = run(
+        "--quick" in args,
+        out_arg,
+        cache_arg,
+        ep_arg,
+        published="--no-published" not in args,
+        uniform="--no-uniform" not in args,
+    )
     print(_markdown(r))
-    print("soScope X minus nuclei split (mean over seeds):", r["soscope_minus_nuclei_split"])
+    for key in ("soscope_minus_nuclei_split", "soscope_typed_minus_typed_split", "soscope_typed_minus_nuclei_split"):
+        print(key, "(mean over seeds):", r.get(key))

@@ -446,6 +446,26 @@ class SoScopeParams(_Params):
         soScope's flat offset (every sub-spot starts at spot / K).
     nuclei_pseudocount : float, default 0.01
         Pseudocount of that offset.
+    nuclei_morphology_features : list of str, default ``segmentation.FEATURE_COLUMNS``
+        Per-nucleus columns of the nuclei table (the segmentation's nucleus features) pooled per sub-spot (mean
+        and standard deviation over its nuclei) as an extra sub-spot feature block; absent columns are skipped
+        ([] = off).
+    nuclei_morphology_weight : float, default 1.0
+        Total weight that block is scaled to.
+    nuclei_morphology : {"auto", "on", "off"}, default "auto"
+        Whether that block is used: "auto" only when no typed nuclei (``type_profiles``) are given (with them the
+        morphology is in the typed prior, or cell typing found it tells no type apart).
+    typed_prior : {"auto", "on", "off"}, default "auto"
+        With typed nuclei (``type_column``) and type-mean profiles, the offset is per gene: each sub-spot's share of
+        the spot's sum over its nuclei of their type-mean profile (the typed-nuclei split), refined by training.
+        "auto": not when the labels equal the table's ``potts_type`` for every nucleus in a spot (cell typing used no
+        nucleus morphology, so the labels do not tell the nuclei of a spot apart); "off": the nuclei split.
+    type_column : str, default "cell_type"
+        Column of the nuclei table with each nucleus's type (the ``typed_cells`` labels).
+    type_confidence_column : str or None, default None
+        Column of the nuclei table with each label's confidence (e.g. ``typed_cells``' ``confidence``): a nucleus
+        counts as ``c x its type's profile + (1 - c) x its spot's mean nucleus profile`` (used when the column is
+        present). None = labels taken as certain (measured better per sub-spot, see docs/ACCURACY.md).
     conserve : bool, default True
         X = the model's split rescaled so each spot's sub-spots sum exactly to the spot (``layers['conserved']``);
         False = X is the likelihood mean (soScope's output, ``layers['model_mean']``).
@@ -496,6 +516,26 @@ class SoScopeParams(_Params):
     # offset (every sub-spot starts at spot / K).
     nuclei_offset: bool = True
     nuclei_pseudocount: float = Field(0.01, gt=0)
+    # Typed-cell prior: with a type per nucleus and type-mean profiles, the offset is per gene, each sub-spot's share
+    # of its spot's sum over its nuclei of their type-mean profile (the typed-nuclei split). See docs/ACCURACY.md.
+    nuclei_morphology_features: list[str] = Field(
+        default_factory=lambda: [
+            "nucleus_area",
+            "nucleus_eccentricity",
+            "nucleus_axis_ratio",
+            "nucleus_solidity",
+            "nucleus_h_mean",
+            "nucleus_h_sd",
+            "nucleus_h_skew",
+            "nucleus_h_contrast",
+            "nucleus_h_gradient",
+        ]
+    )
+    nuclei_morphology_weight: float = Field(1.0, ge=0)
+    nuclei_morphology: Literal["auto", "on", "off"] = "auto"
+    typed_prior: Literal["auto", "on", "off"] = "auto"
+    type_column: str = "cell_type"
+    type_confidence_column: str | None = None
     # X = the model's split rescaled so each spot's sub-spots sum exactly to the spot (layers['conserved']);
     # False: X = the likelihood mean (soScope's output, layers['model_mean']).
     conserve: bool = True

@@ -19,7 +19,7 @@ from .spatialscope import _device, _sample_image
 @dg.asset(
     partitions_def=samples_partitions,
     group_name="soscope",
-    deps=["slide_inputs", "segmented_slide"],
+    deps=["slide_inputs", "segmented_slide", "typed_cells"],
     code_version=code_version("enhanced_subspots"),
     kinds={"pytorch", "anndata"},
     op_tags=GPU_OP_TAGS,
@@ -37,6 +37,7 @@ def enhanced_subspots(
         image = np.asarray(sio.read_arrays(project.stores.slide_image(s.name), ["image"], lazy=True)["image"])
     cells = project.stores.segmented(s.name).cells
     nuclei = sio.read_dataframe(cells) if sio.is_complete(cells) else None
+    nuclei, type_profiles = _typed_nuclei(project, s.name, params, nuclei, context.log.info)
     report = Report(context.log.warning)
     dev = _device(compute, context, report)
     t0 = time.time()
@@ -51,6 +52,7 @@ def enhanced_subspots(
             device=dev,
             log=context.log.info,
             grid_subdivision=s.grid_subdivision,
+            type_profiles=type_profiles,
         ),
     )
     image = image if image is not None else _sample_image(project, s)
@@ -66,6 +68,27 @@ def enhanced_subspots(
     report.store(path)
     report.details(**{k: v for k, v in res.info.items() if k != "loss_history"})
     return report.result()
+
+
+def _typed_nuclei(project: ProjectResource, sample: str, params, nuclei, log):
+    """The segmented nuclei with typed_cells' labels (type, Potts type, confidence) and the reference's type-mean
+    profiles, for soScope's typed-cell prior; (nuclei, None) when the prior is off or nothing is typed."""
+    typed = project.stores.typed(sample).cells
+    if nuclei is None or params.typed_prior == "off" or not sio.is_complete(typed):
+        return nuclei, None
+    labels = sio.read_dataframe(typed)
+    if params.type_column not in labels.columns:
+        return nuclei, None
+    ref = project.reference_of(sample)
+    profiles = soscope.type_profiles(sio.read_anndata(project.stores.reference(ref.name)), ref.cell_type_key)
+    cols = [c for c in (params.type_column, "potts_type", params.type_confidence_column) if c in labels.columns]
+    lab = labels[cols].reindex(nuclei.index)
+    lab[params.type_column] = lab[params.type_column].astype(object)
+    known = lab[params.type_column].astype(str).isin(profiles.index.astype(str))
+    if (~known & lab[params.type_column].notna()).any():  # e.g. small types merged by typing: an average nucleus
+        log(f"soScope typed prior: {int((~known).sum())} nuclei without a reference type profile count as unlabelled")
+    lab.loc[~known, params.type_column] = np.nan
+    return nuclei.drop(columns=[c for c in cols if c in nuclei.columns]).join(lab), profiles
 
 
 @dg.asset_check(

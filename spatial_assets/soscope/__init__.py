@@ -22,9 +22,14 @@ from ._features import (
     extract_patches,
     image_features,
     nuclei_features,
+    nuclei_subspots,
+    pooled_morphology,
     positional_features,
     squidpy_features,
     standardise,
+    type_profiles,
+    typed_shares,
+    typed_subspot_profiles,
 )
 from ._geometry import (
     SubspotGeometry,
@@ -59,6 +64,8 @@ __all__ = [
     "image_features",
     "kernel_weights",
     "nuclei_features",
+    "nuclei_subspots",
+    "pooled_morphology",
     "positional_features",
     "select_genes",
     "spot_graph",
@@ -66,4 +73,7 @@ __all__ = [
     "squidpy_features",
     "standardise",
     "subspot_graph",
+    "type_profiles",
+    "typed_shares",
+    "typed_subspot_profiles",
 ]

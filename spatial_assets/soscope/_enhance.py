@@ -198,6 +198,28 @@ def conserve_spot_sums(m: np.ndarray, x: np.ndarray, k: int, counts) -> np.ndarr
     return out.reshape(n * k, g).astype(np.float32)
 
 
+def _use_typed_prior(params: SoScopeParams, nuclei, type_profiles, geom) -> tuple[bool, str]:
+    """Whether the typed-cell prior applies, and why (or why not)."""
+    if params.typed_prior == "off" or type_profiles is None or nuclei is None:
+        return False, "off" if params.typed_prior == "off" else "no typed nuclei / type profiles given"
+    if not params.nuclei_offset:
+        return False, "nuclei_offset is off"
+    col = params.type_column
+    if col not in nuclei.columns:
+        raise ValueError(
+            f"nuclei['{col}']: missing; type_profiles were given for the typed-cell prior, which needs a type per "
+            f"nucleus (columns found: {list(nuclei.columns)}); pass typed nuclei or no type_profiles"
+        )
+    if params.typed_prior == "auto" and "potts_type" in nuclei.columns:
+        inside = _ft.nuclei_subspots(nuclei, geom) >= 0
+        lab = nuclei[col].astype(str).to_numpy()[inside]
+        if len(lab) and (lab == nuclei["potts_type"].astype(str).to_numpy()[inside]).all():
+            # typing without morphology: the labels follow the spot mixture and the Potts smoothing only, they do
+            # not tell which nucleus of a spot is which type (on the benchmark that split loses to the nuclei split)
+            return False, "auto: the labels are the Potts labels (typing used no nucleus morphology)"
+    return True, "on" if params.typed_prior == "on" else "auto: labels given"
+
+
 def _prior_shares(counts: np.ndarray | None, n: int, k: int, pseudocount: float) -> np.ndarray:
     """(N K,) prior share of each sub-spot in its spot: (count + pseudocount) / spot total, or 1 / K without counts."""
     if counts is None:
@@ -220,6 +242,7 @@ def enhance(
     features: np.ndarray | None = None,
     subspot_counts: np.ndarray | None = None,
     raw_image_features: np.ndarray | None = None,
+    type_profiles: pd.DataFrame | None = None,
     n_jobs: int = 1,
     n_threads: int | None = None,
     log_every: int = 50,
@@ -232,6 +255,11 @@ def enhance(
     With nuclei (``params.nuclei_offset``, default), a sub-spot's expression is offset by the log of its prior
     share ``(count + params.nuclei_pseudocount) / spot total``: the untrained model is the nuclei split and
     training refines the per-gene shares from the image features and the spot latent.
+
+    With typed nuclei (a type per nucleus in ``nuclei[params.type_column]``) and ``type_profiles``
+    (``params.typed_prior``, default), the prior share becomes per gene: a sub-spot's share of the spot's
+    ``sum over its nuclei of the type-mean profile`` (:func:`~spatial_assets.soscope.typed_subspot_profiles`), so
+    the untrained model is the typed-nuclei split (``layers['prior_split']``, its same-input baseline).
 
     Parameters
     ----------
@@ -260,6 +288,9 @@ def enhance(
     raw_image_features
         Precomputed raw image features (N K, F) (e.g. cached :func:`squidpy_features`), reduced and weighted
         like computed ones.
+    type_profiles
+        Types x genes mean counts of one cell of each type (:func:`~spatial_assets.soscope.type_profiles` of the
+        reference); with typed ``nuclei`` and ``params.typed_prior`` the prior is the typed-nuclei split.
     n_jobs
         squidpy worker processes.
     n_threads
@@ -278,7 +309,8 @@ def enhance(
           features: the residual spread evenly). ``X`` is this layer when ``params.conserve`` (default).
         - ``layers['model_mean']``: the likelihood mean of each sub-spot (soScope's own output, denoised; its
           spot sums only approximate the spot). ``X`` is this layer when ``params.conserve`` is False.
-        - ``layers['prior_split']``: the split the model starts from: the nuclei split (spot x prior share) with
+        - ``layers['prior_split']``: the split the model starts from: the typed-nuclei split (spot x per-gene
+          typed share) with typed nuclei and ``type_profiles``, else the nuclei split (spot x prior share) with
           nuclei and ``params.nuclei_offset``, else spot / K. The same-input baseline of ``conserved``.
 
         ``info``: settings, feature description, losses, timings (also in ``adata.uns['soscope']``).
@@ -312,6 +344,7 @@ def _enhance(
     features,
     subspot_counts,
     raw_image_features,
+    type_profiles,
     n_jobs,
     n_threads,
     log_every,
@@ -341,6 +374,12 @@ def _enhance(
     n, k, g = geom.n_spots, geom.n_sub, x_np.shape[1]
     nk = n * k
 
+    typed, typed_note = _use_typed_prior(params, nuclei, type_profiles, geom)
+    # pooled nucleus morphology: "auto" uses it only without typed nuclei (with them the morphology is already in
+    # the typed prior, or the typing found it carries no type; see docs/ACCURACY.md)
+    morph = params.nuclei_morphology == "on" or (params.nuclei_morphology == "auto" and type_profiles is None)
+    feat_params = params if morph else params.model_copy(update={"nuclei_morphology_features": []})
+
     # sub-spot features Y and similarity graph W
     if features is not None:
         y_np = np.asarray(features, dtype=np.float64)
@@ -353,7 +392,7 @@ def _enhance(
         counts_np = _ft.nuclei_features(nuclei, geom)[:, 0] if nuclei is not None else None
     else:
         y_np, fdesc, counts_np = _ft.image_features(
-            image, geom, nuclei, params, n_jobs=n_jobs, raw_image_features=raw_image_features
+            image, geom, nuclei, feat_params, n_jobs=n_jobs, raw_image_features=raw_image_features
         )
     if subspot_counts is not None:
         counts_np = np.asarray(subspot_counts, dtype=np.float64).ravel()
@@ -362,7 +401,21 @@ def _enhance(
                 f"subspot_counts: expected {nk} finite non-negative cell counts (one per sub-spot), "
                 f"found shape {np.shape(subspot_counts)}"
             )
-    share0 = _prior_shares(counts_np if params.nuclei_offset else None, n, k, params.nuclei_pseudocount)
+    if typed:  # (N K, G) per-gene shares: each sub-spot's part of the spot's sum of its nuclei's type means
+        conf_col = params.type_confidence_column
+        expected = _ft.typed_subspot_profiles(
+            nuclei,
+            geom,
+            type_profiles,
+            var.index,
+            params.type_column,
+            params.nuclei_pseudocount,
+            confidence_column=conf_col if conf_col and conf_col in nuclei.columns else None,
+        )
+        share0 = _ft.typed_shares(expected, k)
+        del expected
+    else:
+        share0 = _prior_shares(counts_np if params.nuclei_offset else None, n, k, params.nuclei_pseudocount)[:, None]
     uses_image = fdesc["image"] != "none (positional encoding of sub-spot offsets)" or fdesc["nuclei"]
     w_edges = _geo.subspot_graph(geom, params.subspot_radius)
     w_dist = _geo.edge_distances(y_np if uses_image else geom.positions, w_edges)
@@ -394,7 +447,7 @@ def _enhance(
 
     # offsets: log of a per-gene baseline rate (counts) or the baseline mean (Gaussian). Sub-spots start from
     # their prior share of the spot (nuclei split, or 1 / K): the untrained decoder reproduces that split.
-    share_t = torch.as_tensor(share0, dtype=f32, device=dev).reshape(nk, 1)
+    share_t = torch.as_tensor(share0, dtype=f32, device=dev).reshape(nk, -1)  # (NK, 1), or (NK, G) typed
     off1 = torch.where(counts, torch.log(torch.clamp(gmean, min=1e-4)), gmean)
     offk = torch.where(
         counts[None, :], torch.log(torch.clamp(gmean[None, :] * share_t, min=1e-6)), gmean[None, :] * share_t
@@ -452,7 +505,7 @@ def _enhance(
         loss = recon + beta * kl
         reg = torch.zeros((), device=dev)
         if n_w and params.image_weight > 0:
-            prior = x[:, None, :] * share_t.view(n, k, 1)  # the parent spot split by the prior shares
+            prior = x[:, None, :] * share_t.view(n, k, -1)  # the parent spot split by the prior shares
             if bool(counts.all()):
                 resid = torch.log1p(m).view(n, k, g) - torch.log1p(prior)
             else:
@@ -500,7 +553,8 @@ def _enhance(
         index=pd.Index([f"{s}_{j}" for s, j in zip(geom.spot_names[geom.parent], geom.k)]),
     )
     # X: layers['conserved'] when params.conserve (default) else layers['model_mean'] (see enhance's docstring)
-    prior_np = (np.repeat(x_np, k, axis=0) * share0[:, None]).astype(np.float32)
+    prior_np = (np.repeat(x_np, k, axis=0) * share0).astype(np.float32)
+    del share0
     out = ad.AnnData(X=conserved if params.conserve else m_np, obs=obs, var=var)
     out.layers["model_mean"] = m_np
     out.layers["conserved"] = conserved
@@ -544,7 +598,10 @@ def _enhance(
         "spot_reconstruction_rel_l1": rel_err,
         "conserved_spot_sums": bool(params.conserve),
         "x_layer": "conserved" if params.conserve else "model_mean",
-        "prior": "nuclei split" if (params.nuclei_offset and counts_np is not None) else "even split (spot / K)",
+        "typed_prior": typed_note,
+        "prior": "typed-nuclei split"
+        if typed
+        else ("nuclei split" if (params.nuclei_offset and counts_np is not None) else "even split (spot / K)"),
         "spot_reconstruction_median_gene_r": float(np.nanmedian(r_spot)) if np.isfinite(r_spot).any() else None,
         "schedules": {
             "beta": [params.beta_start, params.beta_end],

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from .. import geometry
-from ..constants import Platform
+from ..constants import UNASSIGNED, Platform
 from ._geometry import SubspotGeometry
 
 SQUIDPY_FEATURES = ("summary", "histogram", "texture")
@@ -108,20 +108,256 @@ def nuclei_features(nuclei: pd.DataFrame, geom: SubspotGeometry) -> np.ndarray:
     vals = nuclei[["x", "y", "area"]].to_numpy(dtype=float)
     if not np.isfinite(vals).all():
         raise ValueError(f"nuclei: {int((~np.isfinite(vals)).any(1).sum())} rows with NaN/inf in x, y or area")
+    area = vals[:, 2]
+    row = nuclei_subspots(nuclei, geom)
+    ok = row >= 0
+    nk = geom.n_spots * geom.n_sub
+    count = np.bincount(row[ok], minlength=nk).astype(np.float64)
+    tot_area = np.bincount(row[ok], weights=area[ok], minlength=nk)
+    return np.stack([count, tot_area], 1)
+
+
+def nuclei_subspots(nuclei: pd.DataFrame, geom: SubspotGeometry) -> np.ndarray:
+    """The sub-spot (spot-major row ``i * K + k``) of every nucleus, -1 outside every spot.
+
+    A nucleus belongs to the spot whose circle contains its centroid (square grids: whose square), then to the
+    nearest sub-spot of that spot (as ``geometry.assign_to_subspots``).
+
+    Parameters
+    ----------
+    nuclei : pandas.DataFrame
+        One row per nucleus with columns x, y (full-resolution pixels).
+    geom : SubspotGeometry
+        The sub-spots.
+
+    Returns
+    -------
+    numpy.ndarray
+        (n nuclei,) int64 sub-spot row of each nucleus, -1 outside every spot.
+
+    Raises
+    ------
+    ValueError
+        If ``nuclei`` lacks x or y, or has NaN / inf in them.
+    """
+    from ..io._readers import require_columns
+
+    require_columns(nuclei, "nuclei", ("x", "y"), "x, y (full-res px)", ValueError)
+    xy = nuclei[["x", "y"]].to_numpy(dtype=float)
+    if not np.isfinite(xy).all():
+        raise ValueError(f"nuclei: {int((~np.isfinite(xy)).any(1).sum())} rows with NaN/inf in x or y")
     radius = geom.spot_diameter_px / 2 if geom.platform == Platform.VISIUM else geom.spot_pitch_px / np.sqrt(2)
-    spot, _ = geometry.assign_to_spots(vals[:, :2], geom.spot_xy, radius)
+    spot, _ = geometry.assign_to_spots(xy, geom.spot_xy, radius)
     if geom.platform != Platform.VISIUM:  # square: keep points inside the spot's square only
         ok = spot >= 0
-        rel = np.abs(vals[ok, :2] - geom.spot_xy[spot[ok]])
+        rel = np.abs(xy[ok] - geom.spot_xy[spot[ok]])
         inside = (rel <= geom.spot_pitch_px / 2 + 1e-9).all(1)
         spot[np.flatnonzero(ok)[~inside]] = -1
-    sub = geometry.assign_to_subspots(vals[:, :2], spot, geom.spot_xy, geom.offsets)
-    ok = spot >= 0
-    row = spot[ok] * geom.n_sub + sub[ok]
+    sub = geometry.assign_to_subspots(xy, spot, geom.spot_xy, geom.offsets)
+    return np.where(spot >= 0, spot.astype(np.int64) * geom.n_sub + sub, -1).astype(np.int64)
+
+
+def pooled_morphology(nuclei: pd.DataFrame, geom: SubspotGeometry, columns) -> np.ndarray:
+    """Mean and standard deviation per sub-spot of per-nucleus features (z-scored over nuclei), (N K, 2 F).
+
+    Sub-spots without nuclei get 0 (the mean nucleus) for both.
+
+    Parameters
+    ----------
+    nuclei : pandas.DataFrame
+        One row per nucleus with columns x, y and ``columns`` (e.g. ``segmentation.FEATURE_COLUMNS``).
+    geom : SubspotGeometry
+        The sub-spots.
+    columns : sequence of str
+        Per-nucleus feature columns to pool (NaN values count as the mean nucleus).
+
+    Returns
+    -------
+    numpy.ndarray
+        (N K, 2 F) float64: per-sub-spot means, then standard deviations.
+    """
+    row = nuclei_subspots(nuclei, geom)
+    ok = row >= 0
+    v = nuclei.loc[ok, list(columns)].to_numpy(dtype=np.float64)
+    mu, sd = np.nanmean(v, 0) if len(v) else 0.0, np.nanstd(v, 0) if len(v) else 1.0
+    z = np.nan_to_num((v - mu) / np.where(sd > 0, sd, 1.0))
     nk = geom.n_spots * geom.n_sub
-    count = np.bincount(row, minlength=nk).astype(np.float64)
-    area = np.bincount(row, weights=vals[ok, 2], minlength=nk)
-    return np.stack([count, area], 1)
+    r = row[ok]
+    n = np.bincount(r, minlength=nk).astype(np.float64)[:, None]
+    s1 = np.stack([np.bincount(r, weights=z[:, j], minlength=nk) for j in range(z.shape[1])], 1)
+    s2 = np.stack([np.bincount(r, weights=z[:, j] ** 2, minlength=nk) for j in range(z.shape[1])], 1)
+    m = np.where(n > 0, s1 / np.maximum(n, 1), 0.0)
+    var = np.where(n > 0, s2 / np.maximum(n, 1) - m**2, 0.0)
+    return np.concatenate([m, np.sqrt(np.maximum(var, 0.0))], 1)
+
+
+def type_profiles(reference, cell_type_key: str) -> pd.DataFrame:
+    """Mean raw counts per cell type of a reference (types x genes): the expected profile of one cell of a type.
+
+    Parameters
+    ----------
+    reference : anndata.AnnData
+        Cells x genes counts with the types in ``obs[cell_type_key]``.
+    cell_type_key : str
+        Column of ``reference.obs`` with the cell types.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Types x genes (``reference.var_names``), float64 arithmetic means (library sizes kept: a larger cell
+        type weighs more in a sum of cells).
+
+    Raises
+    ------
+    ValueError
+        If ``reference.obs`` lacks ``cell_type_key`` or the reference has no cells.
+    """
+    import scipy.sparse as sp
+
+    if cell_type_key not in reference.obs.columns:
+        raise ValueError(
+            f"reference.obs['{cell_type_key}']: missing; expected the cell types "
+            f"(columns found: {list(reference.obs.columns)})"
+        )
+    if reference.n_obs == 0:
+        raise ValueError("reference: no cells")
+    lab = pd.Categorical(reference.obs[cell_type_key].astype(str))
+    onehot = sp.csr_matrix((np.ones(len(lab)), (lab.codes, np.arange(len(lab)))), shape=(len(lab.categories), len(lab)))
+    sums = onehot @ reference.X
+    sums = np.asarray(sums.toarray() if sp.issparse(sums) else sums, dtype=np.float64)
+    n = np.asarray(onehot.sum(1), dtype=np.float64)
+    return pd.DataFrame(sums / n, index=pd.Index(lab.categories, name=cell_type_key), columns=reference.var_names)
+
+
+def typed_subspot_profiles(
+    nuclei: pd.DataFrame,
+    geom: SubspotGeometry,
+    profiles: pd.DataFrame,
+    genes,
+    type_column: str = "cell_type",
+    pseudocount: float = 0.01,
+    confidence_column: str | None = None,
+) -> np.ndarray:
+    """Sum over each sub-spot's nuclei of their type's mean profile, per gene (N K, G), float32.
+
+    Sub-spots without nuclei get ``pseudocount`` times the mean of the type profiles (so a spot's empty sub-spots
+    keep a small share, and a spot without nuclei is split evenly by :func:`typed_shares`). With
+    ``confidence_column`` (a label's probability c in [0, 1], e.g. cell typing's ``confidence``), a nucleus counts
+    as ``c x its type's profile + (1 - c) x the mean profile of its spot's labelled nuclei``: a nucleus of
+    confidence 0 is an average cell of its spot, so all-unsure typing gives back the nuclei-count split. Nuclei
+    without a label (NaN, '' or 'unassigned', e.g. in spots the typing skipped) count with confidence 0.
+
+    Parameters
+    ----------
+    nuclei : pandas.DataFrame
+        One row per nucleus with columns x, y (full-resolution pixels) and ``type_column``.
+    geom : SubspotGeometry
+        The sub-spots.
+    profiles : pandas.DataFrame
+        Types x genes mean profile of one cell of each type (e.g. :func:`type_profiles`).
+    genes : sequence of str
+        The slide's genes, in order; every one must be a column of ``profiles``.
+    type_column : str, default "cell_type"
+        Column of ``nuclei`` with each nucleus's type.
+    pseudocount : float, default 0.01
+        Cells of the mean type added to every sub-spot.
+    confidence_column : str, optional
+        Column of ``nuclei`` with each label's confidence (clipped to [0, 1]; NaN = 0); None = labels taken as
+        certain.
+
+    Returns
+    -------
+    numpy.ndarray
+        (N K, G) float32 expected counts per sub-spot.
+
+    Raises
+    ------
+    ValueError
+        If ``nuclei`` lacks the type column, a nucleus inside a spot has a type not in ``profiles``,
+        ``profiles`` misses genes of the slide or has negative / non-finite values.
+    """
+    import scipy.sparse as sp
+
+    if type_column not in nuclei.columns:
+        raise ValueError(
+            f"nuclei['{type_column}']: missing; the typed-cell prior needs a type per nucleus "
+            f"(columns found: {list(nuclei.columns)})"
+        )
+    genes = pd.Index([str(g) for g in genes])
+    cols = pd.Index([str(c) for c in profiles.columns])
+    missing = genes[~genes.isin(cols)]
+    if len(missing):
+        raise ValueError(
+            f"type profiles: {len(missing)} of the slide's {len(genes)} genes missing, e.g. {list(missing[:5])}; "
+            "expected a column per slide gene (reference genes)"
+        )
+    prof = profiles.to_numpy(dtype=np.float64)[:, cols.get_indexer(genes)]
+    if not np.isfinite(prof).all() or (prof < 0).any():
+        raise ValueError("type profiles: expected finite non-negative mean counts")
+    row = nuclei_subspots(nuclei, geom)
+    ok = row >= 0
+    types = pd.Index([str(t) for t in profiles.index])
+    raw = nuclei[type_column].to_numpy()[ok]
+    lab = np.asarray([str(v) for v in raw], dtype=object)
+    unlabelled = pd.isna(raw) | np.isin(lab, ["", UNASSIGNED, "nan", "None"])
+    code = types.get_indexer(lab)
+    if (code[~unlabelled] < 0).any():
+        bad = sorted(set(lab[(code < 0) & ~unlabelled]))[:5]
+        raise ValueError(
+            f"nuclei['{type_column}']: {int((code < 0).sum())} nuclei in spots with types not in the type profiles, "
+            f"e.g. {bad}; expected one of {list(types[:10])}{' ...' if len(types) > 10 else ''}"
+        )
+    nk = geom.n_spots * geom.n_sub
+    if confidence_column is None:
+        conf = np.ones(len(code))
+    else:
+        if confidence_column not in nuclei.columns:
+            raise ValueError(
+                f"nuclei['{confidence_column}']: missing; expected each label's confidence in [0, 1] "
+                f"(columns found: {list(nuclei.columns)})"
+            )
+        conf = np.clip(np.nan_to_num(nuclei[confidence_column].to_numpy(dtype=float)[ok], nan=0.0), 0.0, 1.0)
+    conf = np.where(unlabelled, 0.0, conf)  # an unlabelled nucleus (e.g. a QC-dropped spot): its spot's average
+    code = np.where(unlabelled, 0, code)
+    r = row[ok]
+    c = sp.csr_matrix((conf, (r, code)), shape=(nk, len(types)))
+    out = np.asarray(c @ prof, dtype=np.float32)
+    if confidence_column is not None or unlabelled.any():  # the unsure part: the mean profile of its spot's nuclei
+        spot = r // geom.n_sub
+        lab_w = (~unlabelled).astype(np.float64)
+        comp = sp.csr_matrix((lab_w, (spot, code)), shape=(geom.n_spots, len(types)))
+        n_spot = np.asarray(comp.sum(1)).ravel()
+        spot_mean = np.where(
+            n_spot[:, None] > 0,
+            np.asarray(comp @ prof, dtype=np.float64) / np.maximum(n_spot, 1.0)[:, None],
+            prof.mean(0)[None, :],
+        )  # (N, G); spots without a labelled nucleus: the mean type
+        unsure = np.bincount(r, weights=1.0 - conf, minlength=nk)  # (N K,)
+        out += (unsure[:, None] * np.repeat(spot_mean, geom.n_sub, axis=0)).astype(np.float32)
+    out += np.float32(pseudocount) * prof.mean(0).astype(np.float32)[None, :]
+    return out
+
+
+def typed_shares(expected: np.ndarray, k: int) -> np.ndarray:
+    """Each sub-spot's per-gene share of its spot's expected counts (N K, G), float32; 1 / K where a spot has none.
+
+    Parameters
+    ----------
+    expected : numpy.ndarray
+        (N K, G) expected counts per sub-spot, spot-major (:func:`typed_subspot_profiles`).
+    k : int
+        Sub-spots per spot (K).
+
+    Returns
+    -------
+    numpy.ndarray
+        (N K, G) float32 shares; every spot's K shares sum to 1 per gene.
+    """
+    e = np.asarray(expected, dtype=np.float32)
+    nk, g = e.shape
+    e3 = e.reshape(nk // k, k, g)
+    tot = e3.sum(1, keepdims=True)
+    return np.where(tot > 0, e3 / np.where(tot > 0, tot, 1), np.float32(1.0 / k)).reshape(nk, g).astype(np.float32)
 
 
 def squidpy_features(
@@ -375,6 +611,17 @@ def image_features(
                 np.stack([np.log1p(counts), mean_area], 1), None, params.nuclei_feature_weight, "nuclei features"
             )
         )
+        morph = [c for c in params.nuclei_morphology_features if c in nuclei.columns]
+        if morph and params.nuclei_morphology_weight > 0:
+            blocks.append(
+                reduce_block(
+                    pooled_morphology(nuclei, geom, morph),
+                    None,
+                    params.nuclei_morphology_weight,
+                    "pooled nucleus morphology",
+                )
+            )
+            desc["nuclei_morphology"] = morph
     if not blocks:
         desc["image"] = "none (positional encoding of sub-spot offsets)"
         y = positional_features(geom)

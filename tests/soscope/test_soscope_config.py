@@ -41,6 +41,12 @@ SETTINGS = {
     "hidden": 16,
     "z_dim": 8,
     "image_features": "none",
+    "typed_prior": "on",
+    "type_column": "label",
+    "type_confidence_column": "conf",
+    "nuclei_morphology_features": ["nucleus_area"],
+    "nuclei_morphology_weight": 0.5,
+    "nuclei_morphology": "on",
 }
 
 
@@ -82,6 +88,7 @@ def test_every_soscope_setting_is_read_from_yaml(tmp_path):
         "features",
         "subspot_counts",
         "raw_image_features",
+        "type_profiles",  # data: the reference's type-mean profiles for the typed-cell prior
         "n_jobs",
         "n_threads",
         "log_every",
