@@ -19,7 +19,12 @@ from .spatialscope import _device, _sample_image
 @dg.asset(
     partitions_def=samples_partitions,
     group_name="soscope",
-    deps=["slide_inputs", "segmented_slide", "typed_cells"],
+    deps=[
+        "slide_inputs",
+        "segmented_slide",
+        "typed_cells",
+        dg.AssetDep("reference_data", partition_mapping=dg.AllPartitionMapping()),  # type profiles of the prior
+    ],
     code_version=code_version("enhanced_subspots"),
     kinds={"pytorch", "anndata"},
     op_tags=GPU_OP_TAGS,

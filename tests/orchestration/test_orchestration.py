@@ -48,7 +48,7 @@ def test_asset_graph_lineage():
     assert parents("score_checkpoint") == {"reference_data"}
     assert parents("decomposed_cells") == {"typed_cells", "slide_inputs", "score_checkpoint"}
     assert parents("decomposed_cells_by_sample") == {"decomposed_cells"}
-    assert parents("enhanced_subspots") == {"slide_inputs", "segmented_slide"}
+    assert parents("enhanced_subspots") == {"slide_inputs", "segmented_slide", "typed_cells", "reference_data"}
     assert parents("sample_spatialdata") == {
         "slide_inputs",
         "segmented_slide",

@@ -264,7 +264,7 @@ def test_lineage_through_graphql(deployment):
     assert deps["typed_cells"] == {"segmented_slide", "slide_inputs", "reference_data"}
     assert deps["decomposed_cells"] == {"typed_cells", "slide_inputs", "score_checkpoint"}
     assert deps["decomposed_cells_by_sample"] == {"decomposed_cells"}
-    assert deps["enhanced_subspots"] == {"slide_inputs", "segmented_slide", "typed_cells"}
+    assert deps["enhanced_subspots"] == {"slide_inputs", "segmented_slide", "typed_cells", "reference_data"}
     assert deps["reference_data"] == set() and deps["slide_inputs"] == set()
     assert nodes["enhanced_subspots"]["groupName"] == "soscope"
     assert {"sample_job", "sample_job_dask"} <= set(nodes["segmented_slide"]["jobNames"])

@@ -310,7 +310,8 @@ def test_error_messages():
     with pytest.raises(ValueError, match=r"n_subspots: platform 'square_grid' .* 4 \(2x2\) or 9 \(3x3\).* found 7"):
         ss.build_subspots(square_slide(3), "square_grid", n_subspots=7)
     with pytest.raises(
-        ValueError, match="platform: expected one of visium, square_grid, slideseq, merfish, xenium, found 'hexagon'"
+        ValueError,
+        match="platform: expected one of visium, square_grid, slideseq, merfish, xenium, visium_hd, found 'hexagon'",
     ):
         ss.build_subspots(s, "hexagon")
     bad = s.copy()
