@@ -26,6 +26,12 @@ class Platform(StrEnum):
         return self in (Platform.MERFISH, Platform.XENIUM)
 
     @property
+    def subspots(self) -> bool:
+        """soScope's sub-spots apply: Visium HD's bins are already finer than cells, and its cells come from the
+        segmentation (``decomposed_cells``), so it has no ``enhanced_subspots``."""
+        return self is not Platform.VISIUM_HD
+
+    @property
     def cells_platform(self) -> Platform:
         """The platform cell typing and decomposition see: Visium HD's cells (its bins summed per segmented
         nucleus) are each their own spot, as on an imaging panel (``merfish``); every other platform is itself."""

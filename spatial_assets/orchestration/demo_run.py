@@ -154,7 +154,8 @@ def _stages(cfg) -> list[tuple[str, str, object]]:
 
     out = [(f"reference {r.name}: data + score checkpoint", "reference_job", r.name) for r in cfg.references]
     for s in cfg.samples:
-        out.append((f"sample {s.name}: inputs, nuclei, types, soScope", "sample_job", s.name))
+        what = "inputs, nuclei, types, soScope" if s.platform.subspots else "inputs, nuclei, bins -> cells, types"
+        out.append((f"sample {s.name}: {what}", "sample_job", s.name))
         for key in sample_range_keys(cfg, s.name):
             out.append(
                 (
@@ -307,6 +308,12 @@ def materialize_graph(
                 # the outdated assets and what depends on them inside the job
                 selection = sorted(
                     first | {c for f in first for c in _descendants(repo.asset_graph, f) if c in job_assets},
+                    key=lambda k: k.to_user_string(),
+                )
+            if job_name == "sample_job" and not cfg.sample(key).platform.subspots:  # Visium HD: no sub-spots
+                job_assets = repo.get_job(job_name).asset_layer.executable_asset_keys
+                selection = sorted(
+                    (k for k in (selection or job_assets) if k.to_user_string() != "enhanced_subspots"),
                     key=lambda k: k.to_user_string(),
                 )
             job = defs.resolve_job_def(job_name)

@@ -140,6 +140,8 @@ def outdated_partitions(
     blocked: dict[str, list[str]] = {}
     for pk in job_partition_keys(job_name, cfg):
         for name in assets:
+            if name == "enhanced_subspots" and not cfg.sample(pk).platform.subspots:
+                continue  # no sub-spots on this platform (Visium HD): never requested
             node = graph.get(dg.AssetKey(name))
             multi = isinstance(node.partitions_def, dg.MultiPartitionsDefinition)
             mine = latest.ids(name).get(pk)

@@ -35,6 +35,12 @@ def enhanced_subspots(
 ) -> dg.MaterializeResult:
     """soScope: each spot as the sum of its sub-spots, enhanced by a graph-transformer VAE with image features."""
     s = project.sample(context.partition_key)
+    if not s.platform.subspots:  # fail at once, before reading anything: a deterministic input error
+        raise sio.InputError(
+            f"samples[{s.name}].platform: {s.platform.value} has no sub-spots (its bins are finer than cells and its "
+            "cells come from the segmentation); its single-cell output is decomposed_cells_by_sample. Leave "
+            "enhanced_subspots out for this sample (the schedules and make demo never request it)."
+        )
     params = project.params(s.name).soscope
     slide = sio.read_anndata(project.stores.slide(s.name))
     image = None

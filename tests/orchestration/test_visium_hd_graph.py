@@ -249,3 +249,41 @@ def test_landed_visium_hd_folder_is_a_visium_hd_sample(tmp_path, demo_small):
     loaded = storage.load_slide(s.spatial, s.platform, s.image, bin_size=s.bin_size)
     assert loaded.slide.n_obs == bins.n_obs
     assert loaded.image.shape == storage.read_image(demo_small.image).shape
+
+
+def test_visium_hd_has_no_subspots_never_requested_and_refused_by_name(tmp_path, demo_small):
+    """Visium HD's bins are finer than cells: the schedules never request enhanced_subspots for such a sample, and
+    materializing it anyway fails at once naming the sample's platform (not after reading the bins as spots)."""
+    from spatial_assets.orchestration.config import load_config
+    from spatial_assets.orchestration.definitions import build_definitions
+    from spatial_assets.orchestration.partitions import register_partitions
+    from spatial_assets.orchestration.schedules import outdated_partitions
+
+    bins, _ = simulate_hd_bins(demo_small, bin_um=8.0, ambient=0.005, seed=1)
+    hd = write_visium_hd_folder(tmp_path / "outs", bins)
+    doc = _config(tmp_path, demo_small, hd, bin_size=8)
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(doc))
+    cfg = load_config(tmp_path / "p.yaml")
+    defs = build_definitions(cfg)
+    with dg.DagsterInstance.ephemeral() as inst:
+        register_partitions(inst, cfg)
+        res = dict(defs.resources)
+        assert dg.materialize(
+            list(defs.assets), selection=["reference_data"], partition_key="ref", resources=res, instance=inst
+        ).success  # the sample job's input from outside the job
+        outdated, blocked = outdated_partitions(inst, defs.get_repository_def(), cfg, "sample_job")
+        assert not blocked
+        requested = {o.asset for o in outdated.get("hd", [])}
+        assert "slide_inputs" in requested and "enhanced_subspots" not in requested
+        r = dg.materialize(
+            list(defs.assets),
+            selection=["enhanced_subspots"],
+            partition_key="hd",
+            resources=res,
+            instance=inst,
+            raise_on_error=False,
+        )
+        assert not r.success
+        errors = " ".join(e.event_specific_data.error.to_string() for e in r.all_events if e.is_step_failure)
+        assert "samples[hd].platform: visium_hd has no sub-spots" in errors
+        assert "decomposed_cells_by_sample" in errors
