@@ -270,7 +270,7 @@ def materialize_graph(
     from .definitions import build_definitions
     from .partitions import register_partitions
     from .retries import user_error_message
-    from .schedules import outdated_partitions
+    from .schedules import asset_applies, outdated_partitions
 
     cfg = load_config(cfg_path)
     defs = build_definitions(cfg)
@@ -291,6 +291,7 @@ def materialize_graph(
         for label, job_name, pk in _stages(cfg):
             key = str(pk)
             selection = None
+            job_assets = repo.get_job(job_name).asset_layer.executable_asset_keys
             if not force:
                 outdated, _ = outdated_partitions(instance, repo, cfg, job_name)
                 # a decomposed range whose store is current (code, partition scheme, inputs) is kept as well
@@ -303,17 +304,15 @@ def materialize_graph(
                     if stages_out is not None:
                         stages_out.append({"stage": label, "job": job_name, "partition": key, "status": "up to date"})
                     continue
-                job_assets = repo.get_job(job_name).asset_layer.executable_asset_keys
                 first = {dg.AssetKey(o.asset) for o in outdated[key]}
                 # the outdated assets and what depends on them inside the job
                 selection = sorted(
                     first | {c for f in first for c in _descendants(repo.asset_graph, f) if c in job_assets},
                     key=lambda k: k.to_user_string(),
                 )
-            if job_name == "sample_job" and not cfg.sample(key).platform.subspots:  # Visium HD: no sub-spots
-                job_assets = repo.get_job(job_name).asset_layer.executable_asset_keys
+            if not all(asset_applies(cfg, k.to_user_string(), key) for k in job_assets):  # e.g. Visium HD: no sub-spots
                 selection = sorted(
-                    (k for k in (selection or job_assets) if k.to_user_string() != "enhanced_subspots"),
+                    (k for k in (selection or job_assets) if asset_applies(cfg, k.to_user_string(), key)),
                     key=lambda k: k.to_user_string(),
                 )
             job = defs.resolve_job_def(job_name)

@@ -109,6 +109,27 @@ class _Latest:
         return self._versions[key]
 
 
+def asset_applies(cfg: ProjectConfig, asset: str, partition_key: str) -> bool:
+    """Whether ``asset`` is built for this partition at all: ``enhanced_subspots`` only for samples whose platform
+    has sub-spots (not Visium HD, whose bins are finer than cells); every other asset everywhere.
+
+    Parameters
+    ----------
+    cfg
+        The validated project config.
+    asset
+        An asset's name.
+    partition_key
+        One of the asset's partition keys (a sample's name for ``enhanced_subspots``).
+
+    Returns
+    -------
+    bool
+        False where the schedules and ``make demo`` must never request the asset.
+    """
+    return asset != "enhanced_subspots" or cfg.sample(partition_key).platform.subspots
+
+
 def outdated_partitions(
     instance: dg.DagsterInstance, repo: dg.RepositoryDefinition, cfg: ProjectConfig, job_name: str
 ) -> tuple[dict[str, list[Outdated]], dict[str, list[str]]]:
@@ -140,8 +161,8 @@ def outdated_partitions(
     blocked: dict[str, list[str]] = {}
     for pk in job_partition_keys(job_name, cfg):
         for name in assets:
-            if name == "enhanced_subspots" and not cfg.sample(pk).platform.subspots:
-                continue  # no sub-spots on this platform (Visium HD): never requested
+            if not asset_applies(cfg, name, pk):
+                continue  # e.g. no sub-spots on this platform (Visium HD): never requested
             node = graph.get(dg.AssetKey(name))
             multi = isinstance(node.partitions_def, dg.MultiPartitionsDefinition)
             mine = latest.ids(name).get(pk)
