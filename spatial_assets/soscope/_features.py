@@ -298,7 +298,7 @@ def typed_subspot_profiles(
     ok = row >= 0
     types = pd.Index([str(t) for t in profiles.index])
     raw = nuclei[type_column].to_numpy()[ok]
-    lab = np.asarray([str(v) for v in raw], dtype=object)
+    lab = pd.Series(raw, dtype=object).astype(str).to_numpy(dtype=object)  # vectorised str() of each label
     unlabelled = pd.isna(raw) | np.isin(lab, ["", UNASSIGNED, "nan", "None"])
     code = types.get_indexer(lab)
     if (code[~unlabelled] < 0).any():
