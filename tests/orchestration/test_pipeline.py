@@ -26,6 +26,18 @@ def _rows_r(a, b):
     return (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1) + 1e-12)
 
 
+def _matched_truth(pipeline, demo_small):
+    """The true cells inside spots, the decomposed cells, the typed cells' obs, and for each decomposed cell the
+    index of its nearest true cell and whether it lies within 4 px of it."""
+    root = pipeline["root"]
+    truth = ad.read_h5ad(demo_small.truth_cells)
+    t_in = truth[truth.obs["spot"].astype(str).to_numpy() != ""]
+    dec = ad.read_zarr(root / "decomposed_cells_by_sample/crop.zarr")
+    typed = ad.read_zarr(root / "typed_cells/crop/cells.zarr").obs
+    d, i = cKDTree(t_in.obs[["x", "y"]].to_numpy()).query(dec.obs[["x", "y"]].to_numpy())
+    return t_in, dec, typed, i, d < 4.0
+
+
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, demo_small):
     tmp = tmp_path_factory.mktemp("pipeline")
@@ -155,13 +167,7 @@ def test_lineage_partitions_and_checks_recorded(pipeline):
 
 
 def test_accuracy_against_ground_truth(pipeline, demo_small):
-    root = pipeline["root"]
-    truth = ad.read_h5ad(demo_small.truth_cells)
-    t_in = truth[truth.obs["spot"].astype(str).to_numpy() != ""]
-    dec = ad.read_zarr(root / "decomposed_cells_by_sample/crop.zarr")
-    typed = ad.read_zarr(root / "typed_cells/crop/cells.zarr").obs
-    d, i = cKDTree(t_in.obs[["x", "y"]].to_numpy()).query(dec.obs[["x", "y"]].to_numpy())
-    ok = d < 4.0
+    t_in, dec, typed, i, ok = _matched_truth(pipeline, demo_small)
     # segmentation found (nearly) every true cell of the spots, at its position
     assert ok.sum() >= 0.85 * t_in.n_obs
     genes = list(dec.var_names)
@@ -179,7 +185,7 @@ def test_accuracy_against_ground_truth(pipeline, demo_small):
     acc = (pred == t_in.obs["cell_class"].astype(str).to_numpy()[i[ok]]).mean()
     majority = t_in.obs["cell_class"].value_counts(normalize=True).iloc[0]
     assert acc > majority + 0.1, (acc, majority)
-    sub = ad.read_zarr(root / "enhanced_subspots/crop.zarr")
+    sub = ad.read_zarr(pipeline["root"] / "enhanced_subspots/crop.zarr")
     assert sub.n_obs == 7 * ad.read_h5ad(demo_small.slide).n_obs
 
 
@@ -219,13 +225,7 @@ def test_demo_accuracy_table_has_same_input_baselines(pipeline, demo_small):
     nums = {k: [float(x) for x in re.findall(r"-?\d+\.\d+", v)] for k, v in row.items()}
     assert set(row) == {"nuclei", "cell types", "decomposed cells", "sub-spots"}, row
     # cell types: the typed labels, each spot's top type given to all its cells, the majority type
-    root = pipeline["root"]
-    truth = ad.read_h5ad(demo_small.truth_cells)
-    t_in = truth[truth.obs["spot"].astype(str).to_numpy() != ""]
-    dec = ad.read_zarr(root / "decomposed_cells_by_sample/crop.zarr")
-    typed = ad.read_zarr(root / "typed_cells/crop/cells.zarr").obs
-    d, i = cKDTree(t_in.obs[["x", "y"]].to_numpy()).query(dec.obs[["x", "y"]].to_numpy())
-    ok = d < 4.0
+    t_in, dec, typed, i, ok = _matched_truth(pipeline, demo_small)
     true_type = t_in.obs["cell_class"].astype(str).to_numpy()[i[ok]]
     acc = (typed.loc[dec.obs_names[ok], "cell_type"].astype(str).to_numpy() == true_type).mean()
     top = (typed.loc[dec.obs_names[ok], "initial_type"].astype(str).to_numpy() == true_type).mean()
